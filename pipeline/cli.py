@@ -1,0 +1,101 @@
+"""The ``elodin`` command.
+
+Each subcommand has an ``_add_<name>`` function that declares its flags and a ``_cmd_<name>``
+handler that calls the Python API; the handlers stay thin so that scripts and the command line
+do the same thing. User-caused problems arrive as :class:`~pipeline.errors.ElodinError` and are
+printed as one line (``elodin: error: ...``) with exit status 2, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from .errors import ElodinError
+
+__all__ = ["main"]
+
+logger = logging.getLogger(__name__)
+
+_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []
+
+
+def command(add: Callable[[argparse._SubParsersAction], None]):
+    """Register a subcommand's ``_add_...`` function (keeps ``build_parser`` one loop)."""
+    _COMMANDS.append(add)
+    return add
+
+
+# --------------------------------------------------------------------------------------- models
+@command
+def _add_models(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("models", help="list, export and describe models")
+    msub = p.add_subparsers(dest="models_cmd", required=True, metavar="{list,export,info}")
+    msub.add_parser("list", help="list the built-in models")
+    e = msub.add_parser("export", help="export a built-in model to ONNX (prints its path last)")
+    e.add_argument("name")
+    e.add_argument("--force", action="store_true", help="export again even if cached")
+    i = msub.add_parser("info", help="describe a model (built-in name or ONNX path)")
+    i.add_argument("name")
+    p.set_defaults(func=_cmd_models)
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from .models import export, zoo
+
+    if args.models_cmd == "list":
+        print(f"{'name':<22} {'resolution':>10} {'features':>8}  source")
+        for card in zoo.builtin_cards():
+            print(f"{card.name:<22} {card.resolution!s:>10} {card.feature_dim:>8}  {card.source}")
+        return 0
+    if args.models_cmd == "export":
+        card = zoo.resolve(args.name)
+        path = export.ensure_onnx(card, force=args.force)
+        print(path)
+        return 0
+    card = zoo.resolve(args.name)
+    path = export.ensure_onnx(card) if card.builtin else card.path
+    for key, value in zoo.describe(card, path).items():
+        print(f"{key:<14} {value}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ main
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="elodin",
+        description="Survey-scale image fingerprinting: cutouts -> ImageNet CNN (ONNX) -> Zarr -> analysis.",
+    )
+    parser.add_argument(
+        "--config", metavar="FILE", help="YAML of settings (under an `elodin:` key)"
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in _COMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.WARNING - 10 * min(args.verbose, 2)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.config:
+            from . import config
+
+            config.load_file(args.config)
+        return int(args.func(args) or 0)
+    except ElodinError as e:
+        print(f"elodin: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("elodin: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,181 @@
+"""Configuration: packaged defaults registered with dask.config, plus typed accessors.
+
+The defaults live in ``elodin.yaml`` beside this module, one commented file, registered under
+the ``elodin`` key of :mod:`dask.config` at import (like dask-jobqueue does), without writing
+anything into the user's home. ``ELODIN__SECTION__KEY=value`` environment variables override
+them with dask's own parsing rules; :func:`load_file` applies a user YAML on top.
+"""
+
+from __future__ import annotations
+
+import ast
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import dask.config
+import yaml
+
+from .errors import ConfigError
+
+__all__ = [
+    "DEFAULTS_PATH",
+    "ENV_PREFIX",
+    "cache_dir",
+    "collect_env",
+    "get",
+    "load_file",
+    "validate",
+]
+
+logger = logging.getLogger(__name__)
+
+DEFAULTS_PATH = Path(__file__).with_name("elodin.yaml")
+ENV_PREFIX = "ELODIN__"
+
+
+def _read_defaults() -> dict:
+    with open(DEFAULTS_PATH) as f:
+        return yaml.safe_load(f)
+
+
+def _parse_env_value(value: str) -> Any:
+    # Same rule as dask.config.collect_env: Python literals where they parse, strings otherwise.
+    try:
+        return ast.literal_eval(value)
+    except (SyntaxError, ValueError):
+        lowered = value.strip().lower()
+        if lowered in {"true", "false"}:
+            return lowered == "true"
+        if lowered in {"null", "none"}:
+            return None
+        return value
+
+
+def collect_env(env: Mapping[str, str] | None = None) -> dict:
+    """Turn ``ELODIN__A__B_C=1`` variables into ``{"elodin": {"a": {"b-c": 1}}}``."""
+    env = os.environ if env is None else env
+    out: dict = {}
+    for name, value in env.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        parts = [p.lower().replace("_", "-") for p in name[len(ENV_PREFIX) :].split("__") if p]
+        if not parts:
+            continue
+        node = out.setdefault("elodin", {})
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = _parse_env_value(value)
+    return out
+
+
+def _unknown_keys(user: Mapping, defaults: Mapping, prefix: str) -> list[str]:
+    bad = []
+    for key, value in user.items():
+        canon = str(key).replace("_", "-")
+        if canon not in defaults:
+            bad.append(f"{prefix}{key}")
+        elif isinstance(defaults[canon], Mapping) and isinstance(value, Mapping):
+            bad += _unknown_keys(value, defaults[canon], f"{prefix}{key}.")
+        elif isinstance(defaults[canon], Mapping) and not isinstance(value, Mapping):
+            bad.append(f"{prefix}{key} (expected a mapping)")
+    return bad
+
+
+def validate(user: Mapping, *, source: str) -> None:
+    """Refuse keys that Elodin does not know, naming the file and the key.
+
+    A typo such as ``batch_sise`` would otherwise be silently ignored and a survey run with
+    the default instead of the intended value.
+    """
+    if not isinstance(user, Mapping):
+        raise ConfigError(f"{source}: expected a YAML mapping at the top level")
+    body = user.get("elodin", user)
+    if not isinstance(body, Mapping):
+        raise ConfigError(f"{source}: 'elodin' must be a mapping")
+    bad = _unknown_keys(body, _read_defaults()["elodin"], "elodin.")
+    if bad:
+        raise ConfigError(f"{source}: unknown configuration key(s): {', '.join(sorted(bad))}")
+
+
+def load_file(path: str | os.PathLike) -> dict:
+    """Read a user YAML (with or without a top-level ``elodin:`` key) and apply it.
+
+    Returns the ``elodin`` mapping that was read. Only safe YAML loading is used.
+    """
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read config file ({e.strerror or e})") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        line = getattr(getattr(e, "problem_mark", None), "line", None)
+        where = f" line {line + 1}" if line is not None else ""
+        raise ConfigError(f"{p}:{where} not valid YAML") from None
+    validate(data, source=str(p))
+    body = data.get("elodin", data) if isinstance(data, Mapping) else {}
+    body = {k: v for k, v in body.items() if k not in {"run"}} if "run" in body else body
+    dask.config.update(dask.config.config, {"elodin": body}, priority="new")
+    return body
+
+
+def get(key: str, default: Any = ..., *, override: Any = None) -> Any:
+    """``dask.config.get("elodin." + key)``, with an explicit value taking precedence.
+
+    ``override`` is how flags win over config: ``get("fingerprint.batch-size", override=args.batch_size)``.
+    """
+    if override is not None:
+        return override
+    full = f"elodin.{key}"
+    if default is ...:
+        return dask.config.get(full)
+    return dask.config.get(full, default)
+
+
+def get_int(key: str, *, override: Any = None, minimum: int | None = None) -> int:
+    """An integer setting, checked, with the key named when it is wrong."""
+    value = get(key, override=override)
+    if isinstance(value, bool) or not isinstance(value, int | float) or int(value) != value:
+        raise ConfigError(f"config elodin.{key}: expected an integer, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"config elodin.{key}: must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def get_float(key: str, *, override: Any = None) -> float:
+    value = get(key, override=override)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"config elodin.{key}: expected a number, got {value!r}")
+    return float(value)
+
+
+def get_choice(key: str, choices: tuple[str, ...], *, override: Any = None) -> str:
+    value = get(key, override=override)
+    if value not in choices:
+        raise ConfigError(f"config elodin.{key}: {value!r} is not one of {', '.join(choices)}")
+    return value
+
+
+def cache_dir() -> Path:
+    """Directory for exported models: config ``cache-dir`` or the user's cache dir."""
+    configured = get("cache-dir", None)
+    if configured:
+        return Path(os.path.expanduser(str(configured)))
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("elodin")) / "models"
+
+
+def _register() -> None:
+    defaults = _read_defaults()
+    dask.config.update_defaults(defaults)
+    env = collect_env()
+    if env:
+        dask.config.update(dask.config.config, env, priority="new")
+
+
+_register()

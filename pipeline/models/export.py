@@ -1,0 +1,279 @@
+"""Turn cards into ONNX files the workers run.
+
+Built-in models are exported once with PyTorch (only here: workers never import torch) and
+cached in the user's cache dir; user models are wrapped once so that every ONNX file Elodin runs
+has the same contract:
+
+- input ``input``: float32 NCHW RGB in [0, 1], dynamic batch, any H, W >= 32;
+- resize to the card's resolution (unless ``native``) and mean/std normalisation inside the graph,
+  so the host sends small cutouts and the accelerator does the rest;
+- outputs ``features`` (N, D), the pooled penultimate layer, and ``logits`` (N, 1000).
+
+Files are written atomically (temp file in the cache dir, then :func:`os.replace`) with a JSON
+sidecar recording their sha256, so a killed export never leaves a half-written model and a
+second export reuses the cache.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+from .. import config
+from ..errors import ModelError
+from .zoo import ModelCard, builtin_weights, sha256_file
+
+__all__ = ["OPSET", "ensure_onnx", "load_onnx_checked"]
+
+logger = logging.getLogger(__name__)
+
+OPSET = 17
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_suffix(".json")
+
+
+def _cached(path: Path) -> bool:
+    meta = _sidecar(path)
+    if not (path.is_file() and meta.is_file()):
+        return False
+    try:
+        recorded = json.loads(meta.read_text())["sha256"]
+    except (OSError, ValueError, KeyError):
+        return False
+    return recorded == sha256_file(path)
+
+
+def _atomic_write(path: Path, write) -> str:
+    """Call ``write(tmp_path)``, then move the result into place; returns its sha256."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        digest = sha256_file(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    meta_tmp = _sidecar(path).with_suffix(".json.tmp")
+    meta_tmp.write_text(json.dumps({"sha256": digest, "file": path.name}, indent=1))
+    os.replace(meta_tmp, _sidecar(path))
+    return digest
+
+
+def ensure_onnx(card: ModelCard, *, force: bool = False, cache: Path | None = None) -> Path:
+    """Path of the ONNX file to run for ``card``, exporting or wrapping it on first use."""
+    cache = Path(cache) if cache is not None else config.cache_dir()
+    if card.builtin:
+        target = cache / f"{card.cache_stem}.onnx"
+        if force or not _cached(target):
+            logger.info("exporting %s to %s", card.name, target)
+            _atomic_write(target, lambda tmp: _export_builtin(card, tmp))
+        return target
+    assert card.path is not None
+    source = load_onnx_checked(card)
+    digest = sha256_file(card.path)
+    target = cache / "user" / f"{card.path.stem}-{digest[:16]}-{card.resolution}.onnx"
+    if force or not _cached(target):
+        _atomic_write(target, lambda tmp: _wrap_user_model(card, source, tmp))
+    return target
+
+
+# ----------------------------------------------------------------------------- built-in export
+def torch_module(card: ModelCard):
+    """The PyTorch module whose export is the ONNX graph (used by tests to compare outputs)."""
+    try:
+        import torch
+        from efficientnet_lite_pytorch import EfficientNet
+    except ImportError:
+        raise ModelError(
+            f"{card.name}: exporting a built-in model needs PyTorch "
+            "(pip install 'elodin-pipeline[export]'); workers only need the exported ONNX file"
+        ) from None
+
+    weights = builtin_weights(card.arch)
+    net = EfficientNet.from_name(card.arch, num_classes=1000)
+    # Only tensors are loaded: never unpickle arbitrary objects from a weights file.
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    net.load_state_dict(state)
+    net.eval()
+
+    class Wrapped(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = net
+            self.register_buffer("mean", torch.tensor(card.mean).view(1, 3, 1, 1))
+            self.register_buffer("std", torch.tensor(card.std).view(1, 3, 1, 1))
+
+        def forward(self, x):
+            if card.resolution != "native":
+                r = int(card.resolution)
+                x = torch.nn.functional.interpolate(
+                    x, size=(r, r), mode="bilinear", align_corners=False
+                )
+            x = (x - self.mean) / self.std
+            features = self.net.extract_features(x).mean(dim=(2, 3))
+            return features, self.net._fc(features)
+
+    return Wrapped().eval()
+
+
+def _export_builtin(card: ModelCard, out: Path) -> None:
+    import torch
+
+    module = torch_module(card)
+    side = card.native_resolution if card.resolution == "native" else 64
+    example = torch.rand(2, 3, side, side)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module,
+            (example,),
+            str(out),
+            input_names=["input"],
+            output_names=["features", "logits"],
+            dynamic_axes={
+                "input": {0: "batch", 2: "height", 3: "width"},
+                "features": {0: "batch"},
+                "logits": {0: "batch"},
+            },
+            opset_version=OPSET,
+            dynamo=False,
+        )
+
+
+# ------------------------------------------------------------------------------- user models
+def load_onnx_checked(card: ModelCard):
+    """Load a user ONNX file and check it against its card (sha256, input, outputs)."""
+    import onnx
+
+    path = card.path
+    if path is None or not path.is_file():
+        raise ModelError(f"{path}: model file not found")
+    if card.sha256:
+        actual = sha256_file(path)
+        if actual != card.sha256:
+            raise ModelError(
+                f"{path}: sha256 {actual[:12]}... does not match the card's {card.sha256[:12]}..."
+            )
+    try:
+        model = onnx.load(str(path))
+        onnx.checker.check_model(model)
+    except Exception as e:  # onnx raises DecodeError, ValidationError, ... for non-ONNX bytes
+        raise ModelError(f"{path}: not a valid ONNX model ({type(e).__name__})") from None
+    inputs = {i.name: i for i in model.graph.input}
+    if card.input_name not in inputs:
+        raise ModelError(
+            f"{path}: has no input named {card.input_name!r} (inputs: {', '.join(inputs) or 'none'})"
+        )
+    dims = inputs[card.input_name].type.tensor_type.shape.dim
+    if len(dims) != 4:
+        raise ModelError(
+            f"{path}: input {card.input_name!r} has rank {len(dims)}, expected 4 (N, C, H, W)"
+        )
+    if dims[1].HasField("dim_value") and dims[1].dim_value != 3:
+        raise ModelError(
+            f"{path}: input {card.input_name!r} has {dims[1].dim_value} channels, expected 3 (RGB)"
+        )
+    outputs = {o.name: o for o in model.graph.output}
+    for wanted in (card.features_output, card.logits_output):
+        if wanted and wanted not in outputs:
+            raise ModelError(
+                f"{path}: has no output named {wanted!r} (outputs: {', '.join(outputs)})"
+            )
+    return model
+
+
+def _wrap_user_model(card: ModelCard, model, out: Path) -> None:
+    import onnx
+    from onnx import TensorProto, compose, helper
+
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset < 13:
+        raise ModelError(f"{card.path}: ONNX opset {opset} is too old; re-export with opset >= 13")
+    nodes, inits = [], []
+
+    def const(name, values, dims, dtype=TensorProto.FLOAT):
+        inits.append(helper.make_tensor(name, dtype, dims, values))
+        return name
+
+    x = "input"
+    if card.resolution != "native":
+        r = int(card.resolution)
+        nodes += [
+            helper.make_node("Shape", [x], ["_pre_shape"]),
+            helper.make_node(
+                "Slice",
+                [
+                    "_pre_shape",
+                    const("_pre_s0", [0], [1], TensorProto.INT64),
+                    const("_pre_s2", [2], [1], TensorProto.INT64),
+                ],
+                ["_pre_nc"],
+            ),
+            helper.make_node(
+                "Concat",
+                ["_pre_nc", const("_pre_hw", [r, r], [2], TensorProto.INT64)],
+                ["_pre_sizes"],
+                axis=0,
+            ),
+            helper.make_node(
+                "Resize",
+                [x, "", "", "_pre_sizes"],
+                ["_pre_resized"],
+                mode="linear",
+                coordinate_transformation_mode="pytorch_half_pixel",
+            ),
+        ]
+        x = "_pre_resized"
+    nodes += [
+        helper.make_node(
+            "Sub", [x, const("_pre_mean", list(card.mean), [1, 3, 1, 1])], ["_pre_centred"]
+        ),
+        helper.make_node(
+            "Div", ["_pre_centred", const("_pre_std", list(card.std), [1, 3, 1, 1])], ["_pre_out"]
+        ),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "elodin_preprocess",
+        [
+            helper.make_tensor_value_info(
+                "input", TensorProto.FLOAT, ["batch", 3, "height", "width"]
+            )
+        ],
+        [helper.make_tensor_value_info("_pre_out", TensorProto.FLOAT, ["batch", 3, None, None])],
+        initializer=inits,
+    )
+    pre = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    pre.ir_version = model.ir_version
+    keep = [card.features_output] + ([card.logits_output] if card.logits_output else [])
+    merged = compose.merge_models(pre, model, io_map=[("_pre_out", card.input_name)], outputs=keep)
+
+    # Rename the outputs to the contract's names, pooling a feature map (N, C, h, w) to (N, C).
+    out_nodes, out_vis = [], []
+    feat = next(o for o in merged.graph.output if o.name == card.features_output)
+    rank = len(feat.type.tensor_type.shape.dim)
+    if rank == 4:
+        out_nodes.append(helper.make_node("GlobalAveragePool", [feat.name], ["_post_pool"]))
+        out_nodes.append(helper.make_node("Flatten", ["_post_pool"], ["features"], axis=1))
+    elif rank == 2:
+        out_nodes.append(helper.make_node("Identity", [feat.name], ["features"]))
+    else:
+        raise ModelError(
+            f"{card.path}: output {card.features_output!r} has rank {rank}, expected 2 (N, D) or 4 (N, C, h, w)"
+        )
+    out_vis.append(helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", None]))
+    if card.logits_output:
+        out_nodes.append(helper.make_node("Identity", [card.logits_output], ["logits"]))
+        out_vis.append(helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", None]))
+    merged.graph.node.extend(out_nodes)
+    del merged.graph.output[:]
+    merged.graph.output.extend(out_vis)
+    onnx.save(merged, str(out))

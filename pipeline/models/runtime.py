@@ -1,0 +1,224 @@
+"""ONNX Runtime sessions: one per worker process, cached, never pickled.
+
+A :class:`Session` runs the contract graph of :mod:`pipeline.models.export` on float32 NCHW RGB
+batches in [0, 1] and returns the features, the logits and the top-k ImageNet classes with
+their probabilities (the Elodin-NN style fingerprint used by Jaccard similarity).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ModelError
+from .zoo import MIN_SIDE, sha256_file
+
+__all__ = ["Outputs", "Session", "available_providers", "default_threads", "get_session", "topk"]
+
+logger = logging.getLogger(__name__)
+
+_GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+
+
+@dataclasses.dataclass
+class Outputs:
+    """What a batch gives: ``features`` (n, D) float32, ``logits`` (n, C) float32 or None,
+    ``top_class`` (n, k) int32 and ``top_prob`` (n, k) float32 (softmax probabilities, descending)."""
+
+    features: np.ndarray
+    logits: np.ndarray | None
+    top_class: np.ndarray
+    top_prob: np.ndarray
+
+    @classmethod
+    def concat(cls, parts: Sequence[Outputs]) -> Outputs:
+        logits = None if parts[0].logits is None else np.concatenate([p.logits for p in parts])
+        return cls(
+            np.concatenate([p.features for p in parts]),
+            logits,
+            np.concatenate([p.top_class for p in parts]),
+            np.concatenate([p.top_prob for p in parts]),
+        )
+
+
+def topk(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k classes (descending probability) and their softmax probabilities."""
+    k = min(k, logits.shape[1])
+    z = logits - logits.max(axis=1, keepdims=True)
+    p = np.exp(z)
+    p /= p.sum(axis=1, keepdims=True)
+    idx = np.argpartition(-p, k - 1, axis=1)[:, :k]
+    part = np.take_along_axis(p, idx, axis=1)
+    order = np.argsort(-part, axis=1, kind="stable")
+    return (
+        np.take_along_axis(idx, order, axis=1).astype(np.int32),
+        np.take_along_axis(part, order, axis=1).astype(np.float32),
+    )
+
+
+def available_providers(requested: str | Sequence[str] = "auto") -> list[str]:
+    """Execution providers to use: ``auto`` picks GPU ones the installed onnxruntime offers."""
+    import onnxruntime as ort
+
+    offered = ort.get_available_providers()
+    if requested == "auto" or requested is None:
+        chosen = [p for p in ("CUDAExecutionProvider",) if p in offered]
+        return [*chosen, "CPUExecutionProvider"]
+    wanted = [requested] if isinstance(requested, str) else list(requested)
+    missing = [p for p in wanted if p not in offered]
+    if missing:
+        raise ModelError(
+            f"execution provider(s) {', '.join(missing)} not offered by this onnxruntime "
+            f"(offered: {', '.join(offered)})"
+        )
+    return wanted
+
+
+def default_threads() -> int:
+    """Cores this process may use (its CPU affinity), the default intra-op thread count."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+class Session:
+    """A cached ONNX Runtime session on one model file.
+
+    Parameters
+    ----------
+    path : path-like
+        ONNX file following the export contract (input ``input``; outputs ``features``,
+        optionally ``logits``).
+    providers : str or list of str
+        ``"auto"`` or explicit execution providers.
+    threads : int, optional
+        Intra-op threads; default: all cores this process may use.
+    topk : int
+        Classes kept per cutout.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        providers="auto",
+        threads: int | None = None,
+        topk: int = 20,
+    ):
+        import onnxruntime as ort
+
+        self.path = Path(path)
+        self.providers = available_providers(providers)
+        self.threads = threads or default_threads()
+        self.k = int(topk)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = self.threads
+        opts.inter_op_num_threads = 1
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 3
+        try:
+            self._sess = ort.InferenceSession(
+                str(self.path), sess_options=opts, providers=self.providers
+            )
+        except Exception as e:  # onnxruntime raises its own exception types for bad files
+            raise ModelError(
+                f"{self.path}: onnxruntime cannot load it ({str(e).splitlines()[0][:200]})"
+            ) from None
+        outs = [o.name for o in self._sess.get_outputs()]
+        if "features" not in outs:
+            raise ModelError(f"{self.path}: has no 'features' output (outputs: {', '.join(outs)})")
+        self._outputs = ["features"] + (["logits"] if "logits" in outs else [])
+        self.feature_dim = self._sess.get_outputs()[outs.index("features")].shape[1]
+        used = self._sess.get_providers()
+        self.on_gpu = any(p in used for p in _GPU_PROVIDERS)
+        self._lock = threading.Lock()
+
+    def __reduce__(self):
+        raise TypeError(
+            "Session objects are per process and never pickled; call get_session() in the worker"
+        )
+
+    @staticmethod
+    def check_batch(batch: np.ndarray) -> np.ndarray:
+        if batch.ndim != 4:
+            raise ModelError(f"model input must have rank 4 (N, 3, H, W), got shape {batch.shape}")
+        if batch.shape[1] < 3:
+            raise ModelError(f"model input needs 3 channels (RGB), got {batch.shape[1]}")
+        if batch.shape[1] > 3:
+            raise ModelError(
+                f"model input needs 3 channels (RGB), got {batch.shape[1]}; pick three bands"
+            )
+        if min(batch.shape[2:]) < MIN_SIDE:
+            raise ModelError(
+                f"model input sides must be >= {MIN_SIDE} pixels, got {batch.shape[2:]}"
+            )
+        return np.ascontiguousarray(batch, dtype=np.float32)
+
+    def infer(self, batch: np.ndarray) -> Outputs:
+        """Run one batch: float32 (N, 3, H, W) RGB in [0, 1]."""
+        batch = self.check_batch(batch)
+        result = self._sess.run(self._outputs, {"input": batch})
+        features = np.asarray(result[0], dtype=np.float32)
+        logits = np.asarray(result[1], dtype=np.float32) if len(result) > 1 else None
+        if logits is None:
+            n = len(features)
+            return Outputs(features, None, np.zeros((n, 0), np.int32), np.zeros((n, 0), np.float32))
+        cls, prob = topk(logits, self.k)
+        return Outputs(features, logits, cls, prob)
+
+    def infer_batched(self, images: np.ndarray, batch_size: int) -> Outputs:
+        """Run ``images`` (N, 3, H, W) in batches of ``batch_size``."""
+        if len(images) == 0:
+            raise ModelError("no images to run")
+        return Outputs.concat(
+            [self.infer(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
+        )
+
+
+_SESSIONS: dict[tuple, Session] = {}
+_SESSIONS_LOCK = threading.Lock()
+_SHA_CACHE: dict[tuple[str, float, int], str] = {}
+
+
+def _file_sha(path: Path) -> str:
+    st = path.stat()
+    key = (str(path), st.st_mtime, st.st_size)
+    if key not in _SHA_CACHE:
+        _SHA_CACHE[key] = sha256_file(path)
+    return _SHA_CACHE[key]
+
+
+def get_session(
+    path: str | os.PathLike,
+    *,
+    providers="auto",
+    threads: int | None = None,
+    topk: int = 20,
+    sha256: str | None = None,
+) -> Session:
+    """The process's session for this model file, created on first use.
+
+    Cached by (file sha256, providers, threads, k), so every task of a worker shares one
+    session. With ``sha256`` given, the file must match it (a worker never runs a different
+    model than the one the store records).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"{path}: model file not found on this worker")
+    digest = _file_sha(path)
+    if sha256 is not None and digest != sha256:
+        raise ModelError(
+            f"{path}: sha256 {digest[:12]}... differs from the expected {sha256[:12]}..."
+        )
+    key = (digest, tuple(available_providers(providers)), threads, topk)
+    with _SESSIONS_LOCK:
+        if key not in _SESSIONS:
+            _SESSIONS[key] = Session(path, providers=providers, threads=threads, topk=topk)
+        return _SESSIONS[key]
