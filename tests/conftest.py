@@ -11,10 +11,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import dask.config
 import numpy as np
 import pytest
-
-import dask.config
 
 
 @pytest.fixture(scope="session")
