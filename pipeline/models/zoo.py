@@ -216,6 +216,11 @@ def load_card(card_path: str | Path, onnx_path: str | Path | None = None) -> Mod
             and all(isinstance(t, int | float) and not isinstance(t, bool) for t in v)
         ):
             raise ModelError(f"{card_path}: '{key}' must be three numbers, got {v!r}")
+    sha = data.get("sha256")
+    if sha is not None and not (
+        isinstance(sha, str) and len(sha) == 64 and all(c in "0123456789abcdefABCDEF" for c in sha)
+    ):
+        raise ModelError(f"{card_path}: 'sha256' must be 64 hex digits in quotes, got {sha!r}")
     if any(s <= 0 for s in data["std"]):
         raise ModelError(f"{card_path}: 'std' values must be positive")
     if onnx_path is None:
@@ -234,7 +239,7 @@ def load_card(card_path: str | Path, onnx_path: str | Path | None = None) -> Mod
         logits_output=str(outputs["logits"]) if outputs.get("logits") else None,
         mean=tuple(float(t) for t in data["mean"]),
         std=tuple(float(t) for t in data["std"]),
-        sha256=str(data["sha256"]).lower() if data.get("sha256") else None,
+        sha256=sha.lower() if sha else None,
         source=str(card_path),
     )
 

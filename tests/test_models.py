@@ -1,0 +1,286 @@
+"""Model cards, export and runtime: the real pretrained EfficientNet-Lite through ONNX Runtime."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import skimage.data
+import skimage.transform
+from onnx import TensorProto, helper
+
+from pipeline.errors import ModelError
+from pipeline.models import get_session, resolve
+from pipeline.models.export import ensure_onnx, torch_module
+from pipeline.models.runtime import Session, topk
+
+CAT_CLASSES = range(281, 286)  # ImageNet: tabby, tiger cat, Persian, Siamese, Egyptian cat
+
+
+def _chelsea(side: int | None = None) -> np.ndarray:
+    img = skimage.data.chelsea().astype(np.float32) / 255.0
+    if side:
+        img = skimage.transform.resize(img, (side, side), anti_aliasing=True).astype(np.float32)
+    return np.ascontiguousarray(img.transpose(2, 0, 1)[None])
+
+
+@pytest.mark.parametrize("name", ["efficientnet-lite0", "efficientnet-lite0:native"])
+def test_onnx_matches_pytorch(name, model_cache, rng):
+    import torch
+
+    card = resolve(name)
+    path = ensure_onnx(card, cache=model_cache)
+    batch = rng.random((3, 3, 64, 80), dtype=np.float32)
+    with torch.no_grad():
+        t_feat, t_logits = torch_module(card)(torch.from_numpy(batch))
+    out = get_session(path, threads=2).infer(batch)
+    assert out.features.shape == (3, 1280)
+    assert out.logits.shape == (3, 1000)
+    assert np.abs(out.features - t_feat.numpy()).max() <= 1e-4
+    assert np.abs(out.logits - t_logits.numpy()).max() <= 1e-4
+
+
+def test_pretrained_weights_recognise_a_cat(lite0_onnx):
+    out = get_session(lite0_onnx, threads=2).infer(_chelsea())
+    assert out.top_class[0, 0] in CAT_CLASSES
+    assert out.top_class.shape == (1, 20)
+    assert np.all(np.diff(out.top_prob[0]) <= 0)
+
+
+@pytest.mark.parametrize("arch", ["efficientnet-lite1", "efficientnet-lite2"])
+def test_larger_lite_models_export_and_recognise_a_cat(arch, model_cache):
+    path = ensure_onnx(resolve(arch), cache=model_cache)
+    out = get_session(path, threads=2).infer(_chelsea(256))
+    assert out.features.shape == (1, 1280)
+    assert out.top_class[0, 0] in CAT_CLASSES
+
+
+def test_any_input_size_from_32(lite0_onnx, lite0_native_onnx, rng):
+    for path in (lite0_onnx, lite0_native_onnx):
+        sess = get_session(path, threads=2)
+        for h, w in [(32, 32), (48, 96), (224, 224)]:
+            out = sess.infer(rng.random((2, 3, h, w), dtype=np.float32))
+            assert out.features.shape == (2, 1280) and np.isfinite(out.features).all()
+
+
+def test_export_is_cached_and_atomic(model_cache):
+    card = resolve("efficientnet-lite0")
+    path = ensure_onnx(card, cache=model_cache)
+    before = path.stat().st_mtime_ns
+    again = ensure_onnx(card, cache=model_cache)
+    assert again == path and path.stat().st_mtime_ns == before
+    assert not list(model_cache.glob(".*.tmp")), "no temp files are left behind"
+    meta = path.with_suffix(".json").read_text()
+    from pipeline.models.zoo import sha256_file
+
+    assert sha256_file(path) in meta
+
+
+def test_corrupted_cache_is_exported_again(tmp_path):
+    card = resolve("efficientnet-lite0")
+    path = ensure_onnx(card, cache=tmp_path)
+    path.write_bytes(b"truncated")
+    again = ensure_onnx(card, cache=tmp_path)
+    assert onnx.load(str(again)).graph.output[0].name == "features"
+
+
+def test_sessions_are_cached_per_process_and_never_pickled(lite0_onnx):
+    a = get_session(lite0_onnx, threads=1)
+    assert get_session(lite0_onnx, threads=1) is a
+    assert get_session(lite0_onnx, threads=2) is not a
+    with pytest.raises(TypeError, match="never pickled"):
+        pickle.dumps(a)
+
+
+def test_topk_matches_full_sort(rng):
+    logits = rng.normal(size=(5, 1000)).astype(np.float32)
+    cls, prob = topk(logits, 7)
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    np.testing.assert_array_equal(cls, np.argsort(-p, axis=1)[:, :7])
+    np.testing.assert_allclose(prob, np.sort(p, axis=1)[:, ::-1][:, :7], rtol=1e-6)
+
+
+def test_wrong_rank_or_channels_is_one_clear_error(lite0_onnx, rng):
+    sess = get_session(lite0_onnx, threads=1)
+    with pytest.raises(ModelError, match="rank 4"):
+        sess.infer(rng.random((3, 64, 64), dtype=np.float32))
+    with pytest.raises(ModelError, match="3 channels"):
+        sess.infer(rng.random((1, 1, 64, 64), dtype=np.float32))
+    with pytest.raises(ModelError, match=">= 32"):
+        sess.infer(rng.random((1, 3, 16, 16), dtype=np.float32))
+
+
+def test_unknown_provider_is_refused(lite0_onnx):
+    with pytest.raises(ModelError, match="not offered"):
+        Session(lite0_onnx, providers=["NoSuchExecutionProvider"])
+
+
+# ------------------------------------------------------------------------------- user models
+def _tiny_onnx(path: Path, *, channels_in=3, rank=4, feature_name="pool", opset=17) -> Path:
+    """A small real ONNX CNN: conv 3->8, ReLU, global pooling -> (N, 8), Gemm -> (N, 10)."""
+    rs = np.random.default_rng(0)
+    w = helper.make_tensor(
+        "w", TensorProto.FLOAT, [8, channels_in, 3, 3], rs.normal(size=8 * channels_in * 9).tolist()
+    )
+    fc = helper.make_tensor("fc", TensorProto.FLOAT, [8, 10], rs.normal(size=80).tolist())
+    shape = ["N", channels_in, 224, 224] if rank == 4 else ["N", 224, 224]
+    nodes = [
+        helper.make_node("Conv", ["data", "w"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"]),
+        helper.make_node("GlobalAveragePool", ["r"], ["g"]),
+        helper.make_node("Flatten", ["g"], [feature_name], axis=1),
+        helper.make_node("MatMul", [feature_name, "fc"], ["scores"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "tiny",
+        [helper.make_tensor_value_info("data", TensorProto.FLOAT, shape)],
+        [
+            helper.make_tensor_value_info(feature_name, TensorProto.FLOAT, ["N", 8]),
+            helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N", 10]),
+        ],
+        initializer=[w, fc],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+CARD = """\
+name: tiny
+input: data
+resolution: 224
+mean: [0.5, 0.5, 0.5]
+std: [0.25, 0.25, 0.25]
+outputs: {features: pool, logits: scores}
+"""
+
+
+def test_user_onnx_with_card_is_wrapped_to_the_contract(tmp_path, rng):
+    import onnxruntime as ort
+
+    _tiny_onnx(tmp_path / "tiny.onnx")
+    (tmp_path / "tiny.yaml").write_text(CARD)
+    card = resolve(tmp_path / "tiny.onnx")
+    assert card.name == "tiny" and not card.builtin
+    wrapped = ensure_onnx(card, cache=tmp_path / "cache")
+    batch = rng.random((2, 3, 40, 50), dtype=np.float32)
+    out = get_session(wrapped, threads=1, topk=3).infer(batch)
+    # The same model, run by hand on the resized and normalised input, gives the same features.
+    import torch
+
+    x = torch.nn.functional.interpolate(
+        torch.from_numpy(batch), size=(224, 224), mode="bilinear", align_corners=False
+    )
+    x = ((x - 0.5) / 0.25).numpy()
+    raw = ort.InferenceSession(str(tmp_path / "tiny.onnx"), providers=["CPUExecutionProvider"])
+    feat, scores = raw.run(["pool", "scores"], {"data": x})
+    np.testing.assert_allclose(out.features, feat, atol=1e-4)
+    np.testing.assert_allclose(out.logits, scores, atol=1e-4)
+    assert out.top_class.shape == (2, 3)
+
+
+@pytest.mark.parametrize(
+    ("setup", "message"),
+    [
+        (
+            lambda d: (
+                (d / "m.onnx").write_bytes(pickle.dumps({"not": "a model"})),
+                (d / "m.yaml").write_text(CARD),
+            ),
+            "not a valid ONNX model",
+        ),
+        (
+            lambda d: (
+                _tiny_onnx(d / "m.onnx")
+                and (d / "m.yaml").write_text(CARD.replace("features: pool", "features: nope"))
+            ),
+            "no output named 'nope'",
+        ),
+        (
+            lambda d: (
+                _tiny_onnx(d / "m.onnx")
+                and (d / "m.yaml").write_text("input: data\nresolution: 224\n")
+            ),
+            "missing key",
+        ),
+        (lambda d: _tiny_onnx(d / "m.onnx", rank=3) and (d / "m.yaml").write_text(CARD), "rank 3"),
+        (
+            lambda d: _tiny_onnx(d / "m.onnx", channels_in=1) and (d / "m.yaml").write_text(CARD),
+            "1 channels",
+        ),
+        (lambda d: _tiny_onnx(d / "m.onnx"), "no model card"),
+        (
+            lambda d: (
+                _tiny_onnx(d / "m.onnx")
+                and (d / "m.yaml").write_text(CARD + 'sha256: "' + "0" * 64 + '"\n')
+            ),
+            "does not match",
+        ),
+    ],
+    ids=[
+        "pickle-posing-as-onnx",
+        "missing-output",
+        "card-missing-keys",
+        "input-rank-3",
+        "one-channel",
+        "no-card",
+        "sha-mismatch",
+    ],
+)
+def test_bad_user_models_are_one_clear_error(tmp_path, setup, message):
+    setup(tmp_path)
+    with pytest.raises(ModelError, match=message) as err:
+        card = resolve(tmp_path / "m.onnx")
+        ensure_onnx(card, cache=tmp_path / "cache")
+    assert "\n" not in str(err.value)
+    assert "m.onnx" in str(err.value) or "m.yaml" in str(err.value)
+
+
+def test_unknown_model_lists_the_known_ones():
+    with pytest.raises(
+        ModelError, match="efficientnet-lite0, efficientnet-lite1, efficientnet-lite2"
+    ):
+        resolve("resnet-9000")
+
+
+# ------------------------------------------------------------------------------------- CLI
+def _elodin(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=300,
+    )
+
+
+def test_cli_models_list_export_info(lite0_onnx):
+    listed = _elodin("models", "list")
+    assert listed.returncode == 0
+    assert all(f"efficientnet-lite{i}" in listed.stdout for i in range(3))
+    exported = _elodin("models", "export", "efficientnet-lite0")
+    assert exported.returncode == 0, exported.stderr
+    assert Path(exported.stdout.strip().splitlines()[-1]) == lite0_onnx
+    info = _elodin("models", "info", "efficientnet-lite0")
+    assert "1280" in info.stdout and "sha256" in info.stdout
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["models", "info", "no-such-model"], ["models", "export", "/nonexistent/model.onnx"]],
+)
+def test_cli_bad_model_is_one_line_without_traceback(args):
+    result = _elodin(*args)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("elodin: error:")
