@@ -1,0 +1,512 @@
+"""The fingerprint store: a Zarr v3 group that ``xarray.open_zarr`` opens.
+
+Layout (DESIGN.md, "The store"): dims ``cutout``, ``feature``, ``topk``; ``fingerprint(cutout,
+feature)``, ``top_class`` and ``top_prob(cutout, topk)``, ``valid(cutout)``,
+``masked_fraction(cutout)``; coordinates ``image, x, y, width, height, ra, dec`` on ``cutout``.
+Analysis adds its own variables later.
+
+Rows are allocated up front. The plan's tiles are packed, in order, into *work units* whose row
+ranges start on a chunk boundary (:func:`pack_units`), so every Zarr chunk belongs to exactly one
+unit and is written by exactly one task; unused rows at the end of a unit are empty slots
+(``valid == False``). After a unit's data is written, its marker ``done/<unit>`` is written; a
+task killed before that leaves a unit that is simply done again, writing the same bytes.
+
+A store records what made it (model name and sha256, cutout and preprocessing config, package
+version) and refuses to be appended to with anything else. Each run that adds images appends a
+*segment*: its images, row range and unit range, and a digest of its plan so a rerun of the same
+command maps every window to the same row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import StoreError
+
+__all__ = [
+    "REQUIRED_VARIABLES",
+    "SCHEMA_VERSION",
+    "Layout",
+    "Segment",
+    "Store",
+    "pack_units",
+]
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+REQUIRED_VARIABLES = ("fingerprint", "top_class", "top_prob", "valid", "masked_fraction")
+COORDS = ("image", "x", "y", "width", "height", "ra", "dec")
+# dtype and fill of every per-row array the fingerprint stage writes
+_ROW_ARRAYS: dict[str, tuple[str, Any]] = {
+    "valid": ("bool", False),
+    "masked_fraction": ("float32", np.nan),
+    "x": ("float64", np.nan),
+    "y": ("float64", np.nan),
+    "width": ("int32", 0),
+    "height": ("int32", 0),
+    "ra": ("float64", np.nan),
+    "dec": ("float64", np.nan),
+}
+
+
+# ------------------------------------------------------------------------------------- layout
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Where each work unit's windows go in the store (pure numpy; cheap for 10^6 tiles).
+
+    ``unit_tiles[u]:unit_tiles[u+1]`` are the unit's tiles in the plan,
+    ``unit_windows[u]:unit_windows[u+1]`` its windows, and ``unit_rows[u]:unit_rows[u+1]`` its
+    rows, relative to the segment's first row (chunk-aligned; the last chunk may hold empty slots).
+    """
+
+    chunk_rows: int
+    unit_tiles: np.ndarray
+    unit_windows: np.ndarray
+    unit_rows: np.ndarray
+
+    @property
+    def n_units(self) -> int:
+        return len(self.unit_tiles) - 1
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.unit_rows[-1])
+
+    def window_rows(self) -> np.ndarray:
+        """Row (relative to the segment) of every window of the plan, in plan order."""
+        counts = np.diff(self.unit_windows)
+        starts = np.repeat(self.unit_rows[:-1] - self.unit_windows[:-1], counts)
+        return starts + np.arange(self.unit_windows[-1])
+
+
+def pack_units(tile_start: np.ndarray, *, chunk_rows: int) -> Layout:
+    """Pack consecutive tiles into units that own whole chunks.
+
+    A tile joins the unit of the chunk-sized bucket its first window falls in, so a unit holds
+    at most ``chunk_rows`` windows plus its last tile's, small tiles share a unit (one task) and
+    a large tile gets a unit of several chunks to itself.
+    """
+    tile_start = np.asarray(tile_start, dtype=np.int64)
+    if chunk_rows < 1:
+        raise ValueError("chunk_rows must be >= 1")
+    n_tiles = len(tile_start) - 1
+    if n_tiles <= 0:
+        z = np.zeros(1, np.int64)
+        return Layout(chunk_rows, z, z, z)
+    bucket = tile_start[:-1] // chunk_rows
+    first = np.flatnonzero(np.r_[True, bucket[1:] != bucket[:-1]])
+    unit_tiles = np.r_[first, n_tiles].astype(np.int64)
+    unit_windows = tile_start[unit_tiles]
+    n = np.diff(unit_windows)
+    rows = -(-n // chunk_rows) * chunk_rows
+    unit_rows = np.r_[0, np.cumsum(rows)].astype(np.int64)
+    return Layout(chunk_rows, unit_tiles, unit_windows, unit_rows)
+
+
+@dataclasses.dataclass(frozen=True)
+class Segment:
+    """Rows and units one run appended to the store."""
+
+    images: tuple[str, ...]
+    row_start: int
+    row_stop: int
+    unit_start: int
+    unit_stop: int
+    plan_digest: str
+    inputs: dict  # image id -> {"paths": [...], "size": int, "mtime": float, ...}
+
+    def to_json(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["images"] = list(self.images)
+        return d
+
+    @classmethod
+    def from_json(cls, d: Mapping) -> Segment:
+        return cls(
+            images=tuple(d["images"]),
+            row_start=int(d["row_start"]),
+            row_stop=int(d["row_stop"]),
+            unit_start=int(d["unit_start"]),
+            unit_stop=int(d["unit_stop"]),
+            plan_digest=str(d["plan_digest"]),
+            inputs=dict(d.get("inputs", {})),
+        )
+
+
+# -------------------------------------------------------------------------------------- store
+def _fs(path: str):
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(str(path))
+    return fs, root.rstrip("/")
+
+
+class Store:
+    """A fingerprint store on disk (or any fsspec URL zarr can open).
+
+    Use :meth:`create` for a new store, :meth:`open` for an existing one; :meth:`append_segment`
+    adds rows for new images; workers call :meth:`write_rows` and :meth:`mark_done`.
+    """
+
+    def __init__(self, path: str | os.PathLike, group) -> None:
+        self.path = str(path)
+        self._group = group
+
+    # -- opening ------------------------------------------------------------------------
+    @staticmethod
+    def exists(path: str | os.PathLike) -> bool:
+        fs, root = _fs(str(path))
+        return fs.exists(f"{root}/zarr.json")
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, *, mode: str = "r") -> Store:
+        """Open and validate an existing store (``mode`` ``r`` or ``r+``)."""
+        import zarr
+
+        path = str(path)
+        if not cls.exists(path):
+            raise StoreError(
+                f"{path}: no fingerprint store here (run `elodin fingerprint ... -o {path}` first)"
+            )
+        try:
+            group = zarr.open_group(path, mode=mode, zarr_format=3)
+        except Exception as e:  # zarr raises several types for unreadable metadata
+            raise StoreError(
+                f"{path}: not a readable Zarr v3 group ({type(e).__name__}: {e})"
+            ) from None
+        store = cls(path, group)
+        if mode != "r":
+            store.repair()
+        store.validate()
+        return store
+
+    def validate(self) -> None:
+        attrs = self._group.attrs.asdict()
+        if attrs.get("elodin_schema") != SCHEMA_VERSION:
+            raise StoreError(
+                f"{self.path}: not an Elodin fingerprint store (schema {attrs.get('elodin_schema')!r}, expected {SCHEMA_VERSION})"
+            )
+        names = set(self._group.array_keys())
+        missing = [v for v in (*REQUIRED_VARIABLES, *COORDS) if v not in names]
+        if missing:
+            raise StoreError(f"{self.path}: store is missing variable(s) {', '.join(missing)}")
+        n = self._group["fingerprint"].shape[0]
+        for name in (*REQUIRED_VARIABLES, *COORDS):
+            if self._group[name].shape[0] != n:
+                raise StoreError(
+                    f"{self.path}: variable {name} has {self._group[name].shape[0]} rows, fingerprint has {n}"
+                )
+
+    @classmethod
+    def create(
+        cls,
+        path: str | os.PathLike,
+        *,
+        feature_dim: int,
+        topk: int,
+        chunk_rows: int,
+        attrs: Mapping[str, Any],
+        dtype: str = "float32",
+    ) -> Store:
+        """Create an empty store (0 rows) recording ``attrs`` (model, configs, version)."""
+        import zarr
+
+        path = str(path)
+        if cls.exists(path):
+            raise StoreError(f"{path}: a store already exists here")
+        group = zarr.open_group(path, mode="w-", zarr_format=3)
+        rows = (0,)
+        arrays = {
+            "fingerprint": (
+                (0, feature_dim),
+                dtype,
+                np.nan,
+                ("cutout", "feature"),
+                (chunk_rows, feature_dim),
+            ),
+            "top_class": ((0, topk), "int32", -1, ("cutout", "topk"), (chunk_rows, topk)),
+            "top_prob": ((0, topk), "float32", np.nan, ("cutout", "topk"), (chunk_rows, topk)),
+        }
+        for name, (dt, fill) in _ROW_ARRAYS.items():
+            arrays[name] = (rows, dt, fill, ("cutout",), (chunk_rows,))
+        for name, (shape, dt, fill, dims, chunks) in arrays.items():
+            arr = group.create_array(
+                name, shape=shape, dtype=dt, chunks=chunks, fill_value=fill, dimension_names=dims
+            )
+            if name not in COORDS:
+                # The CF attribute xarray reads to tell coordinates from data variables.
+                arr.attrs["coordinates"] = " ".join(COORDS)
+        group.create_array(
+            "image",
+            shape=rows,
+            dtype=str,
+            chunks=(chunk_rows,),
+            fill_value="",
+            dimension_names=("cutout",),
+        )
+        # Done markers live in a subgroup of their own so zarr and xarray see a valid hierarchy.
+        group.create_group("done", attributes={"about": "one empty object per finished work unit"})
+        group.attrs.update(
+            {
+                **dict(attrs),
+                "elodin_schema": SCHEMA_VERSION,
+                "chunk_rows": int(chunk_rows),
+                "segments": [],
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            }
+        )
+        return cls(path, group)
+
+    # -- facts ---------------------------------------------------------------------------
+    @property
+    def attrs(self) -> dict:
+        return self._group.attrs.asdict()
+
+    @property
+    def n_rows(self) -> int:
+        return int(self._group["fingerprint"].shape[0])
+
+    @property
+    def chunk_rows(self) -> int:
+        return int(self.attrs["chunk_rows"])
+
+    @property
+    def segments(self) -> list[Segment]:
+        return [Segment.from_json(s) for s in self.attrs.get("segments", [])]
+
+    @property
+    def n_units(self) -> int:
+        segs = self.segments
+        return segs[-1].unit_stop if segs else 0
+
+    def array(self, name: str):
+        return self._group[name]
+
+    def dataset(self):
+        """The store as a lazy :class:`xarray.Dataset`."""
+        import xarray as xr
+
+        return xr.open_zarr(self.path, consolidated=False, zarr_format=3)
+
+    # -- growing -------------------------------------------------------------------------
+    def check_compatible(self, attrs: Mapping[str, Any]) -> None:
+        """Refuse a run whose model or configuration differs from the store's."""
+        mine = self.attrs
+        for key in (
+            "model",
+            "model_sha256",
+            "cutouts",
+            "preprocess",
+            "tiling",
+            "fingerprint_dtype",
+        ):
+            if key in attrs and mine.get(key) != _jsonable(attrs[key]):
+                raise StoreError(
+                    f"{self.path}: store was made with {key} = {json.dumps(mine.get(key), sort_keys=True)}, "
+                    f"this run uses {json.dumps(_jsonable(attrs[key]), sort_keys=True)}; use a new store (-o) or the same settings"
+                )
+
+    def append_segment(
+        self, *, images: Sequence[str], layout: Layout, plan_digest: str, inputs: Mapping
+    ) -> Segment:
+        """Grow every row array by ``layout.n_rows`` and record the new segment."""
+        start = self.n_rows
+        seg = Segment(
+            images=tuple(images),
+            row_start=start,
+            row_stop=start + layout.n_rows,
+            unit_start=self.n_units,
+            unit_stop=self.n_units + layout.n_units,
+            plan_digest=plan_digest,
+            inputs=_jsonable(dict(inputs)),
+        )
+        for name in self._row_array_names():
+            arr = self._group[name]
+            arr.resize((seg.row_stop, *arr.shape[1:]))
+        self._group.attrs["segments"] = [*self.attrs.get("segments", []), seg.to_json()]
+        return seg
+
+    def _row_array_names(self) -> list[str]:
+        return [
+            n
+            for n in self._group.array_keys()
+            if self._group[n].metadata.dimension_names[:1] == ("cutout",)
+        ]
+
+    # -- plans ----------------------------------------------------------------------------
+    def save_plan(self, index: int, plan) -> None:
+        """Keep segment ``index``'s plan in the store, so a resume maps windows to the same rows
+        without planning again (blob detection included)."""
+        group = self._group.require_group("plans").require_group(str(index))
+        tiles = (
+            np.stack([plan.tiles[f].astype(np.int64) for f in _TILE_FIELDS], axis=1)
+            if plan.n_tiles
+            else np.zeros((0, 9), np.int64)
+        )
+        for name, data in (
+            ("windows", plan.windows),
+            ("tile_start", plan.tile_start),
+            ("tiles", tiles),
+        ):
+            data = np.asarray(data, dtype=np.int64)
+            chunks = tuple(max(1, d) for d in data.shape)
+            arr = group.create_array(
+                name, shape=data.shape, dtype="int64", chunks=chunks, overwrite=True
+            )
+            if data.size:
+                arr[...] = data
+        group.attrs["images"] = list(plan.images)
+
+    def load_plan(self, index: int):
+        """The plan saved for segment ``index`` (None if it was never saved)."""
+        from .tiling import TILE_DTYPE, Plan
+
+        try:
+            group = self._group["plans"][str(index)]
+            tiles_2d = group["tiles"][...]
+            windows = group["windows"][...].reshape(-1, 4)
+            tile_start = group["tile_start"][...]
+        except KeyError:
+            return None
+        tiles = np.zeros(len(tiles_2d), TILE_DTYPE)
+        for i, f in enumerate(_TILE_FIELDS):
+            tiles[f] = tiles_2d[:, i]
+        return Plan(tuple(group.attrs["images"]), tiles, windows, tile_start)
+
+    def repair(self) -> bool:
+        """Undo a half-finished append (arrays grown, segment not yet recorded).
+
+        Growing is: plan saved, arrays resized, then the segment recorded in attrs. A client
+        killed between the last two leaves arrays longer than the recorded segments; those rows
+        were never handed to a task, so shrinking them back restores the last consistent state.
+        """
+        segs = self.segments
+        expected = segs[-1].row_stop if segs else 0
+        fixed = False
+        for name in self._row_array_names():
+            arr = self._group[name]
+            if arr.shape[0] != expected:
+                logger.warning(
+                    "%s: %s has %d rows, segments record %d; shrinking back",
+                    self.path,
+                    name,
+                    arr.shape[0],
+                    expected,
+                )
+                arr.resize((expected, *arr.shape[1:]))
+                fixed = True
+        return fixed
+
+    # -- analysis variables ----------------------------------------------------------------
+    def create_row_array(
+        self,
+        name: str,
+        *,
+        tail: Sequence[int] = (),
+        dims: Sequence[str] = (),
+        dtype: str = "float32",
+        fill: Any = np.nan,
+        attrs: Mapping | None = None,
+    ):
+        """(Re)create a per-row variable ``name(cutout, *dims)`` chunked like the store.
+
+        Analysis writes its results (``pca``, ``cluster``, ``embedding``, ``outlier_score``)
+        this way, then fills it block by block with :meth:`write_rows`.
+        """
+        if len(tail) != len(dims):
+            raise ValueError("one dim name per trailing axis")
+        arr = self._group.create_array(
+            name,
+            shape=(self.n_rows, *tail),
+            dtype=dtype,
+            chunks=(self.chunk_rows, *tail),
+            fill_value=fill,
+            dimension_names=("cutout", *dims),
+            overwrite=True,
+        )
+        arr.attrs.update({"coordinates": " ".join(COORDS), **dict(attrs or {})})
+        return arr
+
+    def write_array(
+        self, name: str, data: np.ndarray, *, dims: Sequence[str], attrs: Mapping | None = None
+    ):
+        """(Re)write a small whole variable (model parameters: PCA components, centroids ...)."""
+        data = np.asarray(data)
+        if data.ndim != len(dims):
+            raise ValueError(f"{name}: {data.ndim} axes but {len(dims)} dim names")
+        chunks = tuple(max(1, d) for d in data.shape)
+        arr = self._group.create_array(
+            name,
+            shape=data.shape,
+            dtype=data.dtype,
+            chunks=chunks,
+            dimension_names=tuple(dims),
+            overwrite=True,
+        )
+        if data.size:
+            arr[...] = data
+        if attrs:
+            arr.attrs.update(dict(attrs))
+        return arr
+
+    def set_attrs(self, **values: Any) -> None:
+        """Record facts about analysis runs in the store's attrs (JSON-able values)."""
+        self._group.attrs.update(_jsonable(values))
+
+    def iter_blocks(self, name: str, *, block_rows: int | None = None):
+        """Yield ``(start, values)`` over a per-row variable in chunk-aligned blocks."""
+        arr = self._group[name]
+        step = block_rows or 64 * self.chunk_rows
+        step = max(self.chunk_rows, step - step % self.chunk_rows)
+        for start in range(0, arr.shape[0], step):
+            yield start, arr[start : start + step]
+
+    # -- writing (workers) ----------------------------------------------------------------
+    def write_rows(self, start: int, values: Mapping[str, np.ndarray]) -> None:
+        """Write whole chunks of rows starting at ``start`` (a chunk boundary)."""
+        if start % self.chunk_rows:
+            raise ValueError(f"write at row {start} is not on a chunk boundary ({self.chunk_rows})")
+        for name, data in values.items():
+            arr = self._group[name]
+            arr[start : start + len(data)] = data
+
+    def _done_dir(self) -> str:
+        return f"{_fs(self.path)[1]}/done"
+
+    def mark_done(self, unit: int) -> None:
+        fs, _ = _fs(self.path)
+        with fs.open(f"{self._done_dir()}/{unit:010d}", "w") as f:
+            f.write("done\n")
+
+    def done_units(self) -> set[int]:
+        """Units whose marker exists (one directory listing, cheap for 10^6 units)."""
+        fs, _ = _fs(self.path)
+        try:
+            names = fs.ls(self._done_dir(), detail=False)
+        except FileNotFoundError:
+            return set()
+        return {int(Path(n).name) for n in names if Path(n).name.isdigit()}
+
+    def clear_done(self, units: Sequence[int]) -> None:
+        """Forget units (their rows will be written again)."""
+        fs, _ = _fs(self.path)
+        for u in units:
+            fs.rm(f"{self._done_dir()}/{u:010d}")
+
+
+_TILE_FIELDS = ("image", "ty0", "ty1", "tx0", "tx1", "ry0", "ry1", "rx0", "rx1")
+
+
+def _jsonable(value: Any) -> Any:
+    """Round-trip through JSON so comparisons see what the store holds (tuples -> lists)."""
+    return json.loads(json.dumps(value, default=str))

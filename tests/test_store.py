@@ -1,0 +1,112 @@
+"""Store layout: units own whole chunks; creation, growth, repair, validation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pipeline.errors import StoreError
+from pipeline.store import Store, pack_units
+
+
+@settings(max_examples=200, deadline=None)
+@given(counts=st.lists(st.integers(0, 300), min_size=1, max_size=60), chunk=st.integers(1, 128))
+def test_units_own_whole_chunks_and_every_window_one_row(counts, chunk):
+    tile_start = np.r_[0, np.cumsum(counts)]
+    lay = pack_units(tile_start, chunk_rows=chunk)
+    # units cover the tiles in order, without gaps
+    assert lay.unit_tiles[0] == 0 and lay.unit_tiles[-1] == len(counts)
+    assert np.all(np.diff(lay.unit_tiles) > 0)
+    # every unit starts on a chunk boundary and has room for its windows
+    assert np.all(lay.unit_rows % chunk == 0)
+    assert np.all(np.diff(lay.unit_rows) >= np.diff(lay.unit_windows))
+    assert np.all(np.diff(lay.unit_rows) - np.diff(lay.unit_windows) < chunk)
+    # every window gets its own row inside its unit's rows
+    rows = lay.window_rows()
+    assert len(rows) == tile_start[-1] and len(np.unique(rows)) == len(rows)
+    unit_of_window = np.repeat(np.arange(lay.n_units), np.diff(lay.unit_windows))
+    assert np.all(rows >= lay.unit_rows[unit_of_window]) and np.all(
+        rows < lay.unit_rows[unit_of_window + 1]
+    )
+
+
+def test_small_tiles_share_a_unit_and_large_tiles_get_several_chunks():
+    lay = pack_units(np.r_[0, np.cumsum([3, 3, 3, 3, 40, 3])], chunk_rows=10)
+    assert lay.unit_tiles.tolist() == [0, 4, 5, 6]
+    assert lay.unit_rows.tolist() == [0, 20, 60, 70]
+
+
+def _store(tmp_path, rows=(10, 7)):
+    s = Store.create(
+        tmp_path / "s.zarr",
+        feature_dim=4,
+        topk=3,
+        chunk_rows=5,
+        attrs={"model": "m", "model_sha256": "abc"},
+    )
+    lay = pack_units(np.r_[0, np.cumsum(rows)], chunk_rows=5)
+    s.append_segment(images=["a"], layout=lay, plan_digest="d", inputs={"a": {"files": []}})
+    return s
+
+
+def test_grow_write_and_read_back_with_xarray(tmp_path):
+    s = _store(tmp_path)
+    assert s.n_rows == 20 and s.n_units == 2
+    s.write_rows(
+        0,
+        {
+            "fingerprint": np.ones((10, 4), "f4"),
+            "valid": np.ones(10, bool),
+            "image": np.array(["a"] * 10, dtype=object),
+        },
+    )
+    s.mark_done(0)
+    s2 = Store.open(tmp_path / "s.zarr")
+    assert s2.done_units() == {0}
+    ds = s2.dataset()
+    assert ds.fingerprint.dims == ("cutout", "feature") and ds.top_class.dims == ("cutout", "topk")
+    assert {"image", "x", "y", "width", "height", "ra", "dec"} <= set(ds.coords)
+    assert ds.valid.values.sum() == 10 and np.isnan(ds.fingerprint.values[10:]).all()
+    with pytest.raises(ValueError, match="chunk boundary"):
+        s.write_rows(3, {"valid": np.ones(5, bool)})
+
+
+def test_half_finished_append_is_repaired_on_open(tmp_path):
+    s = _store(tmp_path)
+    # A client killed after resizing some arrays but before recording the segment.
+    s.array("fingerprint").resize((35, 4))
+    s.array("x").resize((35,))
+    with pytest.raises(StoreError, match="rows"):
+        Store.open(tmp_path / "s.zarr", mode="r")
+    repaired = Store.open(tmp_path / "s.zarr", mode="r+")
+    assert repaired.n_rows == 20 and repaired.array("x").shape == (20,)
+
+
+def test_refuses_another_model_and_non_stores(tmp_path):
+    s = _store(tmp_path)
+    with pytest.raises(StoreError, match="made with model_sha256"):
+        s.check_compatible({"model": "m", "model_sha256": "other"})
+    with pytest.raises(StoreError, match="no fingerprint store"):
+        Store.open(tmp_path / "missing.zarr")
+    import zarr
+
+    zarr.open_group(tmp_path / "plain.zarr", mode="w", zarr_format=3)
+    with pytest.raises(StoreError, match="not an Elodin fingerprint store"):
+        Store.open(tmp_path / "plain.zarr")
+    with pytest.raises(StoreError, match="already exists"):
+        Store.create(tmp_path / "s.zarr", feature_dim=4, topk=3, chunk_rows=5, attrs={})
+
+
+def test_analysis_variables_follow_growth(tmp_path):
+    s = _store(tmp_path)
+    s.create_row_array("pca", tail=(2,), dims=("component",))
+    s.write_rows(0, {"pca": np.ones((5, 2), "f4")})
+    s.write_array("pca_components", np.eye(2, 4, dtype="f4"), dims=("component", "feature"))
+    s.append_segment(
+        images=["b"], layout=pack_units(np.array([0, 3]), chunk_rows=5), plan_digest="e", inputs={}
+    )
+    ds = Store.open(tmp_path / "s.zarr").dataset()
+    assert ds.pca.shape == (25, 2) and ds.pca_components.shape == (2, 4)
+    assert np.isnan(ds.pca.values[20:]).all()
