@@ -32,6 +32,8 @@ __all__ = ["OPSET", "ensure_onnx", "load_onnx_checked"]
 logger = logging.getLogger(__name__)
 
 OPSET = 17
+# Bumped whenever the exported graph changes, so stale cached files are exported again.
+EXPORT_VERSION = 2
 
 
 def _sidecar(path: Path) -> Path:
@@ -45,6 +47,8 @@ def _cached(path: Path) -> bool:
     try:
         recorded = json.loads(meta.read_text())["sha256"]
     except (OSError, ValueError, KeyError):
+        return False
+    if json.loads(meta.read_text()).get("export_version") != EXPORT_VERSION:
         return False
     return recorded == sha256_file(path)
 
@@ -62,13 +66,35 @@ def _atomic_write(path: Path, write) -> str:
         if os.path.exists(tmp):
             os.unlink(tmp)
     meta_tmp = _sidecar(path).with_suffix(".json.tmp")
-    meta_tmp.write_text(json.dumps({"sha256": digest, "file": path.name}, indent=1))
+    meta_tmp.write_text(
+        json.dumps(
+            {"sha256": digest, "file": path.name, "export_version": EXPORT_VERSION}, indent=1
+        )
+    )
     os.replace(meta_tmp, _sidecar(path))
     return digest
 
 
-def ensure_onnx(card: ModelCard, *, force: bool = False, cache: Path | None = None) -> Path:
-    """Path of the ONNX file to run for ``card``, exporting or wrapping it on first use."""
+def ensure_onnx(
+    card: ModelCard, *, force: bool = False, cache: Path | None = None, precision: str = "fp32"
+) -> Path:
+    """Path of the ONNX file to run for ``card``, exporting or wrapping it on first use.
+
+    ``precision="fp16"`` gives a float16 variant of the same graph (float32 inputs and outputs
+    kept), converted once from the float32 file and cached beside it.
+    """
+    if precision not in ("fp32", "fp16"):
+        raise ModelError(f"model precision must be fp32 or fp16, got {precision!r}")
+    fp32 = _ensure_fp32(card, force=force, cache=cache)
+    if precision == "fp32":
+        return fp32
+    target = fp32.with_name(fp32.stem + "-fp16.onnx")
+    if force or not _cached(target):
+        _atomic_write(target, lambda tmp: _convert_fp16(fp32, tmp))
+    return target
+
+
+def _ensure_fp32(card: ModelCard, *, force: bool, cache: Path | None) -> Path:
     cache = Path(cache) if cache is not None else config.cache_dir()
     if card.builtin:
         target = cache / f"{card.cache_stem}.onnx"
@@ -146,6 +172,72 @@ def _export_builtin(card: ModelCard, out: Path) -> None:
             opset_version=OPSET,
             dynamo=False,
         )
+    import onnx
+
+    model = onnx.load(str(out))
+    _add_topk(model)
+    onnx.save(model, str(out))
+
+
+def _add_topk(model) -> None:
+    """Append softmax + top-k to a contract graph: outputs ``top_prob`` and ``top_class``.
+
+    ``k`` is a graph input (int64, shape [1]), so one file serves any k. With IO binding on a
+    GPU only the features and the top-k leave the device, not the 1000 logits.
+    """
+    from onnx import TensorProto, helper
+
+    model.graph.input.append(helper.make_tensor_value_info("k", TensorProto.INT64, [1]))
+    model.graph.node.extend(
+        [
+            helper.make_node("Softmax", ["logits"], ["_probs"], axis=1),
+            helper.make_node(
+                "TopK", ["_probs", "k"], ["top_prob", "_top_index"], axis=1, largest=1, sorted=1
+            ),
+            helper.make_node("Cast", ["_top_index"], ["top_class"], to=TensorProto.INT32),
+        ]
+    )
+    model.graph.output.extend(
+        [
+            helper.make_tensor_value_info("top_prob", TensorProto.FLOAT, ["batch", "k"]),
+            helper.make_tensor_value_info("top_class", TensorProto.INT32, ["batch", "k"]),
+        ]
+    )
+
+
+def _convert_fp16(src: Path, out: Path) -> None:
+    """float16 weights and activations, float32 at the edges (onnxconverter-common)."""
+    import onnx
+    from onnx import helper
+
+    try:
+        from onnxconverter_common import float16
+    except ImportError:
+        raise ModelError(
+            "fp16 models need onnxconverter-common (pip install 'elodin-pipeline[fp16]')"
+        ) from None
+    model = onnx.load(str(src))
+    # A graph output that other nodes also read (features -> the classifier) confuses the
+    # converter's casts at the edges; give every output its own Identity first.
+    outputs = {o.name for o in model.graph.output}
+    for node in model.graph.node:
+        node.output[:] = [f"{n}__int" if n in outputs else n for n in node.output]
+        node.input[:] = [f"{n}__int" if n in outputs else n for n in node.input]
+    model.graph.node.extend(
+        helper.make_node("Identity", [f"{n}__int"], [n]) for n in sorted(outputs)
+    )
+    # The converter names the casts it adds after their nodes: unnamed nodes would collide.
+    for i, node in enumerate(model.graph.node):
+        if not node.name:
+            node.name = f"{node.op_type}_{i}"
+    # Softmax/TopK stay in float32: probabilities near 0 and ties are where fp16 rounds badly.
+    with warnings.catch_warnings():
+        # "number ... will be truncated": tiny weights rounding to fp16's range, expected.
+        warnings.simplefilter("ignore", UserWarning)
+        converted = float16.convert_float_to_float16(
+            model, keep_io_types=True, op_block_list=["Softmax", "TopK"]
+        )
+    onnx.save(converted, str(out))
 
 
 # ------------------------------------------------------------------------------- user models
@@ -276,4 +368,6 @@ def _wrap_user_model(card: ModelCard, model, out: Path) -> None:
     merged.graph.node.extend(out_nodes)
     del merged.graph.output[:]
     merged.graph.output.extend(out_vis)
+    if card.logits_output:
+        _add_topk(merged)
     onnx.save(merged, str(out))

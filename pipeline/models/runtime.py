@@ -19,7 +19,15 @@ import numpy as np
 from ..errors import ModelError
 from .zoo import MIN_SIDE, sha256_file
 
-__all__ = ["Outputs", "Session", "available_providers", "default_threads", "get_session", "topk"]
+__all__ = [
+    "Outputs",
+    "Session",
+    "available_providers",
+    "default_threads",
+    "get_session",
+    "provider_options",
+    "topk",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +119,8 @@ class Session:
         providers="auto",
         threads: int | None = None,
         topk: int = 20,
+        io_binding: bool | None = None,
+        fixed_batch: int | None = None,
     ):
         import onnxruntime as ort
 
@@ -125,20 +135,25 @@ class Session:
         opts.log_severity_level = 3
         try:
             self._sess = ort.InferenceSession(
-                str(self.path), sess_options=opts, providers=self.providers
+                str(self.path),
+                sess_options=opts,
+                providers=[(p, provider_options(p)) for p in self.providers],
             )
         except Exception as e:  # onnxruntime raises its own exception types for bad files
-            raise ModelError(
-                f"{self.path}: onnxruntime cannot load it ({str(e).splitlines()[0][:200]})"
-            ) from None
+            first = str(e).splitlines()[0][:200]
+            raise ModelError(f"{self.path}: onnxruntime cannot load it ({first})") from None
         outs = [o.name for o in self._sess.get_outputs()]
         if "features" not in outs:
             raise ModelError(f"{self.path}: has no 'features' output (outputs: {', '.join(outs)})")
-        self._outputs = ["features"] + (["logits"] if "logits" in outs else [])
+        self._has_logits = "logits" in outs
+        inputs = {i.name for i in self._sess.get_inputs()}
+        self._graph_topk = "top_class" in outs and "k" in inputs
         self.feature_dim = self._sess.get_outputs()[outs.index("features")].shape[1]
         used = self._sess.get_providers()
         self.on_gpu = any(p in used for p in _GPU_PROVIDERS)
-        self._lock = threading.Lock()
+        self.io_binding = self.on_gpu if io_binding is None else bool(io_binding)
+        # Fixed-shape batches (the last one padded) let CUDA graphs replay one captured shape.
+        self.fixed_batch = fixed_batch
 
     def __reduce__(self):
         raise TypeError(
@@ -149,37 +164,90 @@ class Session:
     def check_batch(batch: np.ndarray) -> np.ndarray:
         if batch.ndim != 4:
             raise ModelError(f"model input must have rank 4 (N, 3, H, W), got shape {batch.shape}")
-        if batch.shape[1] < 3:
-            raise ModelError(f"model input needs 3 channels (RGB), got {batch.shape[1]}")
-        if batch.shape[1] > 3:
-            raise ModelError(
-                f"model input needs 3 channels (RGB), got {batch.shape[1]}; pick three bands"
-            )
+        if batch.shape[1] != 3:
+            more = "; pick three bands" if batch.shape[1] > 3 else ""
+            raise ModelError(f"model input needs 3 channels (RGB), got {batch.shape[1]}{more}")
         if min(batch.shape[2:]) < MIN_SIDE:
             raise ModelError(
                 f"model input sides must be >= {MIN_SIDE} pixels, got {batch.shape[2:]}"
             )
         return np.ascontiguousarray(batch, dtype=np.float32)
 
-    def infer(self, batch: np.ndarray) -> Outputs:
-        """Run one batch: float32 (N, 3, H, W) RGB in [0, 1]."""
+    def _pad(self, batch: np.ndarray) -> np.ndarray:
+        if self.fixed_batch and len(batch) < self.fixed_batch:
+            pad = np.zeros((self.fixed_batch - len(batch), *batch.shape[1:]), np.float32)
+            return np.concatenate([batch, pad])
+        return batch
+
+    def infer(self, batch: np.ndarray, *, logits: bool = True) -> Outputs:
+        """Run one batch: float32 (N, 3, H, W) RGB in [0, 1].
+
+        With ``logits=False`` the 1000 logits are not fetched, only the features and the
+        top-k (what the fingerprint stage stores); with IO binding on a GPU they never leave
+        the device.
+        """
         batch = self.check_batch(batch)
-        result = self._sess.run(self._outputs, {"input": batch})
-        features = np.asarray(result[0], dtype=np.float32)
-        logits = np.asarray(result[1], dtype=np.float32) if len(result) > 1 else None
-        if logits is None:
-            n = len(features)
-            return Outputs(features, None, np.zeros((n, 0), np.int32), np.zeros((n, 0), np.float32))
-        cls, prob = topk(logits, self.k)
-        return Outputs(features, logits, cls, prob)
+        n = len(batch)
+        feeds = {"input": self._pad(batch)}
+        names = ["features"]
+        if self._graph_topk:
+            feeds["k"] = np.array([self.k], np.int64)
+            names += ["top_class", "top_prob"]
+        if self._has_logits and (logits or not self._graph_topk):
+            names.append("logits")
+        if self.io_binding:
+            got = self._run_bound(feeds, names)
+        else:
+            got = dict(zip(names, self._sess.run(names, feeds), strict=True))
+        got = {k: v[:n] for k, v in got.items()}
+        features = np.asarray(got["features"], dtype=np.float32)
+        lg = np.asarray(got["logits"], dtype=np.float32) if "logits" in got else None
+        if "top_class" in got:
+            cls = got["top_class"].astype(np.int32)
+            prob = got["top_prob"].astype(np.float32)
+        elif lg is not None:
+            cls, prob = topk(lg, self.k)
+        else:
+            cls, prob = np.zeros((n, 0), np.int32), np.zeros((n, 0), np.float32)
+        return Outputs(features, lg if logits else None, cls, prob)
+
+    def _run_bound(self, feeds: dict, names: list[str]) -> dict:
+        """Run through IO binding: the batch goes to the device once, and only the named
+        outputs come back to the host."""
+        import onnxruntime as ort
+
+        device = "cuda" if self.on_gpu else "cpu"
+        binding = self._sess.io_binding()
+        value = ort.OrtValue.ortvalue_from_numpy(feeds["input"], device, 0)
+        binding.bind_ortvalue_input("input", value)
+        if "k" in feeds:
+            binding.bind_cpu_input("k", feeds["k"])
+        for name in names:
+            binding.bind_output(name, "cpu")
+        self._sess.run_with_iobinding(binding)
+        return dict(zip(names, binding.copy_outputs_to_cpu(), strict=True))
 
     def infer_batched(self, images: np.ndarray, batch_size: int) -> Outputs:
         """Run ``images`` (N, 3, H, W) in batches of ``batch_size``."""
         if len(images) == 0:
             raise ModelError("no images to run")
-        return Outputs.concat(
-            [self.infer(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
-        )
+        parts = [self.infer(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
+        return Outputs.concat(parts)
+
+
+def provider_options(provider: str) -> dict:
+    """Execution-provider options from config (``elodin.model.cuda``)."""
+    if provider != "CUDAExecutionProvider":
+        return {}
+    from .. import config
+
+    cuda = dict(config.get("model.cuda", {}) or {})
+    opts = {"cudnn_conv_algo_search": str(cuda.get("cudnn-conv-algo-search", "EXHAUSTIVE"))}
+    if cuda.get("device-id") is not None:
+        opts["device_id"] = str(cuda["device-id"])
+    if cuda.get("cuda-graph"):
+        opts["enable_cuda_graph"] = "1"
+    return opts
 
 
 _SESSIONS: dict[tuple, Session] = {}
@@ -202,6 +270,8 @@ def get_session(
     threads: int | None = None,
     topk: int = 20,
     sha256: str | None = None,
+    io_binding: bool | None = None,
+    fixed_batch: int | None = None,
 ) -> Session:
     """The process's session for this model file, created on first use.
 
@@ -217,8 +287,15 @@ def get_session(
         raise ModelError(
             f"{path}: sha256 {digest[:12]}... differs from the expected {sha256[:12]}..."
         )
-    key = (digest, tuple(available_providers(providers)), threads, topk)
+    key = (digest, tuple(available_providers(providers)), threads, topk, io_binding, fixed_batch)
     with _SESSIONS_LOCK:
         if key not in _SESSIONS:
-            _SESSIONS[key] = Session(path, providers=providers, threads=threads, topk=topk)
+            _SESSIONS[key] = Session(
+                path,
+                providers=providers,
+                threads=threads,
+                topk=topk,
+                io_binding=io_binding,
+                fixed_batch=fixed_batch,
+            )
         return _SESSIONS[key]
