@@ -278,8 +278,9 @@ def _resources(cpu: Any, memory: Any, gpus: int = 0) -> dict[str, dict[str, Any]
     req = {"cpu": str(cpu), "memory": str(memory)}
     lim = dict(req)
     if gpus:
-        lim["nvidia.com/gpu"] = int(gpus)
-        req = dict(req, **{"nvidia.com/gpu": int(gpus)})
+        # A string, like every quantity: the operator's CRD types them all as strings.
+        lim["nvidia.com/gpu"] = str(int(gpus))
+        req = dict(req, **{"nvidia.com/gpu": str(int(gpus))})
     return {"requests": req, "limits": lim}
 
 
@@ -446,6 +447,17 @@ def kubernetes_cluster(*, workers: int | None = None, gpu: bool | None = None, *
             "--scheduler kubernetes needs dask-kubernetes: pip install 'elodin-pipeline[kubernetes]'"
         ) from None
     try:
+        import kr8s
+
+        # Credentials first: a KubeCluster that fails later stays registered for its atexit
+        # clean-up, which then fails again, noisily, at interpreter exit.
+        kr8s.api(namespace=namespace)
+    except Exception as e:
+        raise ConfigError(
+            f"--scheduler kubernetes: cannot reach the Kubernetes API (kubeconfig or in-cluster "
+            f"service account): {_one_line(str(e))[:300]}"
+        ) from None
+    try:
         cluster = KubeCluster(
             custom_cluster_spec=spec,
             namespace=namespace,
@@ -454,6 +466,9 @@ def kubernetes_cluster(*, workers: int | None = None, gpu: bool | None = None, *
             quiet=True,
         )
     except Exception as e:  # kr8s/httpx raise many kinds; the user needs the one line
+        for instance in list(KubeCluster._instances):
+            if instance.name == name:
+                KubeCluster._instances.discard(instance)
         raise ConfigError(
             f"--scheduler kubernetes: cannot create DaskCluster {name!r}: {_one_line(str(e))[:300]}"
         ) from None
