@@ -49,10 +49,12 @@ def _wait_until_gone(job_name: str, limit: float = 60.0) -> list[tuple[str, str]
 
 
 @pytest.fixture
-def small_jobs():
+def small_jobs(tmp_path):
     """Small worker jobs (1 core, 1 GB) under a job name of this test only."""
     name = f"elodin-test-{uuid.uuid4().hex[:8]}"
     settings = {
+        # Job .out/.err files go here rather than slurm-<id>.out in the working directory.
+        "elodin.slurm.log-directory": str(tmp_path / "slurm-logs"),
         "elodin.slurm.cores": 1,
         "elodin.slurm.processes": 1,
         "elodin.slurm.memory": "1GB",
