@@ -15,11 +15,13 @@ need neither SLURM nor Kubernetes: tests compare them with the manifests in
 from __future__ import annotations
 
 import copy
+import getpass
 import logging
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 from typing import Any
 
@@ -145,21 +147,89 @@ def _sinfo_summary() -> str:
     return "; ".join(rows) or "no partitions"
 
 
-def _job_states(job_ids: list[str]) -> str:
-    if not job_ids:
-        return "no job was submitted"
+def _job_table(job_name: str) -> dict[str, str] | None:
+    """Job id -> "STATE (reason)" for this user's jobs called ``job_name``, ended ones included.
+
+    Queried by name rather than by id: ``squeue -j`` fails outright once one of the ids has
+    been purged. ``None`` when squeue does not answer.
+    """
     try:
-        out = _run(["squeue", "-h", "-j", ",".join(job_ids), "-o", "%i %T %r"], timeout=15)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        return f"squeue failed ({e})"
-    seen = {}
+        out = _run(
+            [
+                "squeue",
+                "-h",
+                "-t",
+                "all",
+                "-u",
+                getpass.getuser(),
+                "-n",
+                job_name,
+                "-o",
+                "%i %T %r",
+            ],
+            timeout=15,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0:
+        return None
+    table = {}
     for row in out.stdout.splitlines():
         parts = row.split(None, 2)
         if len(parts) >= 2:
             reason = parts[2] if len(parts) > 2 and parts[2] != "None" else ""
-            seen[parts[0]] = parts[1] + (f" ({reason})" if reason else "")
-    states = [f"{j} {seen.get(j, 'ended')}" for j in job_ids]
-    return "jobs " + ", ".join(states)
+            table[parts[0]] = parts[1] + (f" ({reason})" if reason else "")
+    return table
+
+
+def _job_states(job_ids: list[str], job_name: str) -> str:
+    if not job_ids:
+        return "no job was submitted"
+    table = _job_table(job_name)
+    if table is None:
+        return f"jobs {', '.join(job_ids)} (squeue did not answer)"
+    return "jobs " + ", ".join(f"{j} {table.get(j, 'ended')}" for j in job_ids)
+
+
+def _all_ended(job_ids: list[str], job_name: str) -> bool:
+    table = _job_table(job_name)
+    if not job_ids or table is None:
+        return False
+    alive = {j for j, state in table.items() if state.split()[0] in _ALIVE}
+    return not alive & set(job_ids)
+
+
+# Job states from which a Dask worker may still come.
+_ALIVE = {"PENDING", "CONFIGURING", "RUNNING", "SUSPENDED", "RESIZING", "REQUEUED", "RESV_DEL_HOLD"}
+
+
+def _wait_for_first_worker(cluster, *, timeout: float, job_name: str, log_directory) -> None:
+    """Return once a worker has joined; fail early when every job ended without one."""
+    deadline = time.monotonic() + timeout
+    while True:
+        step = min(5.0, max(0.1, deadline - time.monotonic()))
+        try:
+            cluster.wait_for_workers(1, timeout=step)
+            return
+        except TimeoutError:
+            pass
+        ids = _job_ids(cluster)
+        if _all_ended(ids, job_name):
+            logs = (
+                f"{log_directory}/{job_name}-<jobid>.err"
+                if log_directory
+                else "slurm-<jobid>.out in the directory elodin runs from"
+            )
+            raise ConfigError(
+                f"--scheduler slurm: worker job(s) {', '.join(ids)} ended before any Dask "
+                f"worker joined (the worker could not start); see {logs}"
+            )
+        if time.monotonic() >= deadline:
+            raise ConfigError(
+                f"--scheduler slurm: no Dask worker joined within {timeout:.0f} s "
+                f"(elodin.slurm.wait-timeout); {_job_states(ids, job_name)}; "
+                f"sinfo: {_sinfo_summary()}"
+            )
 
 
 def _check_job_script(cluster) -> None:
@@ -229,14 +299,12 @@ def slurm_cluster(*, workers: int | None = None, gpu: bool | None = None, **over
             options["job_name"],
             timeout,
         )
-        try:
-            cluster.wait_for_workers(1, timeout=timeout)
-        except TimeoutError:
-            raise ConfigError(
-                f"--scheduler slurm: no Dask worker joined within {timeout:.0f} s "
-                f"(elodin.slurm.wait-timeout); {_job_states(_job_ids(cluster))}; "
-                f"sinfo: {_sinfo_summary()}"
-            ) from None
+        _wait_for_first_worker(
+            cluster,
+            timeout=timeout,
+            job_name=options["job_name"],
+            log_directory=options["log_directory"],
+        )
     except BaseException:
         cluster.close()
         raise

@@ -116,6 +116,20 @@ def test_worker_that_never_starts_gives_one_line_and_no_job_left(small_jobs):
     assert _wait_until_gone(small_jobs) == []
 
 
+def test_worker_that_cannot_start_is_reported_with_its_log(small_jobs):
+    # The job runs but its Python does not exist: no need to wait out the timeout.
+    with dask.config.set({"elodin.slurm.python": "/nonexistent/bin/python"}):
+        with pytest.raises(ConfigError) as err:
+            with compute.connect("slurm", workers=1, quiet=True):
+                pass
+    msg = str(err.value)
+    assert "ended before any Dask worker joined" in msg and "slurm-logs" in msg, msg
+    log_dir = Path(dask.config.get("elodin.slurm.log-directory"))
+    errors = "".join(p.read_text() for p in log_dir.glob(f"{small_jobs}-*.err"))
+    assert "/nonexistent/bin/python" in errors
+    assert _wait_until_gone(small_jobs) == []
+
+
 def test_job_that_slurm_refuses_is_reported_before_anything_is_queued(small_jobs):
     with dask.config.set({"elodin.slurm.queue": "no-such-partition"}):
         with pytest.raises(ConfigError, match="SLURM refuses the worker job.*partition"):
