@@ -380,12 +380,17 @@ def _plan_order(windows: np.ndarray, tid: np.ndarray, tile_origin_y, tile_origin
     ly = ly - ly.min()
     lx = lx - lx.min()
     span_y, span_x = int(ly.max()) + 1, int(lx.max()) + 1
-    if (int(tid.max()) + 1) * span_y * span_x < 2**62:
-        key = (tid * span_y + ly) * span_x + lx
-        if np.all(key[1:] >= key[:-1]):
-            return np.arange(key.size, dtype=np.int64)  # already in plan order
-        return np.argsort(key, kind="stable")
-    return np.lexsort((lx, ly, tid))
+    if (int(tid.max()) + 1) * span_y * span_x >= 2**62:
+        return np.lexsort((lx, ly, tid))
+    key = (tid * span_y + ly) * span_x + lx
+    if np.all(key[1:] >= key[:-1]):
+        return np.arange(key.size, dtype=np.int64)  # already in plan order
+    # Unstable sorting is about twice as fast; with distinct keys its order is the only one.
+    order = np.argsort(key)
+    ordered = key[order]
+    if np.any(ordered[1:] == ordered[:-1]):
+        order = np.argsort(key, kind="stable")  # duplicates keep their input order
+    return order
 
 
 def assign_windows(
@@ -415,7 +420,7 @@ def assign_windows(
     tyi, txi = py // ts, px // ts
     tid = tyi * ntx + txi
     order = _plan_order(windows, tid, tyi * ts, txi * ts)
-    windows, tid = windows[order], tid[order]
+    windows, tid = np.take(windows, order, axis=0), tid[order]
     first = np.flatnonzero(np.r_[True, tid[1:] != tid[:-1]])
     tile_start = np.r_[first, windows.shape[0]].astype(np.int64)
     utid = tid[first]
@@ -467,21 +472,35 @@ def _plan_sliding(ny, nx, *, size, stride, edge, ts, image_index, image_id) -> P
 
     windows = np.empty((int(tile_start[-1]), 4), dtype=np.int64)
     windows[:, 2:] = size
-    # Column j of a band lands at (first start of its tile) * m + (its rank in the tile),
-    # plus row * (starts in its tile): the position of (row, j) in tile-major order.
-    tile_of_x = np.repeat(np.arange(txs.size), cx)
-    rank_x = np.arange(xs.size) - fx[tile_of_x]
-    width_x = cx[tile_of_x]
+    layouts: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     offset = 0
     for ty in tys:
         band_ys = ys[first_y[ty] : first_y[ty] + cnt_y[ty]]
         m = band_ys.size
-        pos = (fx[tile_of_x] * m + rank_x)[None, :] + np.arange(m)[:, None] * width_x[None, :]
-        band = windows[offset : offset + m * xs.size]
-        band[pos.ravel(), 0] = np.tile(xs, m)
-        band[pos.ravel(), 1] = np.repeat(band_ys, xs.size)
-        offset += m * xs.size
+        if m not in layouts:  # bands of equal height share one layout
+            layouts[m] = _band_layout(xs, cx, fx, m)
+        band_x, band_row = layouts[m]
+        band = windows[offset : offset + band_x.size]
+        band[:, 0] = band_x
+        band[:, 1] = band_ys[band_row]
+        offset += band_x.size
     return Plan(_images(image_index, image_id), tiles, windows, tile_start)
+
+
+def _band_layout(xs: np.ndarray, cx: np.ndarray, fx: np.ndarray, m: int):
+    """For a band of ``m`` window rows: ``x0`` and row number of each window in plan order.
+
+    Window (row, j) goes to (first start of its tile) * m + row * (starts in its tile) +
+    (rank of j in its tile): tile-major, then row-major within the tile.
+    """
+    tile_of_x = np.repeat(np.arange(cx.size), cx)
+    rank_x = np.arange(xs.size) - fx[tile_of_x]
+    pos = (fx[tile_of_x] * m + rank_x)[None, :] + np.arange(m)[:, None] * cx[tile_of_x][None, :]
+    band_x = np.empty(m * xs.size, dtype=np.int64)
+    band_row = np.empty(m * xs.size, dtype=np.int64)
+    band_x[pos.ravel()] = np.tile(xs, m)
+    band_row[pos.ravel()] = np.repeat(np.arange(m), xs.size)
+    return band_x, band_row
 
 
 def plan_image(
