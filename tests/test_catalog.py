@@ -1,0 +1,299 @@
+"""Catalog cutouts: formats, RA/Dec through the WCS, x/y, outside rows, bad input, astrocut."""
+
+from __future__ import annotations
+
+import logging
+
+import astropy.units as u
+import numpy as np
+import pytest
+from astropy.coordinates import SkyCoord
+from astropy.io import fits
+from astropy.table import Table
+from astropy.wcs import WCS
+
+from pipeline.catalog import catalog_to_windows, plan_catalog, read_catalog
+from pipeline.errors import CatalogError
+from pipeline.sources import open_sources
+
+SHAPE = (200, 300)  # ny, nx
+
+
+def tan_wcs(crval=(150.1, 2.2), crpix=(151.3, 99.6), scale=0.2 / 3600) -> WCS:
+    w = WCS(naxis=2)
+    w.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+    w.wcs.crval = list(crval)
+    w.wcs.crpix = list(crpix)  # 1-based FITS convention
+    rot = np.radians(12.0)
+    w.wcs.cd = scale * np.array([[-np.cos(rot), np.sin(rot)], [np.sin(rot), np.cos(rot)]])
+    return w
+
+
+def write_image(path, wcs: WCS | None, *, seed=0, shape=SHAPE):
+    data = np.random.default_rng(seed).normal(100, 10, shape).astype(np.float32)
+    header = wcs.to_header() if wcs is not None else None
+    fits.PrimaryHDU(data, header=header).writeto(path)
+    return str(path)
+
+
+@pytest.fixture
+def image(tmp_path):
+    return write_image(tmp_path / "field.fits", tan_wcs())
+
+
+def sky_positions(rng, wcs: WCS, n: int, margin=-0.4):
+    """RA/Dec of random pixel positions inside the image (margin < 0: up to the edges)."""
+    x = rng.uniform(-margin - 0.5 + 0.01, SHAPE[1] - 0.5 + margin, n)
+    y = rng.uniform(-margin - 0.5 + 0.01, SHAPE[0] - 0.5 + margin, n)
+    sky = wcs.pixel_to_world(x, y)
+    return sky.ra.deg, sky.dec.deg
+
+
+def centres(plan):
+    w = plan.windows
+    return w[:, 0] + (w[:, 2] - 1) / 2, w[:, 1] + (w[:, 3] - 1) / 2
+
+
+@pytest.mark.parametrize("ext", ["csv", "ecsv", "fits", "parquet"])
+def test_radec_rows_land_within_half_a_pixel(tmp_path, image, rng, ext):
+    wcs = WCS(fits.getheader(image))
+    ra, dec = sky_positions(rng, wcs, 300)
+    path = tmp_path / f"cat.{ext}"
+    Table({"ID": np.arange(300), "RA": ra, "DEC": dec}).write(path)
+    table = read_catalog(path)
+    assert table.meta["elodin"]["kind"] == "radec"
+    src = open_sources([image])
+    plans, report = catalog_to_windows(table, src, size=33, tile_size=64)
+    assert report.n_placed == 300 and report.n_outside == 0
+    plan = plans[0]
+    rows = plan.input_index
+    assert np.array_equal(np.sort(rows), np.arange(300))
+    x_ref, y_ref = wcs.world_to_pixel(SkyCoord(ra[rows] * u.deg, dec[rows] * u.deg))
+    cx, cy = centres(plan)
+    assert np.all(np.abs(cx - x_ref) <= 0.5 + 1e-9) and np.all(np.abs(cy - y_ref) <= 0.5 + 1e-9)
+    # Even sizes: centre on the pixel corner nearest the position.
+    plan = catalog_to_windows(table, src, size=32, tile_size=64)[0][0]
+    x_ref, y_ref = wcs.world_to_pixel(
+        SkyCoord(ra[plan.input_index] * u.deg, dec[plan.input_index] * u.deg)
+    )
+    cx, cy = centres(plan)
+    assert np.all(np.abs(cx - x_ref) <= 0.5 + 1e-9) and np.all(np.abs(cy - y_ref) <= 0.5 + 1e-9)
+
+
+def test_xy_catalog_single_and_several_images(tmp_path, image, rng):
+    x = rng.uniform(0, 299, 50)
+    y = rng.uniform(0, 199, 50)
+    path = tmp_path / "xy.csv"
+    Table({"X_IMAGE": x, "Y_IMAGE": y}).write(path)
+    src = open_sources([image])
+    plans, report = catalog_to_windows(read_catalog(path), src, size=16, tile_size=64)
+    assert report.n_placed == 50
+    cx, cy = centres(plans[0])
+    rows = plans[0].input_index
+    assert np.all(np.abs(cx - x[rows]) <= 0.5) and np.all(np.abs(cy - y[rows]) <= 0.5)
+
+    other = write_image(tmp_path / "other.fits", None, seed=1)
+    both = open_sources([image, other])
+    with pytest.raises(
+        CatalogError, match=r"xy.csv: an x/y catalog over 2 images needs an 'image' column"
+    ):
+        catalog_to_windows(read_catalog(path), both, size=16, tile_size=64)
+    named = tmp_path / "xy_named.csv"
+    which = np.where(np.arange(50) % 2 == 0, "field.fits", "other")
+    Table({"x": x, "y": y, "IMAGE": which}).write(named)
+    plans, report = catalog_to_windows(read_catalog(named), both, size=16, tile_size=64)
+    assert report.placed == {both[0].id: 25, both[1].id: 25}
+    assert np.all(plans[0].input_index % 2 == 0) and np.all(plans[1].input_index % 2 == 1)
+    assert all(np.all(p.tiles["image"] == i) for i, p in enumerate(plans))
+
+
+def test_outside_rows_are_reported_not_dropped(tmp_path, image, rng, caplog):
+    wcs = WCS(fits.getheader(image))
+    ra, dec = sky_positions(rng, wcs, 20)
+    ra[[3, 7]] += 1.0  # a degree away: off the 60" image
+    ra[11] = (ra[11] + 180.0) % 360  # far side of the sky: the TAN projection folds it back in
+    dec[11] = -dec[11]
+    path = tmp_path / "cat.csv"
+    Table({"ra": ra, "dec": dec}).write(path)
+    with caplog.at_level(logging.WARNING, logger="pipeline.catalog"):
+        plans, report = catalog_to_windows(
+            read_catalog(path), open_sources([image]), size=8, tile_size=64
+        )
+    assert report.outside_rows.tolist() == [3, 7, 11]
+    assert report.n_placed == 17 and plans[0].n_windows == 17
+    assert "cat.csv: 3 of 20 rows fall outside every input image (rows 3, 7, 11)" in caplog.text
+    # Nothing at all on the images: an error, not an empty run.
+    Table({"ra": ra[[3, 7]], "dec": dec[[3, 7]]}).write(tmp_path / "off.csv")
+    with pytest.raises(CatalogError, match="off.csv: none of the 2 rows falls on any input image"):
+        catalog_to_windows(read_catalog(tmp_path / "off.csv"), open_sources([image]), size=8)
+
+
+def test_overlapping_images_first_one_wins(tmp_path, rng):
+    a = write_image(tmp_path / "a.fits", tan_wcs())
+    b = write_image(tmp_path / "b.fits", tan_wcs(crpix=(101.3, 99.6)), seed=2)  # 50 px shift
+    ra, dec = sky_positions(rng, tan_wcs(), 100)
+    Table({"ra": ra, "dec": dec}).write(tmp_path / "cat.ecsv")
+    src = open_sources([a, b])
+    _, report = catalog_to_windows(read_catalog(tmp_path / "cat.ecsv"), src, size=8, tile_size=64)
+    assert report.placed[src[0].id] == 100 and report.placed[src[1].id] == 0
+    plan = plan_catalog(tmp_path / "cat.ecsv", src[::-1], size=8, tile_size=64)
+    in_b = WCS(fits.getheader(b)).footprint_contains(SkyCoord(ra * u.deg, dec * u.deg))
+    assert plan.images == (src[1].id, src[0].id)
+    assert np.sum(plan.tiles["image"] == 0) > 0
+    counts = np.bincount(plan.window_tiles(), minlength=plan.n_tiles)
+    per_image = np.bincount(plan.tiles["image"], weights=counts)
+    assert per_image.tolist() == [in_b.sum(), 100 - in_b.sum()]
+
+
+def test_size_column_in_pixels_and_arcsec(tmp_path, image, rng):
+    wcs = WCS(fits.getheader(image))
+    ra, dec = sky_positions(rng, wcs, 10, margin=20)
+    t = Table({"ra": ra, "dec": dec, "size": np.arange(10) + 5})
+    t.write(tmp_path / "pix.csv")
+    plan = catalog_to_windows(
+        read_catalog(tmp_path / "pix.csv", config={"size-column": "SIZE"}), open_sources([image])
+    )[0][0]
+    assert np.array_equal(plan.windows[:, 2], plan.input_index + 5)
+    # 0.2"/pixel: 4" is 20 pixels, whether the unit is on the column or in its name.
+    t = Table({"ra": ra, "dec": dec, "diam": np.full(10, 4.0) * u.arcsec})
+    t.write(tmp_path / "unit.ecsv")
+    plan = catalog_to_windows(
+        read_catalog(tmp_path / "unit.ecsv", config={"size_column": "diam"}), open_sources([image])
+    )[0][0]
+    assert np.all(plan.windows[:, 2] == 20)
+    Table({"ra": ra, "dec": dec, "fov_arcsec": np.full(10, 2.0)}).write(tmp_path / "name.csv")
+    plan = catalog_to_windows(
+        read_catalog(tmp_path / "name.csv", config={"size-column": "fov_arcsec"}),
+        open_sources([image]),
+    )[0][0]
+    assert np.all(plan.windows[:, 2] == 10) and np.all(plan.windows[:, 3] == 10)
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def one_line(exc: pytest.ExceptionInfo) -> str:
+    msg = str(exc.value)
+    assert "\n" not in msg
+    return msg
+
+
+def test_no_coordinate_columns_lists_what_was_found(tmp_path):
+    Table({"id": [1, 2], "flux": [3.0, 4.0]}).write(tmp_path / "c.csv")
+    with pytest.raises(CatalogError) as e:
+        read_catalog(tmp_path / "c.csv")
+    msg = one_line(e)
+    assert msg.startswith(f"{tmp_path / 'c.csv'}: no coordinate columns")
+    assert "found id, flux" in msg and "raj2000" in msg and "x_image" in msg
+    Table({"RA": [1.0], "mag": [3.0]}).write(tmp_path / "half.csv")
+    with pytest.raises(CatalogError, match=r"half.csv: has a ra column 'RA' but no dec column"):
+        read_catalog(tmp_path / "half.csv")
+
+
+def test_nan_and_text_coordinates_name_the_row(tmp_path):
+    (tmp_path / "nan.csv").write_text("ra,dec\n150.1,2.2\n150.2,nan\n150.3,2.3\n")
+    with pytest.raises(CatalogError) as e:
+        read_catalog(tmp_path / "nan.csv")
+    assert one_line(e) == f"{tmp_path / 'nan.csv'}: row 1: column 'dec' is NaN"
+    (tmp_path / "text.csv").write_text("ra,dec\n150.1,2.2\n150.2,2.4\nhello,2.3\n")
+    with pytest.raises(CatalogError) as e:
+        read_catalog(tmp_path / "text.csv")
+    assert one_line(e) == f"{tmp_path / 'text.csv'}: row 2: column 'ra' is not a number ('hello')"
+    (tmp_path / "empty.csv").write_text("x,y\n1,2\n3,\n")
+    with pytest.raises(CatalogError, match=r"empty.csv: row 1: column 'y' is empty"):
+        read_catalog(tmp_path / "empty.csv")
+    t = Table({"ra": [150.1, np.nan], "dec": [2.2, 2.3]})
+    t.write(tmp_path / "nan.fits")
+    with pytest.raises(CatalogError, match=r"nan.fits: row 1: column 'ra' is NaN$"):
+        read_catalog(tmp_path / "nan.fits")
+
+
+def test_unreadable_missing_and_unsupported_files(tmp_path):
+    (tmp_path / "broken.fits").write_bytes(b"this is not a FITS file at all" * 10)
+    with pytest.raises(CatalogError) as e:
+        read_catalog(tmp_path / "broken.fits")
+    assert one_line(e).startswith(f"{tmp_path / 'broken.fits'}: cannot read catalog (")
+    (tmp_path / "broken.parquet").write_bytes(b"PAR1 nope")
+    with pytest.raises(CatalogError, match=r"broken.parquet: cannot read catalog"):
+        read_catalog(tmp_path / "broken.parquet")
+    with pytest.raises(CatalogError, match=r"missing.csv: no such catalog file"):
+        read_catalog(tmp_path / "missing.csv")
+    (tmp_path / "cat.txt").write_text("ra dec\n1 2\n")
+    with pytest.raises(CatalogError) as e:
+        read_catalog(tmp_path / "cat.txt")
+    assert one_line(e) == (
+        f"{tmp_path / 'cat.txt'}: unsupported catalog format '.txt' (use .fits, .csv, .ecsv or .parquet)"
+    )
+
+
+def test_radec_catalog_with_an_image_without_wcs(tmp_path, image):
+    plain = write_image(tmp_path / "plain.fits", None)
+    Table({"ra": [150.1], "dec": [2.2]}).write(tmp_path / "c.csv")
+    with pytest.raises(CatalogError) as e:
+        catalog_to_windows(read_catalog(tmp_path / "c.csv"), open_sources([image, plain]), size=8)
+    msg = one_line(e)
+    assert msg.startswith(f"{tmp_path / 'c.csv'}: RA/Dec catalog, but image plain")
+    assert "plain.fits" in msg and "has no celestial WCS" in msg
+
+
+# --------------------------------------------------------------------------- astrocut
+
+
+def test_cutouts_equal_astrocut(tmp_path, rng):
+    """Peer check: our catalog cutouts against astrocut's FITSCutout, same file, same sizes.
+
+    Convention difference (also in docs/ARCHITECTURE.md): we start a window of side w at
+    floor(x - (w - 1) / 2 + 0.5), so its centre is within half a pixel of the position; astrocut
+    1.4 starts it at round(x - w / 2) (numpy's half-to-even), which puts the centre in [x - 1, x].
+    The two agree when frac(x - w / 2) > 0.5; otherwise astrocut's box is one pixel lower. The
+    test cuts both everywhere, checks equal pixels where the conventions agree and the one-pixel
+    shift (ours the nearer) where they do not.
+    """
+    from astrocut import FITSCutout
+
+    wcs = tan_wcs()
+    path = write_image(tmp_path / "field.fits", wcs, seed=5)
+    data = fits.getdata(path).astype(np.float32)
+    src = open_sources([path])[0]
+    xs = rng.uniform(-0.45, SHAPE[1] - 0.55, 24)
+    ys = rng.uniform(-0.45, SHAPE[0] - 0.55, 24)
+    xs[:4] = [0.2, 299.1, 150.7, 3.9]  # near the edges: both pad with NaN
+    ys[:4] = [0.3, 198.9, 2.2, 150.4]
+    sky = wcs.pixel_to_world(xs, ys)
+    agree = 0
+    for size in (15, 16):
+        Table({"ra": sky.ra.deg, "dec": sky.dec.deg}).write(tmp_path / f"c{size}.csv")
+        plan = plan_catalog(tmp_path / f"c{size}.csv", [src], size=size, tile_size=64)
+        for (x0, y0, w, h), row in zip(plan.windows, plan.input_index, strict=True):
+            ours = padded_read(src, x0, y0, w, h)
+            theirs = FITSCutout([path], sky[row], cutout_size=size, fill_value=np.nan)
+            theirs = next(iter(theirs.cutouts_by_file.values()))[0].data
+            assert theirs.shape == ours.shape == (size, size)
+            xp, yp = wcs.world_to_pixel(sky[row])
+            ax0, ay0 = (int(np.round(v - size / 2)) for v in (xp, yp))
+            for mine, theirs0, p in ((x0, ax0, xp), (y0, ay0, yp)):
+                assert mine - theirs0 in (0, 1)
+                assert abs(mine + (size - 1) / 2 - p) <= 0.5 + 1e-9
+            if (x0, y0) == (ax0, ay0):
+                agree += 1
+                np.testing.assert_array_equal(ours, theirs)
+            # Astrocut's pixels are the image's at its own box: same reader, same values.
+            np.testing.assert_array_equal(theirs, padded_array(data, ax0, ay0, size, size))
+    assert agree >= 5
+
+
+def padded_array(data, x0, y0, w, h, fill=np.nan):
+    out = np.full((h, w), fill, dtype=np.float32)
+    ny, nx = data.shape
+    ys, ye, xs, xe = max(y0, 0), min(y0 + h, ny), max(x0, 0), min(x0 + w, nx)
+    if ys < ye and xs < xe:
+        out[ys - y0 : ye - y0, xs - x0 : xe - x0] = data[ys:ye, xs:xe]
+    return out
+
+
+def padded_read(src, x0, y0, w, h, fill=np.nan):
+    ny, nx = src.shape
+    out = np.full((h, w), fill, dtype=np.float32)
+    ys, ye, xs, xe = max(y0, 0), min(y0 + h, ny), max(x0, 0), min(x0 + w, nx)
+    out[ys - y0 : ye - y0, xs - x0 : xe - x0] = src.read(ys, ye, xs, xe)[0]
+    return out
