@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
@@ -17,27 +16,26 @@ from pipeline.detect import (
     detection_tiles,
 )
 from pipeline.errors import ConfigError
+from pipeline.sources import ImageSource, open_sources
 
 
-@dataclass
-class FitsSource:
-    """A minimal lazy FITS source (the ImageSource interface detection uses): reads sections."""
+def fits_source(path, data):
+    fits.PrimaryHDU(data).writeto(path)
+    return open_sources([str(path)])[0]
 
-    path: str
-    id: str = "synthetic.fits"
-    reads: list = field(default_factory=list)
 
-    @property
-    def shape(self):
-        with fits.open(self.path) as hdul:
-            return hdul[0].shape[-2:]
+@pytest.fixture
+def reads(monkeypatch):
+    """Every box read through ImageSource.read (a spy: the real reader still runs)."""
+    seen = []
+    real = ImageSource.read
 
-    def read(self, y0, y1, x0, x1):
-        self.reads.append((y0, y1, x0, x1))
-        with fits.open(self.path) as hdul:
-            data = hdul[0].section[..., y0:y1, x0:x1]
-        data = np.asarray(data, dtype=np.float32)
-        return data if data.ndim == 3 else data[None]
+    def spy(self, y0, y1, x0, x1):
+        seen.append((y0, y1, x0, x1))
+        return real(self, y0, y1, x0, x1)
+
+    monkeypatch.setattr(ImageSource, "read", spy)
+    return seen
 
 
 def gaussian_field(rng, shape, sources, *, sky=100.0, noise=1.0):
@@ -72,15 +70,13 @@ def border_sources(rng, tile: int, shape):
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-def test_border_and_corner_sources_found_exactly_once(tmp_path, seed):
+def test_border_and_corner_sources_found_exactly_once(tmp_path, seed, reads):
     rng = np.random.default_rng(seed)
     shape, tile = (384, 448), 128
     sources = border_sources(rng, tile, shape)
     assert sum(1 for x, y, *_ in sources if (x + 0.5) % tile == 0 and (y + 0.5) % tile == 0) >= 4
     img = gaussian_field(rng, shape, sources)
-    path = tmp_path / "synthetic.fits"
-    fits.PrimaryHDU(img).writeto(path)
-    src = FitsSource(str(path))
+    src = fits_source(tmp_path / "synthetic.fits", img)
     opts = {"min_size": 16, "max_size": 64}
 
     plan = detect_plan(src, tile_size=tile, **opts)
@@ -96,10 +92,10 @@ def test_border_and_corner_sources_found_exactly_once(tmp_path, seed):
     for x, y in zip(cx, cy, strict=True):
         assert np.min(np.hypot(wx - x, wy - y)) <= 1.5
     # Only tile reads, never the whole image: each read is a detection box (core + halo).
-    _, reads = detection_tiles(shape, tile_size=tile, halo=64)
-    assert sorted(src.reads) == sorted(map(tuple, reads.tolist()))
-    assert all((y1 - y0) * (x1 - x0) < shape[0] * shape[1] for y0, y1, x0, x1 in src.reads)
-    assert plan.images == ("synthetic.fits",)
+    _, boxes = detection_tiles(shape, tile_size=tile, halo=64)
+    assert sorted(reads) == sorted(map(tuple, boxes.tolist()))
+    assert all((y1 - y0) * (x1 - x0) < shape[0] * shape[1] for y0, y1, x0, x1 in reads)
+    assert plan.images == (src.id,)
 
 
 def test_tile_claims_are_disjoint_and_inside_their_read_box(tmp_path):
@@ -107,9 +103,7 @@ def test_tile_claims_are_disjoint_and_inside_their_read_box(tmp_path):
     shape, tile = (256, 256), 128
     sources = border_sources(rng, tile, shape)
     img = gaussian_field(rng, shape, sources)
-    path = tmp_path / "s.fits"
-    fits.PrimaryHDU(img).writeto(path)
-    src = FitsSource(str(path))
+    src = fits_source(tmp_path / "s.fits", img)
     cores, reads = detection_tiles(shape, tile_size=tile, halo=64)
     per_tile = [
         detect_tile(src, c, r, min_size=16, max_size=64) for c, r in zip(cores, reads, strict=True)
@@ -165,9 +159,9 @@ def test_masked_pixels_and_bands(tmp_path, rng):
     w = detect_windows(img, min_size=8)
     assert len(w) == 2
     cube = np.stack([img, img * 2.0, img + 3.0])
-    path = tmp_path / "cube.fits"
-    fits.PrimaryHDU(cube).writeto(path)
-    plan = detect_plan(FitsSource(str(path), id="cube"), tile_size=64, min_size=8, max_size=32)
+    src = fits_source(tmp_path / "cube.fits", cube)
+    assert src.n_bands == 3
+    plan = detect_plan(src, tile_size=64, min_size=8, max_size=32)
     assert plan.n_windows == 2
 
 

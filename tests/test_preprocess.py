@@ -270,3 +270,22 @@ def test_hubble_deep_field_contact_sheet(tmp_path):
     # white disc on black.
     levels = np.histogram(lum[k], bins=10, range=(0, 1))[0]
     assert np.count_nonzero(levels) >= 8
+
+
+def test_image_limits_from_a_real_source(tmp_path, rng):
+    from astropy.io import fits
+
+    from pipeline.sources import open_sources, sample_pixels
+
+    data = rng.normal(10.0, 2.0, (3, 120, 90)).astype(np.float32)
+    data[1] += 100.0
+    fits.PrimaryHDU(data).writeto(tmp_path / "cube.fits")
+    src = open_sources([str(tmp_path / "cube.fits")])[0]
+    lim = image_limits_for(src)
+    assert lim.shape == (3, 2)
+    ref = np.percentile(sample_pixels(src), [0.25, 99.75], axis=1).T
+    np.testing.assert_allclose(lim, ref, rtol=1e-6)
+    fits.PrimaryHDU(np.full((40, 50), np.nan, np.float32)).writeto(tmp_path / "blank.fits")
+    blank = open_sources([str(tmp_path / "blank.fits")])[0]
+    with pytest.raises(InputError, match=rf"^image {blank.id}: every sampled pixel is NaN/inf$"):
+        image_limits_for(blank)
