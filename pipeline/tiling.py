@@ -385,11 +385,17 @@ def _plan_order(windows: np.ndarray, tid: np.ndarray, tile_origin_y, tile_origin
     key = (tid * span_y + ly) * span_x + lx
     if np.all(key[1:] >= key[:-1]):
         return np.arange(key.size, dtype=np.int64)  # already in plan order
-    # Unstable sorting is about twice as fast; with distinct keys its order is the only one.
+    # Unstable sorting is about twice as fast as stable; only runs of equal keys (the same
+    # window given twice) need their input order restored, and they are few.
     order = np.argsort(key)
     ordered = key[order]
-    if np.any(ordered[1:] == ordered[:-1]):
-        order = np.argsort(key, kind="stable")  # duplicates keep their input order
+    equal = ordered[1:] == ordered[:-1]
+    if equal.any():
+        tied = np.zeros(key.size, dtype=bool)
+        tied[1:] |= equal
+        tied[:-1] |= equal
+        at = np.flatnonzero(tied)
+        order[at] = order[at][np.lexsort((order[at], ordered[at]))]
     return order
 
 

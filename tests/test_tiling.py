@@ -171,10 +171,15 @@ def test_assign_arbitrary_windows(ny, nx, tile_size, data):
     windows = np.array([x0, y0, side, side], dtype=np.int64).T.reshape(-1, 4)
     if n > 3:
         windows[-1] = windows[0]
+        windows[-2] = windows[0]
     plan = assign_windows(windows, (ny, nx), tile_size=tile_size, image_index=2, image_id="m")
     check_plan(plan, (ny, nx), expected=windows, tile_size=tile_size, pad_ok=True)
     assert np.array_equal(np.sort(plan.input_index), np.arange(n))
     assert np.array_equal(windows[plan.input_index], plan.windows)
+    # Plan order: by tile, then y0, then x0; equal windows keep their input order.
+    px, py = owner_pixels(windows, (ny, nx))
+    tile = (py // tile_size) * nx + px // tile_size
+    assert np.array_equal(plan.input_index, np.lexsort((windows[:, 0], windows[:, 1], tile)))
     assert plan.images == ("", "", "m") and np.all(plan.tiles["image"] == 2)
 
 
