@@ -1,0 +1,278 @@
+"""Thumbnails and downsampled views, read back lazily from the source images.
+
+The store keeps no pixels. A cutout's window is rebuilt from its row's coordinates
+(``x0 = round(x - (width - 1) / 2)``, the inverse of the centre convention in ``tiling.py``),
+read from the image the store recorded (``segments[*].inputs[image]["source"]``) and stretched
+with the store's own preprocessing config, so a thumbnail shows what the model saw.
+
+Reads stay small: windows are grouped by image and by 1024-pixel cell of their centre; a group
+whose windows crowd their bounding box is read as that one box, a sparse group window by window.
+Downsampled views of whole images are built tile by tile (block means for small factors, one
+row per output row for large ones), never holding the full-resolution image.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from ..errors import StoreError
+from ..sources import ImageSource
+
+__all__ = [
+    "ThumbnailReader",
+    "downsample_factor",
+    "downsampled_image",
+    "read_windows",
+    "sources_from_attrs",
+    "to_uint8",
+    "window_boxes",
+]
+
+logger = logging.getLogger(__name__)
+
+# Centre cells used to group windows for bounding-box reads.
+_CELL = 1024
+# A group is read as one box when the box is at most this many times the windows' own area.
+_CROWDING = 4.0
+
+
+def window_boxes(x, y, width, height) -> np.ndarray:
+    """Integer windows ``(n, 4)`` = ``x0, y0, w, h`` from stored centres and sizes.
+
+    The store's centre is ``x = x0 + (w - 1) / 2`` (tiling.py), so ``x0`` is recovered exactly.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    w = np.asarray(width, dtype=np.int64)
+    h = np.asarray(height, dtype=np.int64)
+    # Empty slots have NaN centres; they get a harmless zero box.
+    x0 = np.rint(np.nan_to_num(x - (w - 1) / 2.0)).astype(np.int64)
+    y0 = np.rint(np.nan_to_num(y - (h - 1) / 2.0)).astype(np.int64)
+    return np.stack([x0, y0, w, h], axis=1).reshape(-1, 4)
+
+
+def sources_from_attrs(attrs: Mapping[str, Any]) -> dict[str, ImageSource]:
+    """Every image the store recorded, reopened lazily (headers only, no pixels)."""
+    out: dict[str, ImageSource] = {}
+    for seg in attrs.get("segments", []):
+        for image_id, record in (seg.get("inputs") or {}).items():
+            s = (record or {}).get("source")
+            if not s:
+                continue
+            out[image_id] = ImageSource(
+                id=s["id"],
+                paths=tuple(s["paths"]),
+                kind=s["kind"],
+                shape=tuple(int(v) for v in s["shape"]),
+                n_bands=int(s["n_bands"]),
+                hdu=s.get("hdu"),
+                variable=s.get("variable"),
+                wcs_header=s.get("wcs_header"),
+            )
+    return out
+
+
+def _paste(out: np.ndarray, data: np.ndarray, box: Sequence[int], win: Sequence[int]) -> None:
+    """Copy the part of ``win`` (x0, y0, w, h) that lies in ``data`` (read at ``box`` =
+    y0, y1, x0, x1) into ``out`` (bands, h, w)."""
+    by0, by1, bx0, bx1 = box
+    x0, y0, w, h = (int(v) for v in win)
+    ys, ye = max(y0, by0), min(y0 + h, by1)
+    xs, xe = max(x0, bx0), min(x0 + w, bx1)
+    if ye > ys and xe > xs:
+        out[:, ys - y0 : ye - y0, xs - x0 : xe - x0] = data[
+            :, ys - by0 : ye - by0, xs - bx0 : xe - bx0
+        ]
+
+
+def read_windows(
+    source: ImageSource, windows: np.ndarray, *, fill: float = 0.0
+) -> list[np.ndarray]:
+    """Raw pixels of each window ``(x0, y0, w, h)``, float32 ``(bands, h, w)``, in input order.
+
+    Parts of a window outside the image are ``fill`` (the store's ``cutouts.fill``, what the
+    model saw under the ``pad`` edge policy). Only the windows' neighbourhoods are read.
+    """
+    windows = np.asarray(windows, dtype=np.int64).reshape(-1, 4)
+    ny, nx = source.shape
+    out = [np.full((source.n_bands, int(h), int(w)), fill, np.float32) for _, _, w, h in windows]
+    if not len(windows):
+        return out
+    cx = (windows[:, 0] + windows[:, 2] // 2) // _CELL
+    cy = (windows[:, 1] + windows[:, 3] // 2) // _CELL
+    order = np.lexsort((cx, cy))
+    keys = np.stack([cy[order], cx[order]], axis=1)
+    starts = np.flatnonzero(np.r_[True, np.any(keys[1:] != keys[:-1], axis=1)])
+    for group in np.split(order, starts[1:]):
+        win = windows[group]
+        # Clip to the image: pad-policy windows may reach past its edges.
+        y0 = np.clip(win[:, 1], 0, ny)
+        y1 = np.clip(win[:, 1] + win[:, 3], 0, ny)
+        x0 = np.clip(win[:, 0], 0, nx)
+        x1 = np.clip(win[:, 0] + win[:, 2], 0, nx)
+        area = np.maximum(0, y1 - y0) * np.maximum(0, x1 - x0)
+        if not area.any():
+            continue
+        box = (int(y0.min()), int(y1.max()), int(x0.min()), int(x1.max()))
+        if (box[1] - box[0]) * (box[3] - box[2]) <= _CROWDING * area.sum():
+            data = source.read(*box)
+            for i in group:
+                _paste(out[i], data, box, windows[i])
+            continue
+        for k, i in enumerate(group):
+            if area[k]:
+                sub = (int(y0[k]), int(y1[k]), int(x0[k]), int(x1[k]))
+                _paste(out[i], source.read(*sub), sub, windows[i])
+    return out
+
+
+class ThumbnailReader:
+    """Reads and stretches the windows of store rows, the way the fingerprint stage did.
+
+    Parameters
+    ----------
+    attrs : mapping
+        The store's attrs (``segments`` with their ``inputs``, ``preprocess``, ``cutouts``).
+    """
+
+    def __init__(self, attrs: Mapping[str, Any]) -> None:
+        self.sources = sources_from_attrs(attrs)
+        self.preprocess = dict(attrs.get("preprocess") or {})
+        self.fill = float((attrs.get("cutouts") or {}).get("fill") or 0.0)
+        self._limits: dict[str, np.ndarray | None] = {}
+
+    def source(self, image: str) -> ImageSource:
+        try:
+            return self.sources[image]
+        except KeyError:
+            raise StoreError(
+                f"store records no source for image {image!r}; it cannot be read back for thumbnails"
+            ) from None
+
+    def image_limits(self, image: str) -> np.ndarray | None:
+        """Per-image stretch limits (``scope: image``), measured once per image."""
+        if image not in self._limits:
+            from ..preprocess import image_limits_for, preprocess_settings
+
+            settings = preprocess_settings(self.preprocess)
+            self._limits[image] = (
+                image_limits_for(self.source(image), self.preprocess)
+                if settings["scope"] == "image"
+                else None
+            )
+        return self._limits[image]
+
+    def stretch(self, raw: np.ndarray, image: str) -> np.ndarray:
+        """Stretch raw ``(n, bands, h, w)`` cutouts of one image to RGB ``(n, 3, h, w)`` in [0, 1]."""
+        from ..preprocess import stretch_cutouts
+
+        rgb, _ = stretch_cutouts(
+            raw, config=self.preprocess, image_limits=self.image_limits(image), image=image
+        )
+        return rgb
+
+    def read(self, images: Sequence[str], windows: np.ndarray) -> list[np.ndarray]:
+        """Stretched RGB ``(3, h, w)`` float32 of each window, in input order."""
+        images = np.asarray([str(i) for i in images], dtype=object)
+        windows = np.asarray(windows, dtype=np.int64).reshape(-1, 4)
+        out: list[np.ndarray | None] = [None] * len(windows)
+        for image in dict.fromkeys(images):
+            idx = np.flatnonzero(images == image)
+            raw = read_windows(self.source(image), windows[idx], fill=self.fill)
+            # One stretch call per window shape (blob windows vary in size).
+            shapes: dict[tuple[int, ...], list[int]] = {}
+            for k, r in enumerate(raw):
+                shapes.setdefault(r.shape, []).append(k)
+            for ks in shapes.values():
+                rgb = self.stretch(np.stack([raw[k] for k in ks]), image)
+                for j, k in enumerate(ks):
+                    out[idx[k]] = rgb[j]
+        return out  # type: ignore[return-value]
+
+    def thumbnails(self, images: Sequence[str], windows: np.ndarray, *, size: int) -> np.ndarray:
+        """Display thumbnails: uint8 ``(n, size, size, 3)``, each window resized to ``size``."""
+        from PIL import Image
+
+        out = np.zeros((len(windows), size, size, 3), np.uint8)
+        for i, rgb in enumerate(self.read(images, windows)):
+            img = Image.fromarray(to_uint8(rgb))
+            if img.size != (size, size):
+                resample = (
+                    Image.Resampling.LANCZOS if img.width > size else Image.Resampling.NEAREST
+                )
+                img = img.resize((size, size), resample)
+            out[i] = np.asarray(img)
+        return out
+
+
+def to_uint8(rgb: np.ndarray) -> np.ndarray:
+    """``(3, h, w)`` floats in [0, 1] to ``(h, w, 3)`` uint8."""
+    return (np.clip(np.moveaxis(rgb, 0, -1), 0, 1) * 255 + 0.5).astype(np.uint8)
+
+
+def downsample_factor(shape: Sequence[int], max_side: int) -> int:
+    """Smallest integer factor that brings the longer side of ``shape`` to ``max_side`` or less."""
+    return max(1, math.ceil(max(int(shape[0]), int(shape[1])) / max(1, int(max_side))))
+
+
+def downsampled_image(
+    source: ImageSource, factor: int, *, tile: int = 2048, mean_up_to: int = 8
+) -> np.ndarray:
+    """Raw ``(bands, ceil(ny / factor), ceil(nx / factor))`` view of a whole image.
+
+    Memory follows the tile, not the mosaic. For ``factor <= mean_up_to`` the image is read
+    tile by tile and each output pixel is the mean of its ``factor x factor`` block (NaNs
+    ignored); for larger factors each output row reads one source row (in strips of at most
+    ``tile**2`` pixels) and keeps the centre pixel of each block, so the bytes read shrink with
+    the factor.
+    """
+    ny, nx = source.shape
+    f = max(1, int(factor))
+    oy, ox = -(-ny // f), -(-nx // f)
+    out = np.full((source.n_bands, oy, ox), np.nan, np.float32)
+    if f > mean_up_to:
+        # The centre pixel of each block: one source row per output row, read in strips of at
+        # most tile^2 pixels, so the bytes read shrink with the factor.
+        width = max(f, tile * tile - (tile * tile) % f)
+        for oy_i in range(oy):
+            y = min(ny - 1, oy_i * f + f // 2)
+            for sx in range(0, nx, width):
+                sx1 = min(nx, sx + width)
+                row = source.read(y, y + 1, sx, sx1)[:, 0]
+                n = -(-(sx1 - sx) // f)
+                xs = np.minimum(np.arange(n) * f + f // 2, sx1 - sx - 1)
+                out[:, oy_i, sx // f : sx // f + n] = row[:, xs]
+        return out
+    step = max(f, tile - tile % f)  # tiles aligned on the factor
+    for ty in range(0, ny, step):
+        for tx in range(0, nx, step):
+            y1, x1 = min(ny, ty + step), min(nx, tx + step)
+            data = source.read(ty, y1, tx, x1)
+            hy, hx = -(-(y1 - ty) // f), -(-(x1 - tx) // f)
+            padded = np.full((source.n_bands, hy * f, hx * f), np.nan, np.float32)
+            padded[:, : y1 - ty, : x1 - tx] = data
+            blocks = padded.reshape(source.n_bands, hy, f, hx, f)
+            with _quiet_nanmean():
+                out[:, ty // f : ty // f + hy, tx // f : tx // f + hx] = np.nanmean(
+                    blocks, axis=(2, 4)
+                )
+    return out
+
+
+class _quiet_nanmean:
+    """Silence numpy's 'Mean of empty slice' for blocks that are all NaN."""
+
+    def __enter__(self):
+        import warnings
+
+        self._ctx = warnings.catch_warnings()
+        self._ctx.__enter__()
+        warnings.simplefilter("ignore", RuntimeWarning)
+
+    def __exit__(self, *exc):
+        return self._ctx.__exit__(*exc)
