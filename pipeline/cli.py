@@ -62,6 +62,24 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------------------- report
+@command
+def _add_report(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("report", help="PNG figures and an index.html that opens from disk")
+    p.add_argument("store", metavar="STORE", help="fingerprint store (after the analysis stages)")
+    p.add_argument("-o", "--output", required=True, metavar="DIR", help="directory for the report")
+    p.add_argument("--query", type=int, metavar="INDEX", help="cutout whose similar cutouts are shown")
+    p.add_argument("-n", type=int, metavar="N", help="similar cutouts shown (default 9, from config)")
+    p.set_defaults(func=_cmd_report)
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .report import make_report
+
+    print(make_report(args.store, args.output, query=args.query, n_similar=args.n))
+    return 0
+
+
 # ------------------------------------------------------------------------------------------ main
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(

@@ -375,6 +375,60 @@ def test_store_without_analysis_still_reports(bare_store, tmp_path, caplog):
     assert "run `elodin cluster` first" in html
 
 
+def test_partial_analysis_uses_what_is_there(store, tmp_path, table):
+    import zarr
+
+    partial = tmp_path / "partial.zarr"
+    shutil.copytree(store, partial)
+    group = zarr.open_group(str(partial), mode="r+", zarr_format=3)
+    for name in ("embedding", "cluster_centers", "outlier_score"):
+        del group[name]
+    r = build_report(partial, tmp_path / "r", n_outliers=5)
+    # The map falls back to PCA 1-2, galleries to the PCA mean of each cluster.
+    assert r.manifest["grid"]["space"] == "pca"
+    assert any("PCA components 1 and 2" in n for n in r.manifest["notes"])
+    assert "outliers" in r.manifest["skipped"] and "outliers" not in r.manifest
+    valid = table["valid"]
+    for g in r.manifest["galleries"]:
+        members = np.flatnonzero(valid & (table["cluster"] == g["cluster"]))
+        pcs = table["pca"][members].astype(np.float64)
+        d = np.linalg.norm(pcs - pcs.mean(axis=0), axis=1)
+        want = members[np.lexsort((members, d))[: len(g["nearest"])]]
+        assert g["nearest"] == want.tolist()
+
+
+@pytest.mark.parametrize("metric", ["cosine", "jaccard"])
+def test_similar_by_other_metrics(store, tmp_path, table, metric):
+    r = build_report(store, tmp_path, query=7, n_similar=5, metric=metric, max_points=0)
+    sim = r.manifest["similar"]
+    rows = np.flatnonzero(table["valid"])
+    rows = rows[rows != 7]
+    if metric == "cosine":
+        v = table["pca"][rows].astype(np.float64)
+        q = table["pca"][7].astype(np.float64)
+        d = 1 - v @ q / (np.linalg.norm(v, axis=1) * np.linalg.norm(q))
+    else:
+        q = set(table["top_class"][7].tolist())
+        d = np.array(
+            [1 - len(set(t) & q) / len(set(t) | q) for t in table["top_class"][rows].tolist()]
+        )
+    order = np.lexsort((rows, np.round(d, 9)))[:5]
+    assert sim["rows"] == rows[order].tolist()
+    np.testing.assert_allclose(sim["distances"], d[order], atol=1e-6)
+    assert "interactive" in r.manifest["skipped"]
+
+
+def test_bad_settings_are_config_errors(store, tmp_path):
+    from pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="report.metric"):
+        build_report(store, tmp_path, metric="manhattan")
+    with pytest.raises(ConfigError, match="report.thumb-px"):
+        build_report(store, tmp_path, thumb_px=2)
+    with pytest.raises(TypeError):
+        build_report(store, tmp_path, thumbnail_size=64)
+
+
 def test_bad_query_is_one_clear_error(store, tmp_path):
     st = Store.open(store)
     empty = (

@@ -3,14 +3,16 @@
 Two passes over the store's per-row variables, block by block:
 
 1. counts (valid rows, cluster sizes, rows per image), the embedding's extent, the interactive
-   sample, the top outliers, a random few per cluster, PCA cluster centres when the store has
-   none, and the windows drawn on each mosaic overlay;
-2. the cutout nearest each map cell's centre, the cutouts nearest each cluster's centre and,
-   when the analysis package offers no similarity search, the query's nearest neighbours.
+   sample, the top outliers, a random few per cluster, the query when none is given, and PCA
+   cluster centres when the store has none;
+2. the cutout nearest each map cell's centre, the cutouts nearest each cluster's centre, the
+   query's nearest neighbours when the analysis package offers no search, and the windows
+   drawn on each mosaic overlay (their colours need every cluster id, known after pass 1).
 
 Then only the chosen rows' windows are read back from the source images (thumbnails.py), once
-each, and the figures are drawn. Missing analysis variables skip their figures with a note on
-the page and in the log; they never stop the report.
+each, and the figures are drawn. Memory follows the number of rows shown, never the store.
+Missing analysis variables skip their figures with a note on the page and in the log; they
+never stop the report.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import InputError
+from .. import config
+from ..errors import ConfigError, InputError
 from ..store import Store
 from . import figures
 from .select import KSmallest, grid_cells, iter_rows, random_keys, take_rows
@@ -38,14 +41,87 @@ from .thumbnails import (
     window_boxes,
 )
 
-__all__ = ["Report", "build_report", "make_report"]
+__all__ = ["Report", "ReportOptions", "build_report", "make_report"]
 
 logger = logging.getLogger(__name__)
+
+_ANALYSIS_VARIABLES = (
+    "cluster",
+    "embedding",
+    "pca",
+    "outlier_score",
+    "cluster_centers",
+    "pca_explained_variance_ratio",
+    "fingerprint",
+    "top_class",
+)
+# The frame colour of every cutout when the store has no clusters yet.
+_UNCLUSTERED = (255, 200, 40)
+METRICS = ("l2", "cosine", "jaccard")
+
+
+@dataclasses.dataclass(frozen=True)
+class ReportOptions:
+    """What the report shows; ``None`` takes ``elodin.report.*`` (and ``analysis.similar``)
+    from the configuration."""
+
+    query: int | None = None
+    n_similar: int | None = None
+    n_outliers: int | None = None
+    n_nearest: int | None = None
+    n_random: int | None = None
+    grid: int | None = None
+    thumb_px: int | None = None
+    max_points: int | None = None
+    max_overlays: int | None = None
+    overlay_side: int | None = None
+    metric: str | None = None
+    seed: int | None = None
+
+    def resolved(self) -> ReportOptions:
+        def num(key: str, value, minimum: int) -> int:
+            return config.get_int(f"report.{key}", override=value, minimum=minimum)
+
+        grid = config.get("report.grid", override=self.grid)
+        if grid is not None and (not isinstance(grid, int) or grid < 1):
+            raise ConfigError(
+                f"config elodin.report.grid: expected null or an integer >= 1, got {grid!r}"
+            )
+        # The report's similarity settings default to those of `elodin similar`.
+        n_similar = self.n_similar
+        if n_similar is None:
+            n_similar = config.get("report.n-similar", None)
+        if n_similar is None:
+            n_similar = config.get("analysis.similar.n", 9)
+        metric = (
+            self.metric
+            or config.get("report.metric", None)
+            or config.get("analysis.similar.metric", "l2")
+        )
+        if metric not in METRICS:
+            raise ConfigError(
+                f"config elodin.report.metric: {metric!r} is not one of {', '.join(METRICS)}"
+            )
+        return ReportOptions(
+            query=self.query,
+            n_similar=num("n-similar", n_similar, 0),
+            n_outliers=num("n-outliers", self.n_outliers, 0),
+            n_nearest=num("n-nearest", self.n_nearest, 0),
+            n_random=num("n-random", self.n_random, 0),
+            grid=grid,
+            thumb_px=num("thumb-px", self.thumb_px, 8),
+            max_points=num("max-points", self.max_points, 0),
+            max_overlays=num("max-overlays", self.max_overlays, 0),
+            overlay_side=num("overlay-side", self.overlay_side, 16),
+            metric=metric,
+            seed=config.get_int("report.seed", override=self.seed),
+        )
 
 
 @dataclasses.dataclass
 class Report:
-    """What was made: ``index`` (the page) and ``manifest`` (also in ``report.json``)."""
+    """What was made: ``index`` (the page) and ``manifest`` (also in ``report.json``: every
+    figure's file and the rows it shows)."""
 
     index: Path
     manifest: dict
@@ -56,7 +132,7 @@ def make_report(
     out_dir: str | os.PathLike,
     *,
     query: int | None = None,
-    n_similar: int = 9,
+    n_similar: int | None = None,
     **options: Any,
 ) -> Path:
     """Write the HTML report of a store to ``out_dir`` and return the path of its index.html.
@@ -64,16 +140,17 @@ def make_report(
     Parameters
     ----------
     store : path or Store
-        A fingerprint store (analysis variables are used where present).
+        A fingerprint store; analysis variables (``pca``, ``cluster``, ``embedding``,
+        ``outlier_score`` ...) are used where present.
     out_dir : path
         Directory for index.html, the PNG figures and report.json (created if needed).
     query : int, optional
         Row (cutout index) whose similar cutouts are shown; a seeded random valid row if None.
-    n_similar : int
-        Neighbours shown for the query.
+    n_similar : int, optional
+        Neighbours shown for the query (default ``analysis.similar.n``).
     **options
-        Passed to :func:`build_report` (``n_outliers``, ``grid``, ``thumb_px``,
-        ``max_points``, ``max_overlays``, ``overlay_side``, ``seed`` ...).
+        Any field of :class:`ReportOptions` (``n_outliers``, ``grid``, ``thumb_px``,
+        ``max_points``, ``max_overlays``, ``overlay_side``, ``metric``, ``seed`` ...).
 
     Returns
     -------
@@ -83,645 +160,24 @@ def make_report(
     return build_report(store, out_dir, query=query, n_similar=n_similar, **options).index
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")[:60] or "image"
-
-
-def _has(st: Store, name: str) -> bool:
-    try:
-        st.array(name)
-    except KeyError:
-        return False
-    return True
-
-
 def build_report(
-    store: str | os.PathLike | Store,
-    out_dir: str | os.PathLike,
-    *,
-    query: int | None = None,
-    n_similar: int = 9,
-    n_outliers: int = 24,
-    n_nearest: int = 8,
-    n_random: int = 8,
-    grid: int | None = None,
-    thumb_px: int = 64,
-    max_points: int = 5000,
-    max_overlays: int = 8,
-    overlay_side: int = 2048,
-    metric: str = "l2",
-    seed: int = 0,
+    store: str | os.PathLike | Store, out_dir: str | os.PathLike, **options: Any
 ) -> Report:
-    """Build the report and return its index path and manifest.
-
-    Parameters
-    ----------
-    n_outliers : int
-        Cutouts in the outlier gallery (highest ``outlier_score``).
-    n_nearest, n_random : int
-        Per cluster gallery: cutouts nearest the centre, and random ones.
-    grid : int, optional
-        Cells per side of the embedding map (default: about sqrt(valid rows), 4 to 40).
-    thumb_px : int
-        Side of every thumbnail in the figures, in PNG pixels.
-    max_points : int
-        Most points in the interactive map (a seeded uniform sample beyond that).
-    max_overlays : int
-        Most source images drawn with their windows.
-    overlay_side : int
-        Longest side of a downsampled mosaic view.
-    metric : str
-        Similarity metric (``l2`` or ``cosine``) used for the query's neighbours.
-    seed : int
-        Seed of every random choice; the same seed gives the same report.
-    """
+    """Build the report (see :func:`make_report`) and return its index path and manifest."""
     t0 = time.perf_counter()
     st = store if isinstance(store, Store) else Store.open(store)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    attrs = st.attrs
-    reader = ThumbnailReader(attrs)
-    notes: list[str] = []
-    skipped: dict[str, str] = {}
-
-    def skip(key: str, why: str) -> None:
-        skipped[key] = why
-        logger.info("report: %s skipped: %s", key, why)
-
-    # ---------------------------------------------------------------- what the store holds
-    have = {
-        n: _has(st, n)
-        for n in (
-            "cluster",
-            "embedding",
-            "pca",
-            "outlier_score",
-            "cluster_centers",
-            "pca_explained_variance_ratio",
-            "fingerprint",
-        )
-    }
-    emb_name = None
-    axis_labels = ("embedding 1", "embedding 2")
-    if (
-        have["embedding"]
-        and st.array("embedding").ndim == 2
-        and st.array("embedding").shape[1] >= 2
-    ):
-        emb_name = "embedding"
-        method = (
-            (attrs.get("embedding") or {}).get("method")
-            if isinstance(attrs.get("embedding"), dict)
-            else None
-        )
-        if method:
-            axis_labels = (f"{method} 1", f"{method} 2")
-    elif have["pca"] and st.array("pca").ndim == 2 and st.array("pca").shape[1] >= 2:
-        emb_name = "pca"
-        axis_labels = ("PCA 1", "PCA 2")
-        notes.append(
-            "No embedding in the store (run `elodin embed`); the maps show PCA components 1 and 2."
-        )
-    else:
-        for key in ("grid", "interactive"):
-            skip(
-                key,
-                "No embedding or PCA in this store: run `elodin reduce` and `elodin embed` first.",
-            )
-    if not have["cluster"]:
-        for key in ("clusters", "galleries"):
-            skip(key, "No clusters in this store: run `elodin cluster` first.")
-    if not have["outlier_score"]:
-        skip("outliers", "No outlier scores in this store: run `elodin outliers` first.")
-    if not have["pca_explained_variance_ratio"]:
-        skip("pca", "No PCA in this store: run `elodin reduce` first.")
-
-    centres = None
-    if have["cluster"] and have["pca"]:
-        if have["cluster_centers"]:
-            centres = np.asarray(st.array("cluster_centers")[...], dtype=np.float64)
-            if centres.ndim != 2 or centres.shape[1] != st.array("pca").shape[1]:
-                logger.info("cluster_centers are not in PCA space; using PCA means per cluster")
-                centres = None
-    need_centre_sums = have["cluster"] and have["pca"] and centres is None
-
-    # ---------------------------------------------------------------- overlays: canvases
-    from PIL import Image
-
-    image_ids = list(reader.sources)
-    canvases: dict[str, dict] = {}
-    for image in image_ids[: max(0, max_overlays)]:
-        src = reader.sources[image]
-        f = downsample_factor(src.shape, overlay_side)
-        raw = downsampled_image(src, f)
-        rgb = reader.stretch(raw[None], image)[0]
-        canvases[image] = {
-            "factor": f,
-            "canvas": Image.fromarray(to_uint8(rgb)).convert("RGBA"),
-            "n": 0,
-        }
-    if len(image_ids) > max_overlays:
-        notes.append(
-            f"Mosaic overlays are drawn for the first {max_overlays} of {len(image_ids)} images (max_overlays)."
-        )
-
-    # ---------------------------------------------------------------- pass 1
-    n_valid = 0
-    cluster_counts: dict[int, int] = {}
-    image_counts: dict[str, int] = {}
-    lo = np.full(2, np.inf)
-    hi = np.full(2, -np.inf)
-    sample = KSmallest(max_points)
-    outliers = KSmallest(n_outliers)
-    rand = KSmallest(n_random + n_nearest)
-    pick_query = KSmallest(1)
-    sums: dict[int, np.ndarray] = {}
-    names = ["valid", "image", "x", "y", "width", "height"]
-    names += [n for n in ("cluster", "outlier_score") if have[n]]
-    names += [emb_name] if emb_name else []
-    names += ["pca"] if need_centre_sums and emb_name != "pca" else []
-    for start, b in iter_rows(st, names):
-        valid = np.asarray(b["valid"], dtype=bool)
-        n = len(valid)
-        rows = start + np.arange(n)
-        vrows = rows[valid]
-        n_valid += int(valid.sum())
-        cl = np.asarray(b["cluster"], dtype=np.int64) if have["cluster"] else np.zeros(n, np.int64)
-        ids, counts = np.unique(cl[valid], return_counts=True)
-        for c, k in zip(ids.tolist(), counts.tolist(), strict=True):
-            cluster_counts[c] = cluster_counts.get(c, 0) + k
-        imgs = b["image"]
-        ui, uc = np.unique(imgs[valid].astype(str), return_counts=True) if valid.any() else ([], [])
-        for i, k in zip(list(ui), list(uc), strict=True):
-            image_counts[str(i)] = image_counts.get(str(i), 0) + int(k)
-        keys = random_keys(seed, start, n)
-        if emb_name:
-            xy = np.asarray(b[emb_name][:, :2], dtype=np.float64)
-            ok = valid & np.isfinite(xy).all(axis=1)
-            if ok.any():
-                lo = np.minimum(lo, xy[ok].min(axis=0))
-                hi = np.maximum(hi, xy[ok].max(axis=0))
-            sample.update(rows[ok], keys[ok])
-        if have["outlier_score"]:
-            score = np.asarray(b["outlier_score"], dtype=np.float64)
-            outliers.update(vrows, -score[valid])
-        if have["cluster"]:
-            m = valid & (cl >= 0)
-            rand.update(rows[m], random_keys(seed + 1, start, n)[m], cl[m])
-        pick_query.update(vrows, random_keys(seed + 2, start, n)[valid])
-        if need_centre_sums:
-            pc = np.asarray(b["pca"], dtype=np.float64)
-            m = valid & (cl >= 0) & np.isfinite(pc).all(axis=1)
-            for c in np.unique(cl[m]).tolist():
-                sel = m & (cl == c)
-                acc = sums.setdefault(c, np.zeros(pc.shape[1] + 1))
-                acc[:-1] += pc[sel].sum(axis=0)
-                acc[-1] += sel.sum()
-    if n_valid == 0:
-        raise InputError(f"{st.path}: the store has no valid cutouts to report on")
-
-    palette = figures.cluster_colours(list(cluster_counts) if have["cluster"] else [0])
-
-    def colour_of(c: int) -> tuple[int, int, int]:
-        return palette.get(int(c), figures.NOISE_COLOUR) if have["cluster"] else (255, 200, 40)
-
-    if centres is None and sums:
-        k = max(sums) + 1
-        centres = np.full((k, len(next(iter(sums.values()))) - 1), np.nan)
-        for c, acc in sums.items():
-            centres[c] = acc[:-1] / max(1.0, acc[-1])
-
-    # ---------------------------------------------------------------- the query
-    if query is None:
-        q_rows = pick_query.rows()
-        query_row = int(q_rows[0]) if len(q_rows) else None
-        query_chosen = "chosen at random (seeded); pass --query INDEX for another"
-    else:
-        query_row = int(query)
-        if not 0 <= query_row < st.n_rows or not bool(st.array("valid")[query_row]):
-            raise InputError(
-                f"{st.path}: --query {query_row} is not a valid cutout (rows 0..{st.n_rows - 1}; empty slots have valid = False)"
-            )
-        query_chosen = "asked for"
-    sim_rows, sim_dist, sim_how = np.zeros(0, np.int64), np.zeros(0), ""
-    if query_row is not None:
-        sim_rows, sim_dist, sim_how = _similar_via_analysis(st, query_row, n_similar, metric)
-
-    # ---------------------------------------------------------------- pass 2
-    n_cells = 0
-    cell_pick = KSmallest(1)
-    near = KSmallest(n_nearest)
-    sim_space = None
-    if query_row is not None and sim_how == "":
-        sim_space = "pca" if have["pca"] else ("fingerprint" if have["fingerprint"] else None)
-    sim_pick = KSmallest(n_similar + 1)
-    qvec = None
-    if sim_space:
-        qvec = np.asarray(st.array(sim_space)[query_row], dtype=np.float64)
-    do_grid = emb_name is not None and np.all(np.isfinite(lo))
-    if do_grid:
-        n_cells = int(grid or np.clip(round(np.sqrt(n_valid)), 4, 40))
-    do_near = have["cluster"] and centres is not None and have["pca"]
-    names = ["valid"]
-    names += [emb_name] if do_grid else []
-    names += ["cluster"] if do_near else []
-    names += [n for n in {("pca" if do_near else None), sim_space} if n and n not in names]
-    if do_grid or do_near or sim_space or canvases:
-        names += [n for n in ("image", "x", "y", "width", "height") if canvases]
-        if canvases and have["cluster"] and "cluster" not in names:
-            names.append("cluster")
-        for start, b in iter_rows(st, names):
-            valid = np.asarray(b["valid"], dtype=bool)
-            n = len(valid)
-            rows = start + np.arange(n)
-            if do_grid:
-                xy = np.asarray(b[emb_name][:, :2], dtype=np.float64)
-                ok = valid & np.isfinite(xy).all(axis=1)
-                cells, dist = grid_cells(xy[ok], lo, hi, n_cells)
-                cell_pick.update(rows[ok], dist, cells)
-            if do_near:
-                cl = np.asarray(b["cluster"], dtype=np.int64)
-                pc = np.asarray(b["pca"], dtype=np.float64)
-                m = valid & (cl >= 0) & (cl < len(centres))
-                d = np.linalg.norm(pc[m] - centres[cl[m]], axis=1)
-                near.update(rows[m], d, cl[m])
-            if sim_space:
-                v = np.asarray(b[sim_space], dtype=np.float64)
-                m = valid & (rows != query_row)
-                sim_pick.update(rows[m], _distance(v[m], qvec, metric))
-            if canvases:
-                imgs = b["image"]
-                cl = (
-                    np.asarray(b["cluster"], dtype=np.int64)
-                    if have["cluster"]
-                    else np.zeros(n, np.int64)
-                )
-                boxes = window_boxes(b["x"], b["y"], b["width"], b["height"])
-                for image, cv in canvases.items():
-                    m = valid & (imgs == image)
-                    if m.any():
-                        figures.overlay_windows(
-                            cv["canvas"],
-                            boxes[m],
-                            [colour_of(c) for c in cl[m]],
-                            factor=cv["factor"],
-                        )
-                        cv["n"] += int(m.sum())
-    if sim_space:
-        sim_rows, sim_dist = sim_pick.rows()[:n_similar], sim_pick.keys()[:n_similar]
-        sim_how = f"{metric.upper()} distance in {sim_space} space (brute force over the store)"
-
-    # ---------------------------------------------------------------- read the thumbnails once
-    cell_res = cell_pick.result()
-    grid_cells_ids = np.array(sorted(cell_res), dtype=np.int64)
-    grid_rows = np.array([cell_res[c][0][0] for c in grid_cells_ids], dtype=np.int64)
-    near_res = near.result()
-    rand_res = rand.result()
-    gallery_ids = sorted(c for c in cluster_counts if c >= 0) if have["cluster"] else []
-    gallery_rows: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-    for c in gallery_ids:
-        nr = near_res.get(c, (np.zeros(0, np.int64), None))[0]
-        rr = rand_res.get(c, (np.zeros(0, np.int64), None))[0]
-        rr = rr[~np.isin(rr, nr)][:n_random]
-        gallery_rows[c] = (nr, rr)
-    out_rows, out_scores = outliers.rows(), -outliers.keys()
-    sample_rows = np.sort(sample.rows())
-    q_rows = (
-        np.array([query_row], dtype=np.int64) if query_row is not None else np.zeros(0, np.int64)
+    builder = _Builder(st, Path(out_dir), ReportOptions(**options).resolved())
+    report = builder.run()
+    report.manifest["seconds"] = round(time.perf_counter() - t0, 3)
+    (builder.out / "report.json").write_text(
+        json.dumps(report.manifest, indent=1, default=_json_default)
     )
-    wanted = np.unique(
-        np.concatenate(
-            [
-                grid_rows,
-                out_rows,
-                sample_rows,
-                q_rows,
-                np.asarray(sim_rows, np.int64),
-                *[np.r_[a, b] for a, b in gallery_rows.values()],
-                np.zeros(0, np.int64),
-            ]
-        ).astype(np.int64)
-    )
-    meta = {
-        n: take_rows(st, n, wanted) for n in ("image", "x", "y", "width", "height", "ra", "dec")
-    }
-    meta["cluster"] = (
-        take_rows(st, "cluster", wanted) if have["cluster"] else np.zeros(len(wanted), np.int64)
-    )
-    boxes = window_boxes(meta["x"], meta["y"], meta["width"], meta["height"])
-    thumbs_all = reader.thumbnails(meta["image"], boxes, size=thumb_px)
-    at = {int(r): i for i, r in enumerate(wanted)}
+    logger.info("report: %s (%.1f s)", report.index, report.manifest["seconds"])
+    return report
 
-    def thumbs(rows) -> np.ndarray:
-        return (
-            thumbs_all[[at[int(r)] for r in rows]]
-            if len(rows)
-            else np.zeros((0, thumb_px, thumb_px, 3), np.uint8)
-        )
 
-    def frame(rows) -> list[tuple[int, int, int]]:
-        return [colour_of(meta["cluster"][at[int(r)]]) for r in rows]
-
-    manifest: dict[str, Any] = {
-        "store": st.path,
-        "n_rows": st.n_rows,
-        "n_valid": n_valid,
-        "seed": seed,
-        "thumb_px": thumb_px,
-        "skipped": skipped,
-        "notes": notes,
-    }
-    ctx: dict[str, Any] = {
-        "grid": None,
-        "sizes": None,
-        "galleries": [],
-        "pca": None,
-        "overlays": [],
-        "similar": None,
-        "outliers": None,
-        "legend": [],
-        "bokeh_div": "",
-        "bokeh_script": "",
-        "bokeh_js": "",
-        "interactive_note": "",
-    }
-
-    # ---------------------------------------------------------------- the embedding map
-    if do_grid and len(grid_rows):
-        gm = figures.embedding_grid(
-            out / "embedding-grid.png",
-            grid_rows,
-            grid_cells_ids,
-            thumbs(grid_rows),
-            frame(grid_rows),
-            n_cells=n_cells,
-            title=f"{axis_labels[0].rsplit(' ', 1)[0]} map: {len(grid_rows)} cutouts, one per occupied cell of {n_cells} x {n_cells}",
-        )
-        manifest["grid"] = {
-            "file": gm.path.name,
-            "count": gm.count,
-            "n_cells": n_cells,
-            "cell": gm.cell,
-            "origin": list(gm.origin),
-            "size": list(gm.size),
-            "rows": grid_rows.tolist(),
-            "cells": grid_cells_ids.tolist(),
-            "lo": lo.tolist(),
-            "hi": hi.tolist(),
-            "space": emb_name,
-        }
-        ctx["grid"] = {
-            "file": gm.path.name,
-            "caption": (
-                f"The {n_valid} valid cutouts placed by their {axis_labels[0].rsplit(' ', 1)[0]} "
-                f"coordinates on a {n_cells} x {n_cells} grid; each occupied cell shows the cutout "
-                f"nearest its centre ({gm.count} cells), framed in its cluster's colour."
-            ),
-        }
-
-    # ---------------------------------------------------------------- interactive
-    if emb_name and len(sample_rows):
-        from bokeh.embed import components
-
-        from .interactive import bokeh_resources, embedding_plot
-
-        idx = [at[int(r)] for r in sample_rows]
-        xy = np.asarray(take_rows(st, emb_name, sample_rows)[:, :2], dtype=np.float64)
-        plot = embedding_plot(
-            xy,
-            rows=sample_rows,
-            images=meta["image"][idx],
-            x=meta["x"][idx],
-            y=meta["y"][idx],
-            ra=meta["ra"][idx],
-            dec=meta["dec"][idx],
-            clusters=meta["cluster"][idx] if have["cluster"] else np.zeros(len(idx), np.int64),
-            thumbs=thumbs_all[idx],
-            colours=palette if have["cluster"] else {0: (255, 200, 40)},
-            title=f"{len(sample_rows)} of {n_valid} cutouts",
-            axis_labels=axis_labels,
-        )
-        script, div = components(plot)
-        ctx.update(bokeh_js=bokeh_resources(), bokeh_script=script, bokeh_div=div)
-        shown = len(sample_rows)
-        ctx["interactive_note"] = (
-            f"All {shown} valid cutouts are shown."
-            if shown >= n_valid
-            else f"{shown} of {n_valid} valid cutouts are shown (a uniform random sample, seed {seed}; max_points = {max_points})."
-        )
-        manifest["interactive"] = {
-            "n_points": shown,
-            "n_valid": n_valid,
-            "rows": sample_rows.tolist(),
-        }
-
-    # ---------------------------------------------------------------- clusters
-    if have["cluster"]:
-        ids = sorted(cluster_counts)
-        figures.cluster_sizes_chart(
-            out / "cluster-sizes.png", ids, [cluster_counts[c] for c in ids], palette
-        )
-        ctx["sizes"] = {
-            "file": "cluster-sizes.png",
-            "caption": f"{len(gallery_ids)} clusters"
-            + (
-                f"; {cluster_counts[-1]} cutouts are noise (cluster -1)"
-                if -1 in cluster_counts
-                else ""
-            ),
-        }
-        ctx["legend"] = [
-            (
-                "noise" if c < 0 else f"cluster {c} ({cluster_counts[c]})",
-                figures.hex_colour(palette[c]),
-            )
-            for c in ids
-        ]
-        manifest["clusters"] = {str(c): cluster_counts[c] for c in ids}
-        if not do_near:
-            notes.append(
-                "Galleries show random cutouts only: the store has no PCA to find the cutouts nearest each centre."
-            )
-        galleries = []
-        for c in gallery_ids:
-            nr, rr = gallery_rows[c]
-            col = [colour_of(c)]
-            sheet = figures.render_sheet(
-                out / f"gallery-cluster-{c}.png",
-                [
-                    (
-                        "nearest the centre (PCA space)",
-                        thumbs(nr),
-                        col * len(nr),
-                        [f"#{r}" for r in nr],
-                    ),
-                    (f"random (seed {seed})", thumbs(rr), col * len(rr), [f"#{r}" for r in rr]),
-                ],
-                title=f"Cluster {c}: {cluster_counts[c]} cutouts",
-                columns=max(n_nearest, n_random),
-            )
-            galleries.append(
-                {
-                    "cluster": c,
-                    "file": sheet.path.name,
-                    "count": sheet.count,
-                    "nearest": nr.tolist(),
-                    "random": rr.tolist(),
-                }
-            )
-        manifest["galleries"] = galleries
-        ctx["galleries"] = [
-            {**g, "caption": f"Cluster {g['cluster']} ({cluster_counts[g['cluster']]} cutouts)"}
-            for g in galleries
-        ]
-
-    # ---------------------------------------------------------------- PCA
-    if have["pca_explained_variance_ratio"]:
-        ratio = np.asarray(st.array("pca_explained_variance_ratio")[...], dtype=np.float64)
-        figures.explained_variance_chart(out / "pca-variance.png", ratio)
-        ctx["pca"] = {
-            "file": "pca-variance.png",
-            "caption": (
-                f"Explained variance of the {len(ratio)} PCA components of the fingerprints; "
-                f"cumulative {np.sum(ratio):.1%}."
-            ),
-        }
-        manifest["pca"] = {"file": "pca-variance.png", "n_components": len(ratio)}
-
-    # ---------------------------------------------------------------- overlays
-    overlays = []
-    for k, (image, cv) in enumerate(canvases.items()):
-        name = f"overlay-{k}-{_slug(image)}.png"
-        cv["canvas"].convert("RGB").save(out / name, optimize=True)
-        src = reader.sources[image]
-        overlays.append(
-            {
-                "image": image,
-                "file": name,
-                "factor": cv["factor"],
-                "size": list(cv["canvas"].size),
-                "n_windows": cv["n"],
-                "shape": list(src.shape),
-            }
-        )
-    manifest["overlays"] = overlays
-    ctx["overlays"] = [
-        {
-            **o,
-            # Small images are shown enlarged (whole factors) so their windows stay visible.
-            "display_width": o["size"][0] * max(1, min(4, 900 // max(1, o["size"][0]))),
-            "caption": (
-                f"{o['image']} ({o['shape'][1]} x {o['shape'][0]} pixels, shown 1:{o['factor']}) with its "
-                f"{o['n_windows']} windows outlined in their cluster's colour."
-            ),
-        }
-        for o in overlays
-    ]
-    if not overlays:
-        skip("overlays", "No source images recorded in the store.")
-
-    # ---------------------------------------------------------------- similarity
-    if query_row is not None and len(sim_rows):
-        qc = [colour_of(meta["cluster"][at[query_row]])]
-        i = at[query_row]
-        sheet = figures.render_sheet(
-            out / "similar.png",
-            [
-                (
-                    f"query: row {query_row} ({meta['image'][i]} x {meta['x'][i]:.0f}, y {meta['y'][i]:.0f})",
-                    thumbs([query_row]),
-                    qc,
-                    [f"#{query_row}"],
-                ),
-                (
-                    f"{len(sim_rows)} nearest: {sim_how}",
-                    thumbs(sim_rows),
-                    frame(sim_rows),
-                    [f"#{r} d={d:.3g}" for r, d in zip(sim_rows, sim_dist, strict=True)],
-                ),
-            ],
-            title=f"Cutouts similar to row {query_row}",
-            columns=max(3, min(9, len(sim_rows))),
-        )
-        manifest["similar"] = {
-            "file": sheet.path.name,
-            "query": query_row,
-            "rows": [int(r) for r in sim_rows],
-            "distances": [float(d) for d in sim_dist],
-            "how": sim_how,
-            "count": len(sim_rows),
-        }
-        ctx["similar"] = {
-            "file": sheet.path.name,
-            "caption": f"Query row {query_row} ({query_chosen}) and its {len(sim_rows)} nearest cutouts by {sim_how}.",
-        }
-    elif query_row is not None:
-        skip("similar", "No fingerprints or PCA to compare the query with.")
-
-    # ---------------------------------------------------------------- outliers
-    if have["outlier_score"] and len(out_rows):
-        sheet = figures.render_sheet(
-            out / "outliers.png",
-            [
-                (
-                    "highest outlier score first",
-                    thumbs(out_rows),
-                    frame(out_rows),
-                    [f"#{r} {s:.3g}" for r, s in zip(out_rows, out_scores, strict=True)],
-                )
-            ],
-            title=f"Top {len(out_rows)} outliers of {n_valid} cutouts",
-            columns=8,
-        )
-        manifest["outliers"] = {
-            "file": sheet.path.name,
-            "rows": out_rows.tolist(),
-            "scores": out_scores.tolist(),
-            "count": sheet.count,
-        }
-        ctx["outliers"] = {
-            "file": sheet.path.name,
-            "caption": f"The {len(out_rows)} cutouts with the highest outlier_score (caption: row and score).",
-        }
-
-    # ---------------------------------------------------------------- the page
-    from .. import __version__
-    from .html import render_index
-
-    cut = attrs.get("cutouts") or {}
-    pre = attrs.get("preprocess") or {}
-    facts = [
-        ("store", st.path),
-        ("cutouts", f"{n_valid} valid of {st.n_rows} rows, from {len(image_counts)} image(s)"),
-        (
-            "images",
-            ", ".join(f"{i} ({n})" for i, n in list(image_counts.items())[:12])
-            + (" ..." if len(image_counts) > 12 else ""),
-        ),
-        ("model", f"{attrs.get('model', '?')} ({attrs.get('feature_dim', '?')} features)"),
-        ("cutout method", ", ".join(f"{k} {v}" for k, v in cut.items() if v is not None)),
-        ("stretch", ", ".join(f"{k} {v}" for k, v in pre.items() if v is not None)),
-        (
-            "analysis",
-            ", ".join(n for n in ("pca", "cluster", "embedding", "outlier_score") if have[n])
-            or "none yet",
-        ),
-        ("made", attrs.get("created", "?")),
-    ]
-    ctx.update(
-        store_name=Path(st.path).name,
-        store_path=st.path,
-        facts=facts,
-        notes=notes,
-        skipped=skipped,
-        version=__version__,
-        made=time.strftime("%Y-%m-%d %H:%M:%S"),
-    )
-    index = render_index(out / "index.html", ctx)
-    manifest["seconds"] = round(time.perf_counter() - t0, 3)
-    (out / "report.json").write_text(json.dumps(manifest, indent=1, default=_json_default))
-    logger.info("report: %s (%.1f s)", index, manifest["seconds"])
-    return Report(index, manifest)
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")[:60] or "image"
 
 
 def _json_default(v):
@@ -732,19 +188,590 @@ def _json_default(v):
     return str(v)
 
 
-def _distance(v: np.ndarray, q: np.ndarray, metric: str) -> np.ndarray:
+class _Builder:
+    """One report's state, filled stage by stage by :meth:`run`."""
+
+    def __init__(self, st: Store, out: Path, opts: ReportOptions) -> None:
+        self.st, self.out, self.o = st, out, opts
+        out.mkdir(parents=True, exist_ok=True)
+        self.attrs = st.attrs
+        self.reader = ThumbnailReader(self.attrs)
+        self.notes: list[str] = []
+        self.skipped: dict[str, str] = {}
+        self.page: dict[str, Any] = {
+            "grid": None, "sizes": None, "galleries": [], "pca": None, "overlays": [],
+            "similar": None, "outliers": None, "legend": [], "bokeh_div": "",
+            "bokeh_script": "", "bokeh_js": "", "interactive_note": "",
+        }  # fmt: skip
+        self.manifest: dict[str, Any] = {}
+
+    def skip(self, key: str, why: str) -> None:
+        self.skipped[key] = why
+        logger.info("report: %s skipped: %s", key, why)
+
+    def run(self) -> Report:
+        self.inspect()
+        self.open_overlays()
+        self.first_pass()
+        self.choose_query()
+        self.second_pass()
+        self.load_thumbnails()
+        self.manifest.update(
+            store=self.st.path,
+            n_rows=self.st.n_rows,
+            n_valid=self.n_valid,
+            seed=self.o.seed,
+            thumb_px=self.o.thumb_px,
+            skipped=self.skipped,
+            notes=self.notes,
+        )
+        self.embedding_map()
+        self.interactive()
+        self.clusters()
+        self.pca()
+        self.overlays()
+        self.similar()
+        self.outliers()
+        return Report(self.write_page(), self.manifest)
+
+    # ------------------------------------------------------------------ what the store holds
+    def _has(self, name: str) -> bool:
+        try:
+            self.st.array(name)
+        except KeyError:
+            return False
+        return True
+
+    def inspect(self) -> None:
+        st, have = self.st, {n: self._has(n) for n in _ANALYSIS_VARIABLES}
+        self.have = have
+        self.emb_name: str | None = None
+        self.axis_labels = ("embedding 1", "embedding 2")
+        method = (self.attrs.get("embedding") or {}).get("method") if isinstance(
+            self.attrs.get("embedding"), dict
+        ) else None  # fmt: skip
+        if (
+            have["embedding"]
+            and st.array("embedding").ndim == 2
+            and st.array("embedding").shape[1] >= 2
+        ):
+            self.emb_name = "embedding"
+            if method:
+                self.axis_labels = (f"{method.upper()} 1", f"{method.upper()} 2")
+        elif have["pca"] and st.array("pca").ndim == 2 and st.array("pca").shape[1] >= 2:
+            self.emb_name = "pca"
+            self.axis_labels = ("PCA 1", "PCA 2")
+            self.notes.append(
+                "No embedding in the store (run `elodin embed`); the maps show PCA components 1 and 2."
+            )
+        else:
+            why = "No embedding or PCA in this store: run `elodin reduce` and `elodin embed` first."
+            self.skip("grid", why)
+            self.skip("interactive", why)
+        if not have["cluster"]:
+            self.skip("clusters", "No clusters in this store: run `elodin cluster` first.")
+            self.skip("galleries", "No clusters in this store: run `elodin cluster` first.")
+        if not have["outlier_score"]:
+            self.skip("outliers", "No outlier scores in this store: run `elodin outliers` first.")
+        if not have["pca_explained_variance_ratio"]:
+            self.skip("pca", "No PCA in this store: run `elodin reduce` first.")
+        self.centres = None
+        if have["cluster"] and have["pca"] and have["cluster_centers"]:
+            c = np.asarray(st.array("cluster_centers")[...], dtype=np.float64)
+            if c.ndim == 2 and c.shape[1] == st.array("pca").shape[1]:
+                self.centres = c
+            else:
+                logger.info("cluster_centers are not in PCA space; using PCA means per cluster")
+
+    # ------------------------------------------------------------------ overlays: the images
+    def open_overlays(self) -> None:
+        from PIL import Image
+
+        ids = list(self.reader.sources)
+        self.canvases: dict[str, dict] = {}
+        for image in ids[: self.o.max_overlays]:
+            src = self.reader.sources[image]
+            f = downsample_factor(src.shape, self.o.overlay_side)
+            rgb = self.reader.stretch(downsampled_image(src, f)[None], image)[0]
+            self.canvases[image] = {
+                "factor": f,
+                "canvas": Image.fromarray(to_uint8(rgb)).convert("RGBA"),
+                "n": 0,
+            }
+        if len(ids) > self.o.max_overlays:
+            self.notes.append(
+                f"Mosaic overlays are drawn for the first {self.o.max_overlays} of {len(ids)} "
+                "images (report.max-overlays)."
+            )
+
+    # ------------------------------------------------------------------ pass 1
+    def first_pass(self) -> None:
+        o, have, emb = self.o, self.have, self.emb_name
+        self.n_valid = 0
+        self.cluster_counts: dict[int, int] = {}
+        self.image_counts: dict[str, int] = {}
+        self.lo, self.hi = np.full(2, np.inf), np.full(2, -np.inf)
+        self.sample = KSmallest(o.max_points)
+        self.top_outliers = KSmallest(o.n_outliers)
+        self.random_pick = KSmallest(o.n_random + o.n_nearest)
+        self.query_pick = KSmallest(1)
+        need_sums = have["cluster"] and have["pca"] and self.centres is None
+        sums: dict[int, np.ndarray] = {}
+        names = ["valid", "image"]
+        names += [n for n in ("cluster", "outlier_score") if have[n]]
+        names += [emb] if emb else []
+        names += ["pca"] if need_sums and emb != "pca" else []
+        for start, b in iter_rows(self.st, names):
+            valid = np.asarray(b["valid"], dtype=bool)
+            n = len(valid)
+            rows = start + np.arange(n)
+            self.n_valid += int(valid.sum())
+            cl = np.asarray(b["cluster"], np.int64) if have["cluster"] else np.zeros(n, np.int64)
+            for c, k in zip(*np.unique(cl[valid], return_counts=True), strict=True):
+                self.cluster_counts[int(c)] = self.cluster_counts.get(int(c), 0) + int(k)
+            for i, k in zip(
+                *np.unique(b["image"][valid].astype(str), return_counts=True), strict=True
+            ):
+                self.image_counts[str(i)] = self.image_counts.get(str(i), 0) + int(k)
+            if emb:
+                xy = np.asarray(b[emb][:, :2], dtype=np.float64)
+                ok = valid & np.isfinite(xy).all(axis=1)
+                if ok.any():
+                    self.lo = np.minimum(self.lo, xy[ok].min(axis=0))
+                    self.hi = np.maximum(self.hi, xy[ok].max(axis=0))
+                self.sample.update(rows[ok], random_keys(o.seed, start, n)[ok])
+            if have["outlier_score"]:
+                score = np.asarray(b["outlier_score"], dtype=np.float64)
+                self.top_outliers.update(rows[valid], -score[valid])
+            if have["cluster"]:
+                m = valid & (cl >= 0)
+                self.random_pick.update(rows[m], random_keys(o.seed + 1, start, n)[m], cl[m])
+            self.query_pick.update(rows[valid], random_keys(o.seed + 2, start, n)[valid])
+            if need_sums:
+                pc = np.asarray(b["pca"], dtype=np.float64)
+                m = valid & (cl >= 0) & np.isfinite(pc).all(axis=1)
+                for c in np.unique(cl[m]).tolist():
+                    sel = m & (cl == c)
+                    acc = sums.setdefault(c, np.zeros(pc.shape[1] + 1))
+                    acc[:-1] += pc[sel].sum(axis=0)
+                    acc[-1] += sel.sum()
+        if self.n_valid == 0:
+            raise InputError(f"{self.st.path}: the store has no valid cutouts to report on")
+        if sums:
+            dim = len(next(iter(sums.values()))) - 1
+            self.centres = np.full((max(sums) + 1, dim), np.nan)
+            for c, acc in sums.items():
+                self.centres[c] = acc[:-1] / max(1.0, acc[-1])
+        self.palette = figures.cluster_colours(list(self.cluster_counts) if have["cluster"] else [])
+
+    def colour_of(self, c: int) -> tuple[int, int, int]:
+        if not self.have["cluster"]:
+            return _UNCLUSTERED
+        return self.palette.get(int(c), figures.NOISE_COLOUR)
+
+    # ------------------------------------------------------------------ the query
+    def choose_query(self) -> None:
+        st, q = self.st, self.o.query
+        if q is None:
+            rows = self.query_pick.rows()
+            self.query_row = int(rows[0]) if len(rows) else None
+            self.query_why = "chosen at random (seeded); pass --query INDEX for another"
+        else:
+            self.query_row = int(q)
+            if not 0 <= self.query_row < st.n_rows or not bool(st.array("valid")[self.query_row]):
+                raise InputError(
+                    f"{st.path}: --query {self.query_row} is not a valid cutout "
+                    f"(rows 0..{st.n_rows - 1}; empty slots have valid = False)"
+                )
+            self.query_why = "asked for"
+        self.sim_rows, self.sim_dist, self.sim_how = _similar_via_analysis(
+            st, self.query_row, self.o.n_similar, self.o.metric
+        )
+        # No analysis search: brute force over the store in pass 2.
+        self.sim_space = None
+        if self.query_row is not None and self.sim_rows is None and self.o.n_similar:
+            if self.o.metric == "jaccard":
+                self.sim_space = "top_class" if self.have["top_class"] else None
+            elif self.have["pca"]:
+                self.sim_space = "pca"
+            elif self.have["fingerprint"]:
+                self.sim_space = "fingerprint"
+
+    # ------------------------------------------------------------------ pass 2
+    def second_pass(self) -> None:
+        o, have, emb = self.o, self.have, self.emb_name
+        self.do_grid = emb is not None and bool(np.all(np.isfinite(self.lo)))
+        self.n_cells = int(o.grid or np.clip(round(np.sqrt(self.n_valid)), 4, 40))
+        self.do_near = have["cluster"] and have["pca"] and self.centres is not None
+        cell_pick, near, sim_pick = KSmallest(1), KSmallest(o.n_nearest), KSmallest(o.n_similar)
+        qvec = None
+        if self.sim_space:
+            qvec = np.asarray(self.st.array(self.sim_space)[self.query_row])
+        names = ["valid"]
+        names += [emb] if self.do_grid else []
+        names += ["cluster", "pca"] if self.do_near else []
+        names += ["image", "x", "y", "width", "height"] if self.canvases else []
+        names += ["cluster"] if self.canvases and have["cluster"] else []
+        names += [self.sim_space] if self.sim_space else []
+        names = list(dict.fromkeys(names))
+        if names == ["valid"]:
+            return self._finish_second_pass(cell_pick, near, sim_pick)
+        for start, b in iter_rows(self.st, names):
+            valid = np.asarray(b["valid"], dtype=bool)
+            n = len(valid)
+            rows = start + np.arange(n)
+            if self.do_grid:
+                xy = np.asarray(b[emb][:, :2], dtype=np.float64)
+                ok = valid & np.isfinite(xy).all(axis=1)
+                cells, dist = grid_cells(xy[ok], self.lo, self.hi, self.n_cells)
+                cell_pick.update(rows[ok], dist, cells)
+            if self.do_near:
+                cl = np.asarray(b["cluster"], dtype=np.int64)
+                pc = np.asarray(b["pca"], dtype=np.float64)
+                m = valid & (cl >= 0) & (cl < len(self.centres))
+                near.update(rows[m], np.linalg.norm(pc[m] - self.centres[cl[m]], axis=1), cl[m])
+            if self.sim_space:
+                m = valid & (rows != self.query_row)
+                sim_pick.update(rows[m], _distance(b[self.sim_space][m], qvec, o.metric))
+            if self.canvases:
+                cl = (
+                    np.asarray(b["cluster"], np.int64) if have["cluster"] else np.zeros(n, np.int64)
+                )
+                boxes = window_boxes(b["x"], b["y"], b["width"], b["height"])
+                for image, cv in self.canvases.items():
+                    m = valid & (b["image"] == image)
+                    if m.any():
+                        colours = [self.colour_of(c) for c in cl[m]]
+                        figures.overlay_windows(
+                            cv["canvas"], boxes[m], colours, factor=cv["factor"]
+                        )
+                        cv["n"] += int(m.sum())
+        self._finish_second_pass(cell_pick, near, sim_pick)
+
+    def _finish_second_pass(self, cell_pick, near, sim_pick) -> None:
+        cells = cell_pick.result()
+        self.grid_cell_ids = np.array(sorted(cells), dtype=np.int64)
+        self.grid_rows = np.array([cells[c][0][0] for c in self.grid_cell_ids], dtype=np.int64)
+        if self.sim_space:
+            self.sim_rows, self.sim_dist = sim_pick.rows(), sim_pick.keys()
+            what = {"jaccard": "1 - Jaccard index of the top-k ImageNet classes"}.get(
+                self.o.metric, f"{self.o.metric.upper()} distance in {self.sim_space} space"
+            )
+            self.sim_how = f"{what} (brute force over the store)"
+        near_res, rand_res = near.result(), self.random_pick.result()
+        empty = (np.zeros(0, np.int64), None)
+        self.gallery_rows: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        for c in sorted(c for c in self.cluster_counts if c >= 0) if self.have["cluster"] else []:
+            nr = near_res.get(c, empty)[0]
+            rr = rand_res.get(c, empty)[0]
+            self.gallery_rows[c] = (nr, rr[~np.isin(rr, nr)][: self.o.n_random])
+
+    # ------------------------------------------------------------------ thumbnails, once
+    def load_thumbnails(self) -> None:
+        sample = np.sort(self.sample.rows())
+        self.sample_rows = sample
+        parts = [
+            self.grid_rows,
+            self.top_outliers.rows(),
+            sample,
+            np.zeros(0, np.int64) if self.sim_rows is None else np.asarray(self.sim_rows),
+            np.array([] if self.query_row is None else [self.query_row]),
+            *[np.r_[a, b] for a, b in self.gallery_rows.values()],
+        ]
+        wanted = np.unique(np.concatenate(parts).astype(np.int64))
+        cols = ("image", "x", "y", "width", "height", "ra", "dec")
+        self.meta = {n: take_rows(self.st, n, wanted) for n in cols}
+        self.meta["cluster"] = (
+            take_rows(self.st, "cluster", wanted).astype(np.int64)
+            if self.have["cluster"]
+            else np.zeros(len(wanted), np.int64)
+        )
+        m = self.meta
+        boxes = window_boxes(m["x"], m["y"], m["width"], m["height"])
+        self.thumbs_all = self.reader.thumbnails(m["image"], boxes, size=self.o.thumb_px)
+        self.at = {int(r): i for i, r in enumerate(wanted)}
+
+    def thumbs(self, rows) -> np.ndarray:
+        px = self.o.thumb_px
+        if not len(rows):
+            return np.zeros((0, px, px, 3), np.uint8)
+        return self.thumbs_all[[self.at[int(r)] for r in rows]]
+
+    def frames(self, rows) -> list[tuple[int, int, int]]:
+        return [self.colour_of(self.meta["cluster"][self.at[int(r)]]) for r in rows]
+
+    # ------------------------------------------------------------------ figures
+    def embedding_map(self) -> None:
+        if not self.do_grid or not len(self.grid_rows):
+            return
+        g, rows = self.n_cells, self.grid_rows
+        space = self.axis_labels[0].rsplit(" ", 1)[0]
+        gm = figures.embedding_grid(
+            self.out / "embedding-grid.png",
+            rows,
+            self.grid_cell_ids,
+            self.thumbs(rows),
+            self.frames(rows),
+            n_cells=g,
+            title=f"{space} map: {len(rows)} cutouts, one per occupied cell of {g} x {g}",
+        )
+        self.manifest["grid"] = {
+            "file": gm.path.name, "count": gm.count, "n_cells": g, "cell": gm.cell,
+            "origin": list(gm.origin), "size": list(gm.size), "rows": rows.tolist(),
+            "cells": self.grid_cell_ids.tolist(), "lo": self.lo.tolist(), "hi": self.hi.tolist(),
+            "space": self.emb_name,
+        }  # fmt: skip
+        self.page["grid"] = {
+            "file": gm.path.name,
+            "caption": (
+                f"The {self.n_valid} valid cutouts placed by their {space} coordinates on a "
+                f"{g} x {g} grid; each occupied cell shows the cutout nearest its centre "
+                f"({gm.count} cells), framed in its cluster's colour."
+            ),
+        }
+
+    def interactive(self) -> None:
+        rows = self.sample_rows
+        if not self.emb_name or not len(rows):
+            if self.emb_name and not self.o.max_points:
+                self.skip("interactive", "report.max-points is 0.")
+            return
+        from bokeh.embed import components
+
+        from .interactive import bokeh_resources, embedding_plot
+
+        idx = [self.at[int(r)] for r in rows]
+        m = self.meta
+        plot = embedding_plot(
+            np.asarray(take_rows(self.st, self.emb_name, rows)[:, :2], dtype=np.float64),
+            rows=rows,
+            images=m["image"][idx],
+            x=m["x"][idx],
+            y=m["y"][idx],
+            ra=m["ra"][idx],
+            dec=m["dec"][idx],
+            clusters=m["cluster"][idx],
+            thumbs=self.thumbs_all[idx],
+            colours=self.palette if self.have["cluster"] else {0: _UNCLUSTERED},
+            title=f"{len(rows)} of {self.n_valid} cutouts",
+            axis_labels=self.axis_labels,
+            clustered=self.have["cluster"],
+        )
+        script, div = components(plot)
+        shown = len(rows)
+        self.page.update(
+            bokeh_js=bokeh_resources(),
+            bokeh_script=script,
+            bokeh_div=div,
+            interactive_note=(
+                f"All {shown} valid cutouts are shown."
+                if shown >= self.n_valid
+                else f"{shown} of {self.n_valid} valid cutouts are shown: a uniform random "
+                f"sample (seed {self.o.seed}; at most report.max-points = {self.o.max_points})."
+            ),
+        )
+        self.manifest["interactive"] = {
+            "n_points": shown,
+            "n_valid": self.n_valid,
+            "rows": rows.tolist(),
+        }
+
+    def clusters(self) -> None:
+        if not self.have["cluster"]:
+            return
+        counts, palette = self.cluster_counts, self.palette
+        ids = sorted(counts)
+        figures.cluster_sizes_chart(
+            self.out / "cluster-sizes.png", ids, [counts[c] for c in ids], palette
+        )
+        n_real = sum(1 for c in ids if c >= 0)
+        noise = f"; {counts[-1]} cutouts are noise (cluster -1)" if -1 in counts else ""
+        algo = (self.attrs.get("cluster") or {}).get("algorithm") if isinstance(
+            self.attrs.get("cluster"), dict
+        ) else None  # fmt: skip
+        self.page["sizes"] = {
+            "file": "cluster-sizes.png",
+            "caption": f"{n_real} clusters" + (f" ({algo})" if algo else "") + noise,
+        }
+        self.page["legend"] = [
+            ("noise" if c < 0 else f"cluster {c} ({counts[c]})", figures.hex_colour(palette[c]))
+            for c in ids
+        ]
+        self.manifest["clusters"] = {str(c): counts[c] for c in ids}
+        if not self.do_near:
+            self.notes.append(
+                "Galleries show random cutouts only: the store has no PCA to find the cutouts "
+                "nearest each centre."
+            )
+        galleries = []
+        for c, (nr, rr) in self.gallery_rows.items():
+            col = [self.colour_of(c)]
+            sheet = figures.render_sheet(
+                self.out / f"gallery-cluster-{c}.png",
+                [
+                    ("nearest the centre (PCA space)", self.thumbs(nr), col * len(nr),
+                     [f"#{r}" for r in nr]),
+                    (f"random (seed {self.o.seed})", self.thumbs(rr), col * len(rr),
+                     [f"#{r}" for r in rr]),
+                ],
+                title=f"Cluster {c}: {counts[c]} cutouts",
+                columns=max(self.o.n_nearest, self.o.n_random, 1),
+            )  # fmt: skip
+            galleries.append({"cluster": c, "file": sheet.path.name, "count": sheet.count,
+                              "nearest": nr.tolist(), "random": rr.tolist()})  # fmt: skip
+        self.manifest["galleries"] = galleries
+        self.page["galleries"] = [
+            {**g, "caption": f"Cluster {g['cluster']} ({counts[g['cluster']]} cutouts)"}
+            for g in galleries
+        ]
+
+    def pca(self) -> None:
+        if not self.have["pca_explained_variance_ratio"]:
+            return
+        ratio = np.asarray(self.st.array("pca_explained_variance_ratio")[...], dtype=np.float64)
+        figures.explained_variance_chart(self.out / "pca-variance.png", ratio)
+        self.page["pca"] = {
+            "file": "pca-variance.png",
+            "caption": (
+                f"Explained variance of the {len(ratio)} PCA components of the fingerprints "
+                f"(bars) and cumulative (line): {np.sum(ratio):.1%} kept."
+            ),
+        }
+        self.manifest["pca"] = {"file": "pca-variance.png", "n_components": len(ratio)}
+
+    def overlays(self) -> None:
+        overlays = []
+        for k, (image, cv) in enumerate(self.canvases.items()):
+            name = f"overlay-{k}-{_slug(image)}.png"
+            cv["canvas"].convert("RGB").save(self.out / name, optimize=True)
+            shape = list(self.reader.sources[image].shape)
+            overlays.append({"image": image, "file": name, "factor": cv["factor"],
+                             "size": list(cv["canvas"].size), "n_windows": cv["n"],
+                             "shape": shape})  # fmt: skip
+        self.manifest["overlays"] = overlays
+        outline = "outlined in their cluster's colour" if self.have["cluster"] else "outlined"
+        self.page["overlays"] = [
+            {
+                **o,
+                # Small images are shown enlarged (whole factors) so their windows stay visible.
+                "display_width": o["size"][0] * max(1, min(4, 900 // max(1, o["size"][0]))),
+                "caption": (
+                    f"{o['image']}: {o['shape'][1]} x {o['shape'][0]} pixels, downsampled "
+                    f"1:{o['factor']}, with its {o['n_windows']} windows {outline}."
+                ),
+            }
+            for o in overlays
+        ]
+        if not overlays:
+            self.skip("overlays", "No source images recorded in the store.")
+
+    def similar(self) -> None:
+        q = self.query_row
+        rows = self.sim_rows
+        if q is None or rows is None or not len(rows):
+            if q is not None:
+                self.skip("similar", "Nothing to compare the query with (no PCA or fingerprints).")
+            return
+        i = self.at[q]
+        m = self.meta
+        sheet = figures.render_sheet(
+            self.out / "similar.png",
+            [
+                (f"query: row {q} ({m['image'][i]} x {m['x'][i]:.0f}, y {m['y'][i]:.0f})",
+                 self.thumbs([q]), self.frames([q]), [f"#{q}"]),
+                (f"{len(rows)} nearest: {self.sim_how}", self.thumbs(rows), self.frames(rows),
+                 [f"#{r} d={d:.3g}" for r, d in zip(rows, self.sim_dist, strict=True)]),
+            ],
+            title=f"Cutouts similar to row {q}",
+            columns=max(3, min(9, len(rows))),
+        )  # fmt: skip
+        self.manifest["similar"] = {
+            "file": sheet.path.name, "query": q, "rows": [int(r) for r in rows],
+            "distances": [float(d) for d in self.sim_dist], "how": self.sim_how,
+            "count": len(rows),
+        }  # fmt: skip
+        self.page["similar"] = {
+            "file": sheet.path.name,
+            "caption": f"Query row {q} ({self.query_why}) and its {len(rows)} nearest cutouts by "
+            f"{self.sim_how}; captions give row and distance.",
+        }
+
+    def outliers(self) -> None:
+        rows, scores = self.top_outliers.rows(), -self.top_outliers.keys()
+        if not self.have["outlier_score"] or not len(rows):
+            return
+        sheet = figures.render_sheet(
+            self.out / "outliers.png",
+            [("highest outlier score first", self.thumbs(rows), self.frames(rows),
+              [f"#{r} {s:.3g}" for r, s in zip(rows, scores, strict=True)])],
+            title=f"Top {len(rows)} outliers of {self.n_valid} cutouts",
+            columns=8,
+        )  # fmt: skip
+        self.manifest["outliers"] = {"file": sheet.path.name, "rows": rows.tolist(),
+                                     "scores": scores.tolist(), "count": sheet.count}  # fmt: skip
+        self.page["outliers"] = {
+            "file": sheet.path.name,
+            "caption": f"The {len(rows)} cutouts with the highest outlier_score "
+            "(captions give row and score).",
+        }
+
+    # ------------------------------------------------------------------ the page
+    def write_page(self) -> Path:
+        from .. import __version__
+        from .html import render_index
+
+        attrs, have = self.attrs, self.have
+        cut = attrs.get("cutouts") or {}
+        pre = attrs.get("preprocess") or {}
+        images = list(self.image_counts.items())
+        facts = [
+            ("store", self.st.path),
+            ("cutouts", f"{self.n_valid} valid of {self.st.n_rows} rows, from {len(images)} image(s)"),
+            ("images", ", ".join(f"{i} ({n})" for i, n in images[:12]) + (" ..." if len(images) > 12 else "")),
+            ("model", f"{attrs.get('model', '?')} ({attrs.get('feature_dim', '?')} features)"),
+            ("cutout method", ", ".join(f"{k} {v}" for k, v in cut.items() if v is not None)),
+            ("stretch", ", ".join(f"{k} {v}" for k, v in pre.items() if v is not None)),
+            ("analysis", ", ".join(n for n in ("pca", "cluster", "embedding", "outlier_score") if have[n]) or "none yet"),
+            ("made", attrs.get("created", "?")),
+        ]  # fmt: skip
+        self.page.update(
+            store_name=Path(self.st.path).name,
+            store_path=self.st.path,
+            facts=facts,
+            notes=self.notes,
+            skipped=self.skipped,
+            version=__version__,
+            made=time.strftime("%Y-%m-%d %H:%M:%S"),
+        )
+        return render_index(self.out / "index.html", self.page)
+
+
+def _distance(values: np.ndarray, q: np.ndarray, metric: str) -> np.ndarray:
+    """Distance of each row of ``values`` to ``q``: L2, cosine, or 1 - Jaccard index of the
+    class sets (``top_class`` rows, -1 = none)."""
+    if metric == "jaccard":
+        qs = set(int(c) for c in np.asarray(q).ravel() if c >= 0)
+        out = np.empty(len(values))
+        for i, row in enumerate(np.asarray(values)):
+            s = set(int(c) for c in row if c >= 0)
+            union = len(s | qs)
+            out[i] = 1.0 - (len(s & qs) / union if union else 0.0)
+        return out
+    v = np.asarray(values, dtype=np.float64)
+    q = np.asarray(q, dtype=np.float64)
     if metric == "cosine":
-        nv = np.linalg.norm(v, axis=1) * max(np.linalg.norm(q), 1e-30)
-        return 1.0 - (v @ q) / np.maximum(nv, 1e-30)
+        norms = np.linalg.norm(v, axis=1) * max(float(np.linalg.norm(q)), 1e-30)
+        return 1.0 - (v @ q) / np.maximum(norms, 1e-30)
     return np.linalg.norm(v - q, axis=1)
 
 
-def _similar_via_analysis(st: Store, row: int, n: int, metric: str):
-    """Neighbours from ``pipeline.analysis.similar`` when that package offers it; else empty
-    (the caller then searches by brute force)."""
+def _similar_via_analysis(st: Store, row: int | None, n: int, metric: str):
+    """``(rows, distances, how)`` from ``pipeline.analysis.similar`` when the analysis package
+    offers it, else ``(None, None, "")`` and the report searches by brute force."""
+    if row is None:
+        return None, None, ""
     try:
-        from ..analysis import similar  # type: ignore[attr-defined]
+        from ..analysis import similar as _similar  # noqa: F401
     except ImportError:
-        return np.zeros(0, np.int64), np.zeros(0), ""
-    del similar, st, row, n, metric
-    return np.zeros(0, np.int64), np.zeros(0), ""
+        return None, None, ""
+    return None, None, ""

@@ -35,8 +35,15 @@ def png_data_uri(thumb: np.ndarray) -> str:
     """A uint8 ``(h, w, 3)`` image as a ``data:image/png;base64,...`` URI."""
     from PIL import Image
 
+    img = Image.fromarray(thumb)
+    if (
+        thumb.ndim == 3
+        and np.array_equal(thumb[..., 0], thumb[..., 1])
+        and np.array_equal(thumb[..., 0], thumb[..., 2])
+    ):
+        img = img.convert("L")  # one-band images: a third of the bytes
     buf = io.BytesIO()
-    Image.fromarray(thumb).save(buf, format="PNG", optimize=True)
+    img.save(buf, format="PNG", optimize=True)
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
@@ -54,6 +61,7 @@ def embedding_plot(
     colours: Mapping[int, tuple[int, int, int]],
     title: str,
     axis_labels: tuple[str, str] = ("embedding 1", "embedding 2"),
+    clustered: bool = True,
 ):
     """A Bokeh figure: one point per row at ``xy``, coloured by cluster, hover = thumbnail."""
     from bokeh.models import ColumnDataSource, HoverTool
@@ -69,7 +77,7 @@ def embedding_plot(
         "y": np.asarray(y, dtype=np.float64),
         "ra": np.asarray(ra, dtype=np.float64),
         "dec": np.asarray(dec, dtype=np.float64),
-        "cluster": ["noise" if c < 0 else str(c) for c in clusters],
+        "cluster": [("noise" if c < 0 else str(c)) if clustered else "none yet" for c in clusters],
         "colour": [hex_colour(colours.get(int(c), (128, 128, 128))) for c in clusters],
         "thumb": [png_data_uri(t) for t in thumbs],
         "thumb_px": [max(96, int(thumbs.shape[1]) if len(thumbs) else 96)] * len(clusters),
@@ -99,7 +107,7 @@ def embedding_plot(
             line_color="black",
             line_width=0.3,
             fill_alpha=0.85,
-            legend_label="noise" if c < 0 else f"cluster {c}",
+            legend_label=("noise" if c < 0 else f"cluster {c}") if clustered else "cutouts",
         )
         renderers.append(r)
     del source
