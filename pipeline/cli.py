@@ -62,14 +62,113 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------- fingerprint
+def _add_cluster_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--scheduler", help="local (default), slurm, kubernetes or a scheduler ADDRESS")
+    p.add_argument(
+        "--workers", type=int, help="worker processes (local) or jobs/pods (slurm, kubernetes)"
+    )
+
+
+@command
+def _add_fingerprint(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "fingerprint", help="cut images into cutouts and store their CNN fingerprints"
+    )
+    p.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="INPUT",
+        help="FITS, Zarr, PNG/JPEG/TIFF files, globs, directories or @list.txt",
+    )
+    p.add_argument(
+        "-o", "--output", required=True, metavar="STORE", help="Zarr store to create or add to"
+    )
+    p.add_argument("--method", choices=["sliding", "full", "blobs", "catalog"])
+    p.add_argument("--size", type=int, help="cutout side in pixels")
+    p.add_argument("--stride", type=int, help="step between sliding windows in pixels")
+    p.add_argument(
+        "--edge", choices=["shift", "pad", "drop"], help="edge policy of sliding windows"
+    )
+    p.add_argument("--catalog", metavar="FILE", help="table of RA/Dec or x/y (method catalog)")
+    p.add_argument(
+        "--model", metavar="NAME|PATH", help="built-in model name or ONNX file with its card"
+    )
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--tile-size", type=int, help="tile side in pixels (unit of work and resume)")
+    p.add_argument("--hdu", help="FITS HDU name or number")
+    p.add_argument("--variable", help="variable of a Zarr/xarray mosaic")
+    p.add_argument(
+        "--gpu",
+        action="store_true",
+        default=None,
+        help="inference tasks ask for the GPU=1 resource",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_cluster_flags(p)
+    p.set_defaults(func=_cmd_fingerprint)
+
+
+def _hdu(value: str | None) -> int | str | None:
+    return int(value) if value is not None and value.isdigit() else value
+
+
+def _cmd_fingerprint(args: argparse.Namespace) -> int:
+    from .fingerprint import fingerprint
+
+    result = fingerprint(
+        args.inputs,
+        args.output,
+        method=args.method,
+        size=args.size,
+        stride=args.stride,
+        edge=args.edge,
+        catalog=args.catalog,
+        model=args.model,
+        batch_size=args.batch_size,
+        tile_size=args.tile_size,
+        hdu=_hdu(args.hdu),
+        variable=args.variable,
+        gpu=args.gpu,
+        scheduler=args.scheduler,
+        workers=args.workers,
+        progress=not args.no_progress,
+    )
+    print(result)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------- demo
+@command
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "demo", help="the main job on the Hubble Deep Field image scikit-image ships"
+    )
+    p.add_argument("-o", "--output", default="elodin-demo", metavar="DIR")
+    _add_cluster_flags(p)
+    p.set_defaults(func=_cmd_demo)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    for line in run_demo(args.output, scheduler=args.scheduler, workers=args.workers):
+        print(line)
+    return 0
+
+
 # --------------------------------------------------------------------------------------- report
 @command
 def _add_report(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("report", help="PNG figures and an index.html that opens from disk")
     p.add_argument("store", metavar="STORE", help="fingerprint store (after the analysis stages)")
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="directory for the report")
-    p.add_argument("--query", type=int, metavar="INDEX", help="cutout whose similar cutouts are shown")
-    p.add_argument("-n", type=int, metavar="N", help="similar cutouts shown (default 9, from config)")
+    p.add_argument(
+        "--query", type=int, metavar="INDEX", help="cutout whose similar cutouts are shown"
+    )
+    p.add_argument(
+        "-n", type=int, metavar="N", help="similar cutouts shown (default 9, from config)"
+    )
     p.set_defaults(func=_cmd_report)
 
 

@@ -1,0 +1,746 @@
+"""The main job: cutouts of survey images -> CNN fingerprints in a Zarr store, on Dask.
+
+The flow, as :func:`fingerprint` reads::
+
+    sources  = open_sources(inputs)                      # lazy: headers only
+    store    = open or create the store; refuse another model/config
+    plan     = plan the new images (blobs: detection tasks per tile)
+    segment  = save the plan, grow the store by its rows
+    todo     = units of the touched segments without a done marker
+    submit one task per unit (GPU=1 when asked), at most a few per worker in flight
+    each task: read tile + halo -> cut -> stretch -> infer in batches -> write its chunks -> mark done
+
+Every planned window is written exactly once: rows are fixed by the saved plan, each Zarr chunk
+belongs to one unit, and a unit that is run again (a lost worker, a rerun after Ctrl-C or
+``kill -9``) writes the same bytes. A rerun skips units that are done; a finished store
+does no inference at all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+import socket
+import sys
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+
+from . import config
+from .errors import ConfigError, InputError, StoreError
+from .sources import ImageSource, open_sources
+from .store import Layout, Store, pack_units
+from .tiling import Plan
+
+__all__ = ["FingerprintResult", "ModelRef", "UnitJob", "cut_windows", "fingerprint", "run_unit"]
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("sliding", "full", "blobs", "catalog")
+
+
+# ---------------------------------------------------------------------------------- job specs
+@dataclasses.dataclass(frozen=True)
+class ModelRef:
+    """What a worker needs to get its session: the file, its sha256 and the session options."""
+
+    name: str
+    path: str
+    sha256: str
+    providers: Any = "auto"
+    topk: int = 20
+    threads_per_host: tuple[tuple[str, int], ...] = ()
+    io_binding: bool | None = None
+    fixed_batch: int | None = None
+    require_gpu: bool = False
+
+    def threads(self) -> int | None:
+        host = socket.gethostname()
+        return dict(self.threads_per_host).get(host)
+
+
+@dataclasses.dataclass(frozen=True)
+class TileJob:
+    source: ImageSource
+    read_box: tuple[int, int, int, int]  # ry0, ry1, rx0, rx1 (inside the image)
+    windows: np.ndarray  # (n, 4) x0, y0, w, h in image pixels
+
+
+@dataclasses.dataclass(frozen=True)
+class UnitJob:
+    """One task: the tiles of a work unit and where their rows go."""
+
+    store: str
+    unit: int
+    row_start: int
+    n_rows: int
+    tiles: tuple[TileJob, ...]
+    model: ModelRef
+    preprocess: dict
+    image_limits: dict  # image id -> stretch limits when preprocess.scope == image
+    batch_size: int
+    fill: float
+    side: int  # common side for windows of varying size (blobs, catalog sizes)
+    dtype: str
+
+
+@dataclasses.dataclass
+class FingerprintResult:
+    store: str
+    n_cutouts: int
+    units_run: int
+    units_skipped: int
+    images: tuple[str, ...]
+
+    def __str__(self) -> str:
+        return (
+            f"{self.store}: {self.n_cutouts} cutouts from {len(self.images)} image(s); "
+            f"{self.units_run} work unit(s) run, {self.units_skipped} already done"
+        )
+
+
+# ------------------------------------------------------------------------------ worker side
+def cut_windows(
+    data: np.ndarray, read_box: Sequence[int], windows: np.ndarray, *, fill: float
+) -> np.ndarray:
+    """Cut ``windows`` (image pixels) out of ``data`` (bands, h, w) read at ``read_box``.
+
+    Returns float32 (n, bands, wh, ww) for windows of one size. Parts of a window outside the
+    image (``pad`` edge policy) are filled with ``fill``.
+    """
+    ry0, rx0 = int(read_box[0]), int(read_box[2])
+    bands = data.shape[0]
+    w, h = int(windows[0, 2]), int(windows[0, 3])
+    lx = windows[:, 0] - rx0
+    ly = windows[:, 1] - ry0
+    inside = (lx >= 0) & (ly >= 0) & (lx + w <= data.shape[2]) & (ly + h <= data.shape[1])
+    out = np.empty((len(windows), bands, h, w), dtype=np.float32)
+    if inside.all():
+        # One gather over a strided view instead of a Python loop per window.
+        view = np.lib.stride_tricks.sliding_window_view(data, (h, w), axis=(1, 2))
+        out[:] = view[:, ly, lx].transpose(1, 0, 2, 3)
+        return out
+    for i, (x, y) in enumerate(zip(lx, ly, strict=True)):
+        out[i] = fill
+        ys, xs = max(0, -y), max(0, -x)
+        ye, xe = min(h, data.shape[1] - y), min(w, data.shape[2] - x)
+        if ye > ys and xe > xs:
+            out[i, :, ys:ye, xs:xe] = data[:, y + ys : y + ye, x + xs : x + xe]
+    return out
+
+
+def _cut_any_size(data, read_box, windows, *, fill: float, side: int) -> np.ndarray:
+    """Cut windows of varying sizes and resample each to ``side`` x ``side``."""
+    from skimage.transform import resize
+
+    if np.all(windows[:, 2:] == windows[0, 2:]):
+        return cut_windows(data, read_box, windows, fill=fill)
+    out = np.empty((len(windows), data.shape[0], side, side), dtype=np.float32)
+    for i, win in enumerate(windows):
+        cut = cut_windows(data, read_box, win[None], fill=fill)[0]
+        finite = np.where(np.isfinite(cut), cut, np.nan)
+        out[i] = resize(
+            finite, (cut.shape[0], side, side), order=1, anti_aliasing=True, preserve_range=True
+        )
+    return out
+
+
+_STORES: dict[str, Store] = {}
+
+
+def _worker_store(path: str) -> Store:
+    if path not in _STORES:
+        _STORES[path] = Store.open(path, mode="r+")
+    return _STORES[path]
+
+
+def _prepared_batches(job: UnitJob):
+    """Yield ``(tile_index, rgb, masked_fraction)`` batches of the unit, in row order."""
+    from .preprocess import stretch_cutouts
+
+    for t, tile in enumerate(job.tiles):
+        data = tile.source.read(*tile.read_box)
+        limits = job.image_limits.get(tile.source.id)
+        for b in range(0, len(tile.windows), job.batch_size):
+            wins = tile.windows[b : b + job.batch_size]
+            cut = _cut_any_size(data, tile.read_box, wins, fill=job.fill, side=job.side)
+            rgb, frac = stretch_cutouts(
+                cut, config=job.preprocess, image_limits=limits, image=tile.source.id
+            )
+            yield t, rgb, frac
+
+
+def _prefetch(gen, depth: int = 1):
+    """Run ``gen`` one step ahead on a thread: the next batch is read, cut and stretched
+    while the model runs the current one (numpy and ONNX Runtime release the GIL)."""
+    import queue
+    import threading
+
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+
+    def produce():
+        try:
+            for item in gen:
+                q.put(item)
+        except BaseException as e:  # handed to the consumer, raised there
+            q.put(e)
+        q.put(done)
+
+    thread = threading.Thread(target=produce, daemon=True, name="elodin-prefetch")
+    thread.start()
+    while (item := q.get()) is not done:
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+    thread.join()
+
+
+def _session_for(m: ModelRef):
+    from .errors import ModelError
+    from .models.runtime import get_session
+
+    session = get_session(
+        m.path,
+        providers=m.providers,
+        threads=m.threads(),
+        topk=m.topk,
+        sha256=m.sha256,
+        io_binding=m.io_binding,
+        fixed_batch=m.fixed_batch,
+    )
+    if m.require_gpu and not session.on_gpu:
+        raise ModelError(
+            f"a GPU was asked for (--gpu) but onnxruntime on {socket.gethostname()} has no working "
+            "CUDA provider (install onnxruntime-gpu there, or drop --gpu)"
+        )
+    return session
+
+
+def run_unit(job: UnitJob, *, prefetch: bool = True) -> int:
+    """Fingerprint one work unit and write its rows; returns the number of cutouts written."""
+    m = job.model
+    session = _session_for(m)
+    n = sum(len(t.windows) for t in job.tiles)
+    feats, classes, probs, masked = [], [], [], []
+    batches = _prepared_batches(job)
+    for _, rgb, frac in _prefetch(batches) if prefetch else batches:
+        out = session.infer(rgb, logits=False)
+        feats.append(out.features)
+        classes.append(out.top_class)
+        probs.append(out.top_prob)
+        masked.append(frac)
+    coords = {k: [] for k in ("image", "x", "y", "width", "height", "ra", "dec")}
+    for tile in job.tiles:
+        src = tile.source
+        x = tile.windows[:, 0] + (tile.windows[:, 2] - 1) / 2.0
+        y = tile.windows[:, 1] + (tile.windows[:, 3] - 1) / 2.0
+        ra, dec = src.pixel_to_radec(x, y)
+        coords["image"].append(np.full(len(x), src.id, dtype=object))
+        coords["x"].append(x)
+        coords["y"].append(y)
+        coords["width"].append(tile.windows[:, 2].astype(np.int32))
+        coords["height"].append(tile.windows[:, 3].astype(np.int32))
+        coords["ra"].append(np.asarray(ra, dtype=np.float64))
+        coords["dec"].append(np.asarray(dec, dtype=np.float64))
+
+    def padded(parts, fill, dtype, tail=()):
+        arr = np.full((job.n_rows, *tail), fill, dtype=dtype)
+        if n:
+            arr[:n] = np.concatenate(parts)
+        return arr
+
+    feature_dim = feats[0].shape[1] if feats else session.feature_dim
+    k = classes[0].shape[1] if classes else m.topk
+    values = {
+        "fingerprint": padded(feats, np.nan, job.dtype, (feature_dim,)),
+        "top_class": padded(classes, -1, np.int32, (k,)),
+        "top_prob": padded(probs, np.nan, np.float32, (k,)),
+        "masked_fraction": padded(masked, np.nan, np.float32),
+        "valid": np.arange(job.n_rows) < n,
+        "image": padded(coords["image"], "", object),
+        "x": padded(coords["x"], np.nan, np.float64),
+        "y": padded(coords["y"], np.nan, np.float64),
+        "width": padded(coords["width"], 0, np.int32),
+        "height": padded(coords["height"], 0, np.int32),
+        "ra": padded(coords["ra"], np.nan, np.float64),
+        "dec": padded(coords["dec"], np.nan, np.float64),
+    }
+    store = _worker_store(job.store)
+    store.write_rows(job.row_start, values)
+    store.mark_done(job.unit)
+    return n
+
+
+# ------------------------------------------------------------------------------ client side
+def _settings(**flags) -> dict:
+    """Every setting of the run, flags over config, checked once."""
+    method = config.get_choice("cutouts.method", METHODS, override=flags.get("method"))
+    size = config.get_int("cutouts.size", override=flags.get("size"), minimum=1)
+    stride = flags.get("stride") or config.get("cutouts.stride") or size
+    if not isinstance(stride, int) or stride < 1:
+        raise ConfigError(f"cutouts.stride must be a positive integer, got {stride!r}")
+    edge = config.get_choice("cutouts.edge", ("shift", "pad", "drop"), override=flags.get("edge"))
+    return {
+        "cutouts": {
+            "method": method,
+            "size": size,
+            "stride": stride if method == "sliding" else None,
+            "edge": edge if method == "sliding" else None,
+            "fill": None
+            if config.get("cutouts.fill") is None
+            else config.get_float("cutouts.fill"),
+            **(
+                {
+                    k: config.get(f"cutouts.{k}")
+                    for k in (
+                        "min-size",
+                        "max-size",
+                        "blob-scale",
+                        "detect-nsigma",
+                        "detect-npixels",
+                        "deblend",
+                    )
+                }
+                if method == "blobs"
+                else {}
+            ),
+        },
+        "tiling": {
+            "tile-size": config.get_int(
+                "tiling.tile-size", override=flags.get("tile_size"), minimum=1
+            )
+        },
+        "preprocess": dict(config.get("preprocess")),
+        "batch_size": config.get_int(
+            "fingerprint.batch-size", override=flags.get("batch_size"), minimum=1
+        ),
+        "chunk_rows": config.get_int(
+            "fingerprint.chunk-rows", override=flags.get("chunk_rows"), minimum=1
+        ),
+        "dtype": config.get_choice(
+            "fingerprint.dtype", ("float32", "float16"), override=flags.get("dtype")
+        ),
+        "gpu": bool(config.get("fingerprint.gpu", override=flags.get("gpu"))),
+        "model": str(config.get("model.name", override=flags.get("model"))),
+        "topk": config.get_int("model.topk", minimum=1),
+        "providers": config.get("model.providers"),
+        "precision": config.get_choice("model.precision", ("fp32", "fp16")),
+    }
+
+
+def _input_facts(src: ImageSource) -> dict:
+    """What the store records of an input: its files' size and mtime (how a changed input is
+    noticed) and the source's own fields (how a resume reopens it exactly, HDU and variable
+    included, without pickling anything)."""
+    import fsspec
+
+    files = []
+    for p in src.paths:
+        try:
+            fs, root = fsspec.core.url_to_fs(p)
+            info = fs.info(root)
+            mtime = info.get("mtime") or info.get("LastModified") or ""
+            files.append({"path": p, "size": int(info.get("size") or 0), "mtime": str(mtime)})
+        except (OSError, ValueError):
+            files.append({"path": p, "size": None, "mtime": ""})
+    source = {
+        "id": src.id,
+        "paths": list(src.paths),
+        "kind": src.kind,
+        "shape": list(src.shape),
+        "n_bands": src.n_bands,
+        "hdu": src.hdu,
+        "variable": src.variable,
+        "wcs_header": src.wcs_header,
+    }
+    return {"files": files, "source": source}
+
+
+def _reopen(record: dict) -> ImageSource:
+    s = record["source"]
+    return ImageSource(
+        id=s["id"],
+        paths=tuple(s["paths"]),
+        kind=s["kind"],
+        shape=tuple(s["shape"]),
+        n_bands=int(s["n_bands"]),
+        hdu=s["hdu"],
+        variable=s["variable"],
+        wcs_header=s["wcs_header"],
+    )
+
+
+def _plan_digest(plan: Plan) -> str:
+    h = hashlib.sha256()
+    for arr in (plan.windows, plan.tile_start, plan.tiles):
+        h.update(np.ascontiguousarray(arr).tobytes())
+    h.update("\0".join(plan.images).encode())
+    return h.hexdigest()
+
+
+def _plan_sources(
+    client, sources: Sequence[ImageSource], settings: dict, catalog: str | None, first_index: int
+) -> Plan:
+    from . import tiling
+
+    cut = settings["cutouts"]
+    ts = settings["tiling"]["tile-size"]
+    method = cut["method"]
+    if method in ("sliding", "full"):
+        plans = []
+        for i, s in enumerate(sources):
+            try:
+                plans.append(
+                    tiling.plan_image(
+                        s.shape,
+                        image_index=i,
+                        image_id=s.id,
+                        method=method,
+                        size=cut["size"],
+                        stride=cut["stride"],
+                        edge=cut["edge"] or "shift",
+                        tile_size=ts,
+                    )
+                )
+            except InputError as e:  # planning is pure and knows ids; the user knows files
+                raise InputError(f"{'+'.join(s.paths)}: {e}") from None
+        return Plan.concat(plans)
+    if method == "catalog":
+        from .catalog import plan_catalog
+
+        if not catalog:
+            raise ConfigError("--method catalog needs --catalog FILE")
+        return plan_catalog(catalog, sources, size=cut["size"], tile_size=ts)
+    return _plan_blobs(client, sources, tile_size=ts, first_index=first_index)
+
+
+def _plan_blobs(
+    client, sources: Sequence[ImageSource], *, tile_size: int, first_index: int
+) -> Plan:
+    """Blob plan: one detection task per tile on the cluster, then ownership on the client.
+
+    Detection reads each tile with a halo of the largest window, and a tile keeps only the
+    sources whose owner pixel is in its core, so a source on a border is found exactly once.
+    """
+    import functools
+
+    from .detect import detect_tile, detection_options, detection_tiles
+    from .tiling import assign_windows
+
+    opts = detection_options()
+    detect = functools.partial(detect_tile, **opts)
+    per_image = []
+    for s in sources:
+        cores, reads = detection_tiles(s.shape, tile_size=tile_size, halo=opts["max_size"])
+        per_image.append(
+            client.map(
+                detect,
+                [s] * len(cores),
+                list(map(tuple, cores)),
+                list(map(tuple, reads)),
+                pure=False,
+            )
+        )
+    plans = []
+    for i, (s, futures) in enumerate(zip(sources, per_image, strict=True)):
+        found = client.gather(futures)
+        windows = np.concatenate(found) if found else np.zeros((0, 4), np.int64)
+        logger.info("image %s: %d sources detected", s.id, len(windows))
+        plans.append(
+            assign_windows(
+                windows, s.shape, tile_size=tile_size, image_index=first_index + i, image_id=s.id
+            )
+        )
+    return Plan.concat(plans)
+
+
+def _threads_per_host(client) -> tuple[tuple[str, int], ...]:
+    """Intra-op threads per worker: the host's cores shared among its worker processes."""
+    info = client.scheduler_info(n_workers=-1)["workers"]
+    hosts: dict[str, int] = {}
+    for w in info.values():
+        host = w.get("host") or w["id"]
+        hosts[host] = hosts.get(host, 0) + 1
+    cores = client.run(lambda: (socket.gethostname(), len(os.sched_getaffinity(0))))
+    per_host = {}
+    for addr, (name, n) in cores.items():
+        host = info.get(addr, {}).get("host")
+        per_host[name] = max(1, n // max(1, hosts.get(host, 1)))
+    return tuple(sorted(per_host.items()))
+
+
+def _segment_jobs(
+    store: Store, seg_index: int, plan: Plan, sources: dict[str, ImageSource], base: dict
+) -> Iterable[UnitJob]:
+    seg = store.segments[seg_index]
+    layout: Layout = pack_units(plan.tile_start, chunk_rows=store.chunk_rows)
+    done = store.done_units()
+    for u in range(layout.n_units):
+        unit = seg.unit_start + u
+        if unit in done:
+            continue
+        tiles = []
+        for t in range(layout.unit_tiles[u], layout.unit_tiles[u + 1]):
+            tile = plan.tiles[t]
+            src = sources[plan.images[int(tile["image"])]]
+            box = (int(tile["ry0"]), int(tile["ry1"]), int(tile["rx0"]), int(tile["rx1"]))
+            tiles.append(TileJob(src, box, np.ascontiguousarray(plan.tile_windows(t))))
+        rows = int(layout.unit_rows[u + 1] - layout.unit_rows[u])
+        yield UnitJob(
+            row_start=seg.row_start + int(layout.unit_rows[u]),
+            n_rows=rows,
+            unit=unit,
+            tiles=tuple(tiles),
+            **base,
+        )
+
+
+def fingerprint(
+    inputs: Sequence[str | os.PathLike],
+    store: str | os.PathLike,
+    *,
+    method: str | None = None,
+    size: int | None = None,
+    stride: int | None = None,
+    edge: str | None = None,
+    catalog: str | None = None,
+    model: str | None = None,
+    batch_size: int | None = None,
+    scheduler: str | None = None,
+    workers: int | None = None,
+    gpu: bool | None = None,
+    tile_size: int | None = None,
+    chunk_rows: int | None = None,
+    hdu: int | str | None = None,
+    variable: str | None = None,
+    progress: bool = True,
+    client=None,
+) -> FingerprintResult:
+    """Fingerprint every cutout of ``inputs`` into the store at ``store``.
+
+    Parameters mirror ``elodin fingerprint``; ``None`` means the configured default. Pass a
+    :class:`distributed.Client` as ``client`` to use a cluster you manage; otherwise one is
+    started from ``scheduler`` (``local`` by default) and closed at the end.
+
+    Returns
+    -------
+    FingerprintResult
+        Rows written, units run and skipped.
+    """
+    from .models import resolve
+    from .models.export import ensure_onnx
+    from .models.zoo import sha256_file
+
+    settings = _settings(
+        method=method,
+        size=size,
+        stride=stride,
+        edge=edge,
+        model=model,
+        batch_size=batch_size,
+        gpu=gpu,
+        tile_size=tile_size,
+        chunk_rows=chunk_rows,
+    )
+    sources = open_sources(inputs, hdu=hdu, variable=variable)
+    if not sources:
+        raise InputError("no input images")
+    card = resolve(settings["model"])
+    onnx_path = ensure_onnx(card, precision=settings["precision"])
+    sha = sha256_file(onnx_path)
+    from . import __version__
+
+    attrs = {
+        "model": card.name if settings["precision"] == "fp32" else f"{card.name}@fp16",
+        "model_sha256": sha,
+        "feature_dim": card.feature_dim,
+        "topk": settings["topk"],
+        "cutouts": settings["cutouts"],
+        "preprocess": settings["preprocess"],
+        "tiling": settings["tiling"],
+        "fingerprint_dtype": settings["dtype"],
+        "pipeline_version": __version__,
+    }
+    store_path = str(store)
+    existing = Store.open(store_path, mode="r+") if Store.exists(store_path) else None
+    if existing is not None:
+        existing.check_compatible(attrs)
+    by_id = {s.id: s for s in sources}
+    if len(by_id) != len(sources):
+        raise InputError("two inputs have the same image id; give them distinct file names")
+    known = {
+        img: i for i, seg in enumerate(existing.segments if existing else []) for img in seg.images
+    }
+    _refuse_changed_inputs(existing, known, by_id)
+    touched = sorted({known[s.id] for s in sources if s.id in known})
+    new = [s for s in sources if s.id not in known]
+    # Measured before anything is written (an all-NaN image is refused here) and recorded, so a
+    # resume and the report stretch with the same limits.
+    new_limits = _image_limits(new, settings["preprocess"])
+
+    import contextlib
+
+    from .compute import connect
+
+    ctx = (
+        contextlib.nullcontext(client)
+        if client is not None
+        else connect(scheduler, workers=workers)
+    )
+    with ctx as client:
+        link = getattr(client, "dashboard_link", None)
+        if progress and link:
+            print(f"Dask dashboard: {link}", file=sys.stderr)
+        plan = _plan_sources(client, new, settings, catalog, 0) if new else None
+        st = existing or Store.create(
+            store_path,
+            feature_dim=card.feature_dim,
+            topk=settings["topk"],
+            chunk_rows=settings["chunk_rows"],
+            attrs=attrs,
+            dtype=settings["dtype"],
+        )
+        if plan is not None:
+            if plan.n_windows == 0:
+                logger.warning("no cutouts planned for %s", ", ".join(s.id for s in new))
+            index = len(st.segments)
+            st.save_plan(index, plan)
+            st.append_segment(
+                images=[s.id for s in new],
+                layout=pack_units(plan.tile_start, chunk_rows=st.chunk_rows),
+                plan_digest=_plan_digest(plan),
+                inputs={s.id: {**_input_facts(s), "limits": new_limits.get(s.id)} for s in new},
+            )
+            touched.append(index)
+
+        base = {
+            "store": store_path,
+            "model": _model_ref(card, onnx_path, sha, settings, client),
+            "preprocess": settings["preprocess"],
+            "image_limits": {},
+            "batch_size": settings["batch_size"],
+            "fill": np.nan if settings["cutouts"]["fill"] is None else settings["cutouts"]["fill"],
+            "side": settings["cutouts"]["size"],
+            "dtype": settings["dtype"],
+        }
+        all_sources = dict(by_id)
+        jobs: list[UnitJob] = []
+        total_units = n_windows = 0
+        for index in touched:
+            seg = st.segments[index]
+            plan = st.load_plan(index)
+            n_windows += plan.n_windows
+            total_units += seg.unit_stop - seg.unit_start
+            for img in seg.images:
+                # A segment is resumed as a whole: its other images are reopened from the record.
+                all_sources.setdefault(img, _reopen(seg.inputs[img]))
+                if seg.inputs[img].get("limits") is not None:
+                    base["image_limits"][img] = np.asarray(seg.inputs[img]["limits"], np.float32)
+            jobs.extend(_segment_jobs(st, index, plan, all_sources, base))
+        _run_jobs(client, jobs, gpu=settings["gpu"], progress=progress)
+    images = tuple(s.id for s in sources)
+    return FingerprintResult(store_path, n_windows, len(jobs), total_units - len(jobs), images)
+
+
+def _refuse_changed_inputs(store: Store | None, known: dict, by_id: dict) -> None:
+    for img, i in known.items():
+        if img in by_id:
+            recorded = store.segments[i].inputs.get(img, {}).get("files")
+            if recorded is not None and recorded != _input_facts(by_id[img])["files"]:
+                raise StoreError(
+                    f"{store.path}: input {img} ({by_id[img].paths[0]}) changed since it was "
+                    "fingerprinted; use a new store or `elodin run --incremental`"
+                )
+
+
+def _image_limits(sources: Sequence[ImageSource], preprocess: dict) -> dict:
+    if preprocess.get("scope") != "image":
+        return {}
+    from .preprocess import image_limits_for
+
+    # Errors name the file, which is what the user can go and look at.
+    return {
+        s.id: image_limits_for(s, preprocess, image="+".join(s.paths)).tolist() for s in sources
+    }
+
+
+def _model_ref(card, onnx_path, sha: str, settings: dict, client) -> ModelRef:
+    on_gpu = settings["gpu"]
+    fixed = config.get("model.fixed-batches")
+    return ModelRef(
+        card.name,
+        str(onnx_path),
+        sha,
+        settings["providers"],
+        settings["topk"],
+        _threads_per_host(client),
+        io_binding=config.get("model.io-binding"),
+        fixed_batch=settings["batch_size"] if (on_gpu if fixed is None else fixed) else None,
+        require_gpu=on_gpu and settings["providers"] in ("auto", None),
+    )
+
+
+def _run_jobs(client, jobs: list[UnitJob], *, gpu: bool, progress: bool) -> int:
+    """Submit units with back-pressure, show progress, and fail with the first error."""
+    from distributed import as_completed
+    from tqdm.auto import tqdm
+
+    if not jobs:
+        return 0
+    n_workers = max(1, len(client.scheduler_info(n_workers=-1)["workers"]))
+    window = 4 * n_workers + 4  # in flight at once: scheduler memory stays bounded for 10^6 units
+    resources = {"GPU": 1} if gpu else None
+    total = sum(len(t.windows) for j in jobs for t in j.tiles)
+    bar = tqdm(
+        total=total,
+        unit="cutout",
+        disable=not progress,
+        file=sys.stderr,
+        dynamic_ncols=True,
+        desc="fingerprint",
+    )
+    it = iter(jobs)
+    run_token = os.urandom(4).hex()
+    in_flight: set = set()
+    pending = as_completed()
+
+    def submit(job: UnitJob) -> None:
+        fut = client.submit(
+            run_unit,
+            job,
+            key=f"elodin-unit-{job.unit}-{run_token}",
+            resources=resources,
+            pure=False,
+            retries=2,
+        )
+        in_flight.add(fut)
+        pending.add(fut)
+
+    for job in _take(it, window):
+        submit(job)
+    written = 0
+    try:
+        for fut in pending:
+            in_flight.discard(fut)
+            rows = fut.result()  # re-raises a task's error here, e.g. an unreadable tile
+            written += rows
+            bar.update(rows)
+            for job in _take(it, 1):
+                submit(job)
+    finally:
+        bar.close()
+        if in_flight:
+            client.cancel(list(in_flight))
+    return written
+
+
+def _take(it, n):
+    for _ in range(n):
+        try:
+            yield next(it)
+        except StopIteration:
+            return

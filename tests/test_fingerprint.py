@@ -1,0 +1,380 @@
+"""End-to-end fingerprinting on a real LocalCluster (processes) into real Zarr stores."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import dask.config
+import numpy as np
+import pytest
+from astropy.io import fits
+from astropy.wcs import WCS
+
+from pipeline.errors import StoreError
+from pipeline.fingerprint import fingerprint
+from pipeline.store import Store
+
+MODEL = "efficientnet-lite0:native"  # 64x64 cutouts straight in: the fastest real model
+# Small tiles and chunks so that a small mosaic still makes many work units.
+SETTINGS = {
+    "method": "sliding",
+    "size": 64,
+    "stride": 64,
+    "tile_size": 256,
+    "chunk_rows": 16,
+    "model": MODEL,
+}
+
+
+def make_mosaic(path: Path, *, ny: int = 640, nx: int = 768, seed: int = 1) -> Path:
+    """A FITS mosaic with a TAN WCS: sky noise plus Gaussian galaxies of random shapes."""
+    rs = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:ny, 0:nx]
+    data = rs.normal(100.0, 5.0, (ny, nx))
+    for _ in range(60):
+        x0, y0 = rs.uniform(0, nx), rs.uniform(0, ny)
+        sx, sy = rs.uniform(1.5, 8), rs.uniform(1.5, 8)
+        data += rs.uniform(50, 2000) * np.exp(-(((xx - x0) / sx) ** 2 + ((yy - y0) / sy) ** 2) / 2)
+    w = WCS(naxis=2)
+    w.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+    w.wcs.crval = [150.1, 2.2]
+    w.wcs.crpix = [nx / 2, ny / 2]
+    w.wcs.cdelt = [-0.03 / 3600, 0.03 / 3600]
+    fits.PrimaryHDU(data.astype(np.float32), header=w.to_header()).writeto(path)
+    return path
+
+
+def store_digest(path: Path) -> str:
+    """Hash of every file of a store: equal digests mean byte-identical stores."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in Path(path).rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(path)).encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def client():
+    from distributed import Client, LocalCluster
+
+    with (
+        LocalCluster(
+            n_workers=2,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=None,
+            resources={"GPU": 1},
+        ) as cluster,
+        Client(cluster) as c,
+    ):
+        yield c
+
+
+@pytest.fixture(scope="module")
+def mosaic(tmp_path_factory) -> Path:
+    return make_mosaic(tmp_path_factory.mktemp("mosaic") / "field.fits")
+
+
+@pytest.fixture(scope="module")
+def clean_store(tmp_path_factory, mosaic, client) -> Path:
+    out = tmp_path_factory.mktemp("clean") / "clean.zarr"
+    fingerprint([mosaic], out, client=client, progress=False, **SETTINGS)
+    return out
+
+
+def test_every_planned_cutout_once_and_rows_aligned(clean_store, mosaic, lite0_native_onnx):
+    from pipeline.models import get_session
+    from pipeline.preprocess import image_limits_for, stretch_cutouts
+    from pipeline.sources import open_sources
+
+    ds = Store.open(clean_store).dataset().load()
+    valid = ds.valid.values
+    ny, nx = fits.getdata(mosaic).shape
+    # 640 x 768 in 64-pixel windows, stride 64: exactly 10 x 12 windows.
+    assert valid.sum() == 10 * 12
+    centres = set(zip(ds.x.values[valid], ds.y.values[valid], strict=True))
+    expected = {(x0 + 31.5, y0 + 31.5) for y0 in range(0, ny, 64) for x0 in range(0, nx, 64)}
+    assert centres == expected, "every planned window once, none twice, none extra"
+    assert np.isfinite(ds.fingerprint.values[valid]).all()
+    assert not np.isfinite(ds.fingerprint.values[~valid]).any()
+
+    # Rows and coordinates are aligned: the stored fingerprint of a row is the model's output on
+    # the window read straight from the FITS at that row's x, y.
+    data = fits.getdata(mosaic).astype(np.float32)
+    limits = image_limits_for(open_sources([mosaic])[0])  # the default stretch is per image
+    session = get_session(lite0_native_onnx, threads=1)
+    rows = np.flatnonzero(valid)[[0, 7, 33, 64, 119]]
+    for r in rows:
+        x0, y0 = int(ds.x.values[r] - 31.5), int(ds.y.values[r] - 31.5)
+        cut = data[y0 : y0 + 64, x0 : x0 + 64][None, None]
+        rgb, _ = stretch_cutouts(cut, image_limits=limits)
+        out = session.infer(rgb)
+        np.testing.assert_allclose(ds.fingerprint.values[r], out.features[0], atol=1e-4)
+        np.testing.assert_array_equal(ds.top_class.values[r], out.top_class[0])
+
+    # Sky coordinates through the image's WCS.
+    w = WCS(fits.getheader(mosaic))
+    sky = w.pixel_to_world(ds.x.values[valid], ds.y.values[valid])
+    np.testing.assert_allclose(ds.ra.values[valid], sky.ra.deg, atol=1e-9)
+    np.testing.assert_allclose(ds.dec.values[valid], sky.dec.deg, atol=1e-9)
+    assert set(ds.image.values[valid]) == {"field"}
+
+
+def test_store_records_what_made_it(clean_store, lite0_native_onnx):
+    from pipeline.models.zoo import sha256_file
+
+    attrs = Store.open(clean_store).attrs
+    assert attrs["model"] == MODEL
+    assert attrs["model_sha256"] == sha256_file(lite0_native_onnx)
+    assert attrs["cutouts"]["size"] == 64 and attrs["cutouts"]["method"] == "sliding"
+    assert attrs["preprocess"]["stretch"] and "pipeline_version" in attrs
+
+
+def test_finished_run_does_no_inference(clean_store, mosaic, client):
+    before = store_digest(clean_store)
+    result = fingerprint([mosaic], clean_store, client=client, progress=False, **SETTINGS)
+    assert result.units_run == 0 and result.units_skipped > 0
+    assert store_digest(clean_store) == before
+
+
+def test_other_model_or_settings_are_refused_and_store_unchanged(
+    clean_store, mosaic, client, tmp_path
+):
+    before = store_digest(clean_store)
+    other = make_mosaic(tmp_path / "other.fits", seed=2)
+    with pytest.raises(StoreError, match="made with model"):
+        fingerprint(
+            [other],
+            clean_store,
+            client=client,
+            progress=False,
+            **{**SETTINGS, "model": "efficientnet-lite0"},
+        )
+    with pytest.raises(StoreError, match="made with cutouts"):
+        fingerprint(
+            [other],
+            clean_store,
+            client=client,
+            progress=False,
+            **{**SETTINGS, "size": 48, "stride": 48},
+        )
+    assert store_digest(clean_store) == before
+
+
+def test_a_growing_survey_appends_new_images(tmp_path, mosaic, client):
+    out = tmp_path / "grow.zarr"
+    fingerprint([mosaic], out, client=client, progress=False, **SETTINGS)
+    other = make_mosaic(tmp_path / "second.fits", ny=320, nx=320, seed=3)
+    result = fingerprint([mosaic, other], out, client=client, progress=False, **SETTINGS)
+    ds = Store.open(out).dataset()
+    valid = ds.valid.values
+    assert valid.sum() == 120 + 25
+    assert sorted(set(ds.image.values[valid])) == ["field", "second"]
+    assert result.units_skipped > 0  # the first image's units were not run again
+    assert len(Store.open(out).segments) == 2
+
+
+def test_gpu_resource_restriction_reaches_the_scheduler(tmp_path, mosaic, client):
+    def install(dask_scheduler):
+        from distributed.diagnostics.plugin import SchedulerPlugin
+
+        class Recorder(SchedulerPlugin):
+            name = "elodin-test-recorder"
+
+            def __init__(self):
+                self.seen = {}
+
+            def transition(self, key, start, finish, *args, **kwargs):
+                ts = dask_scheduler.tasks.get(key)
+                if ts is not None and str(key).startswith("elodin-unit"):
+                    self.seen[str(key)] = dict(ts.resource_restrictions or {})
+
+        dask_scheduler.add_plugin(Recorder(), name="elodin-test-recorder")
+
+    client.run_on_scheduler(install)
+    # The GPU=1 slots of this cluster run the CPU provider (no GPU here): name it explicitly,
+    # since --gpu with automatic providers insists on CUDA.
+    with dask.config.set({"elodin.model.providers": ["CPUExecutionProvider"]}):
+        fingerprint(
+            [mosaic], tmp_path / "gpu.zarr", client=client, progress=False, gpu=True, **SETTINGS
+        )
+    seen = client.run_on_scheduler(
+        lambda dask_scheduler: dask_scheduler.plugins["elodin-test-recorder"].seen
+    )
+    assert seen and all(r == {"GPU": 1} for r in seen.values())
+
+
+def _cli(*args: str, **kw) -> list[str]:
+    return [sys.executable, "-m", "pipeline.cli", *args]
+
+
+def test_killed_client_resumes_to_the_same_store(tmp_path, client):
+    """kill -9 of the client (and its local workers) mid-run; the same command finishes the job
+    and the store equals a clean run's."""
+    mosaic = make_mosaic(tmp_path / "field.fits", ny=1024, nx=1280, seed=5)
+    # The 224 model: slow enough on this machine that the kill lands mid-run (20 units).
+    settings = {**SETTINGS, "model": "efficientnet-lite0"}
+    clean = tmp_path / "clean.zarr"
+    fingerprint([mosaic], clean, client=client, progress=False, **settings)
+
+    out = tmp_path / "resumed.zarr"
+    cmd = _cli(
+        "fingerprint",
+        str(mosaic),
+        "-o",
+        str(out),
+        "--method",
+        "sliding",
+        "--size",
+        "64",
+        "--stride",
+        "64",
+        "--tile-size",
+        "256",
+        "--model",
+        "efficientnet-lite0",
+        "--workers",
+        "1",
+        "--no-progress",
+    )
+    env = {**os.environ, "ELODIN__FINGERPRINT__CHUNK_ROWS": "16"}
+    proc = subprocess.Popen(
+        cmd, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    done_dir = out / "done"
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        if done_dir.is_dir() and len([p for p in done_dir.iterdir() if p.name.isdigit()]) >= 3:
+            break
+        if proc.poll() is not None:
+            pytest.fail(
+                f"run ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
+            )
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    n_done = len([p for p in done_dir.iterdir() if p.name.isdigit()])
+    n_units = Store.open(out).n_units
+    assert 0 < n_done < n_units == 20, "the kill landed mid-run"
+
+    rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"{n_units - n_done} work unit(s) run, {n_done} already done" in rerun.stdout
+
+    a = Store.open(clean).dataset().load()
+    b = Store.open(out).dataset().load()
+    for name in ("valid", "x", "y", "width", "height", "ra", "dec", "image", "top_class"):
+        np.testing.assert_array_equal(a[name].values, b[name].values, err_msg=name)
+    np.testing.assert_allclose(
+        a.fingerprint.values, b.fingerprint.values, atol=1e-4, equal_nan=True
+    )
+
+
+def _bad(tmp_path: Path, name: str) -> list[str]:
+    """Inputs that must each be refused with one line naming the file."""
+    if name == "missing":
+        return [str(tmp_path / "nope.fits")]
+    if name == "truncated":
+        good = make_mosaic(tmp_path / "t.fits", ny=128, nx=128)
+        data = good.read_bytes()
+        (tmp_path / "trunc.fits").write_bytes(data[: len(data) // 2])
+        return [str(tmp_path / "trunc.fits")]
+    if name == "all-nan":
+        fits.PrimaryHDU(np.full((128, 128), np.nan, np.float32)).writeto(tmp_path / "nan.fits")
+        return [str(tmp_path / "nan.fits")]
+    if name == "too-small":
+        fits.PrimaryHDU(np.ones((40, 50), np.float32)).writeto(tmp_path / "small.fits")
+        return [str(tmp_path / "small.fits")]
+    if name == "table-hdu":
+        from astropy.table import Table
+
+        Table({"a": [1, 2]}).write(tmp_path / "tab.fits")
+        return [str(tmp_path / "tab.fits") + "[1]"]
+    raise AssertionError(name)
+
+
+@pytest.mark.parametrize("name", ["missing", "truncated", "all-nan", "too-small", "table-hdu"])
+def test_cli_bad_input_is_one_line_and_the_store_is_untouched(tmp_path, clean_store, name):
+    before = store_digest(clean_store)
+    args = _bad(tmp_path, name)
+    cmd = _cli(
+        "fingerprint",
+        *args,
+        "-o",
+        str(clean_store),
+        "--size",
+        "64",
+        "--stride",
+        "64",
+        "--tile-size",
+        "256",
+        "--model",
+        MODEL,
+        "--workers",
+        "1",
+        "--no-progress",
+    )
+    env = {**os.environ, "ELODIN__FINGERPRINT__CHUNK_ROWS": "16"}
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = [ln for ln in result.stderr.splitlines() if ln.startswith("elodin: error:")]
+    assert len(lines) == 1, result.stderr
+    stem = Path(args[0].split("[")[0]).name
+    assert stem in lines[0], lines[0]
+    assert store_digest(clean_store) == before
+
+
+def test_image_smaller_than_a_cutout_under_drop_creates_nothing(tmp_path):
+    fits.PrimaryHDU(np.ones((40, 50), np.float32)).writeto(tmp_path / "small.fits")
+    out = tmp_path / "new.zarr"
+    cmd = _cli(
+        "fingerprint",
+        str(tmp_path / "small.fits"),
+        "-o",
+        str(out),
+        "--edge",
+        "drop",
+        "--model",
+        MODEL,
+        "--workers",
+        "1",
+    )
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "small" in result.stderr and "smaller than" in result.stderr
+    assert not out.exists()
+
+
+def test_cli_fingerprint_then_demo_style_rerun(tmp_path, mosaic):
+    out = tmp_path / "cli.zarr"
+    cmd = _cli(
+        "fingerprint",
+        str(mosaic),
+        "-o",
+        str(out),
+        "--size",
+        "64",
+        "--stride",
+        "64",
+        "--tile-size",
+        "256",
+        "--model",
+        MODEL,
+        "--workers",
+        "1",
+    )
+    env = {**os.environ, "ELODIN__FINGERPRINT__CHUNK_ROWS": "16"}
+    first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    assert "120 cutouts" in first.stdout
+    assert "fingerprint" in first.stderr and "cutout" in first.stderr  # the progress bar
+    assert "Dask dashboard: http" in first.stderr
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert "0 work unit(s) run" in again.stdout
