@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -17,6 +18,8 @@ import dask
 import dask.array as da
 import numpy as np
 import pytest
+import xarray as xr
+from astropy.io import fits
 
 from pipeline import compute
 from pipeline.errors import ConfigError
@@ -149,3 +152,58 @@ def test_example_batch_script_is_accepted_by_sbatch():
         check=False,
     )
     assert out.returncode == 0, out.stderr
+
+
+def _small_mosaic(path: Path) -> Path:
+    """A 200 x 260 FITS image: noise and a dozen Gaussian sources (seeded)."""
+    rng = np.random.default_rng(7)
+    yy, xx = np.mgrid[:200, :260]
+    img = rng.normal(100.0, 5.0, (200, 260))
+    for x, y, a, s in rng.uniform([10, 10, 200, 1.5], [250, 190, 2000, 5.0], (12, 4)):
+        img += a * np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * s * s))
+    fits.PrimaryHDU(img.astype(np.float32)).writeto(path)
+    return path
+
+
+def test_fingerprint_on_slurm_gives_the_store_a_local_run_gives(tmp_path, lite0_onnx):
+    image = _small_mosaic(tmp_path / "field.fits")
+    name = f"elodin-test-{uuid.uuid4().hex[:8]}"
+    logs = tmp_path / "slurm-logs"
+    # The command line, as a user runs it; settings through ELODIN__ variables, which sbatch
+    # passes on to the worker jobs with the rest of the environment (model cache included).
+    env = {
+        **os.environ,
+        "ELODIN__SLURM__CORES": "1",
+        "ELODIN__SLURM__MEMORY": "2GB",
+        "ELODIN__SLURM__JOB_NAME": name,
+        "ELODIN__SLURM__LOG_DIRECTORY": str(logs),
+        "ELODIN__SLURM__WAIT_TIMEOUT": "120",
+        "ELODIN__FINGERPRINT__GPU": "false",
+    }
+    args = [str(image), "--size", "32", "--tile-size", "128", "--workers", "1", "--no-progress"]
+    stores = {}
+    for scheduler in ("local", "slurm"):
+        stores[scheduler] = tmp_path / f"{scheduler}.zarr"
+        command = [sys.executable, "-m", "pipeline.cli", "fingerprint", *args]
+        out = subprocess.run(
+            [*command, "-o", str(stores[scheduler]), "--scheduler", scheduler],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+        assert out.returncode == 0, out.stderr[-3000:]
+    # The slurm run's worker was a job of ours (its log is there), and it is gone now.
+    assert list(logs.glob(f"{name}-*.out")), "no worker job log: did the run use SLURM?"
+    assert _wait_until_gone(name) == []
+
+    local = xr.open_zarr(stores["local"], consolidated=False)
+    slurm = xr.open_zarr(stores["slurm"], consolidated=False)
+    assert local.sizes == slurm.sizes and local.sizes["cutout"] >= 48
+    for var in ("valid", "x", "y", "width", "height", "image", "top_class"):
+        np.testing.assert_array_equal(slurm[var].values, local[var].values, err_msg=var)
+    # Same model, same batches, same CPU kernels: the same numbers up to float rounding.
+    np.testing.assert_allclose(
+        slurm["fingerprint"].values, local["fingerprint"].values, rtol=1e-5, atol=1e-6
+    )
