@@ -179,6 +179,208 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------- analysis
+
+
+@command
+def _add_reduce(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("reduce", help="exact incremental PCA of the fingerprints (writes pca)")
+    p.add_argument("store", metavar="STORE")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--components", type=int, metavar="N", help="components kept (default 20)")
+    g.add_argument(
+        "--variance",
+        type=float,
+        metavar="F",
+        help="keep components up to this explained variance, e.g. 0.99",
+    )
+    p.add_argument(
+        "--features",
+        metavar="fingerprint|pixels",
+        help="CNN fingerprints (pca) or the cutout-pixel baseline (pca_pixels)",
+    )
+    p.add_argument(
+        "--refit", action="store_true", help="ignore the saved sums and read every row again"
+    )
+    p.add_argument("--block-rows", type=int, metavar="N", help="rows per task")
+    _add_cluster_flags(p)
+    p.set_defaults(func=_cmd_reduce)
+
+
+def _cmd_reduce(args: argparse.Namespace) -> int:
+    from .analysis import reduce
+
+    print(
+        reduce(
+            args.store,
+            components=args.components,
+            variance=args.variance,
+            features=args.features,
+            refit=args.refit,
+            block_rows=args.block_rows,
+            scheduler=args.scheduler,
+            workers=args.workers,
+        )
+    )
+    return 0
+
+
+@command
+def _add_cluster(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("cluster", help="group the cutouts in PCA space (writes cluster)")
+    p.add_argument("store", metavar="STORE")
+    p.add_argument("--algorithm", metavar="kmeans|agglomerative|affinity|hdbscan")
+    p.add_argument("--n-clusters", type=int, metavar="K", help="kmeans and agglomerative")
+    p.add_argument(
+        "--sample-size", type=int, metavar="N", help="rows the sample-fitted methods see"
+    )
+    p.add_argument(
+        "--on",
+        default="pca",
+        metavar="pca|pca_pixels",
+        help="which reduction to group (default pca)",
+    )
+    p.add_argument("--block-rows", type=int, metavar="N", help="rows per task")
+    _add_cluster_flags(p)
+    p.set_defaults(func=_cmd_cluster)
+
+
+def _cmd_cluster(args: argparse.Namespace) -> int:
+    from .analysis import cluster
+
+    result = cluster(
+        args.store,
+        algorithm=args.algorithm,
+        n_clusters=args.n_clusters,
+        sample_size=args.sample_size,
+        features=args.on,
+        block_rows=args.block_rows,
+        scheduler=args.scheduler,
+        workers=args.workers,
+    )
+    print(result)
+    return 0
+
+
+@command
+def _add_embed(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("embed", help="2-D map of the cutouts, UMAP or t-SNE (writes embedding)")
+    p.add_argument("store", metavar="STORE")
+    p.add_argument("--method", metavar="umap|tsne")
+    p.add_argument("--sample-size", type=int, metavar="N", help="rows the map is fitted on")
+    p.add_argument("--block-rows", type=int, metavar="N", help="rows per task")
+    _add_cluster_flags(p)
+    p.set_defaults(func=_cmd_embed)
+
+
+def _cmd_embed(args: argparse.Namespace) -> int:
+    from .analysis import embed
+
+    print(
+        embed(
+            args.store,
+            method=args.method,
+            sample_size=args.sample_size,
+            block_rows=args.block_rows,
+            scheduler=args.scheduler,
+            workers=args.workers,
+        )
+    )
+    return 0
+
+
+@command
+def _add_similar(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("similar", help="the cutouts most similar to a query")
+    p.add_argument("store", metavar="STORE")
+    q = p.add_mutually_exclusive_group(required=True)
+    q.add_argument("--cutout", type=int, metavar="INDEX", help="query by row index")
+    q.add_argument("--image", metavar="FILE", help="query by an image file (fingerprinted now)")
+    q.add_argument(
+        "--radec",
+        type=float,
+        nargs=2,
+        metavar=("RA", "DEC"),
+        help="query by sky position (degrees)",
+    )
+    p.add_argument("-n", type=int, metavar="N", help="rows listed (default 9)")
+    p.add_argument("--metric", metavar="l2|cosine|jaccard")
+    p.add_argument(
+        "--exclude-overlaps",
+        action="store_true",
+        default=None,
+        help="leave out windows overlapping the query window",
+    )
+    p.add_argument("--block-rows", type=int, metavar="N", help="rows per task")
+    _add_cluster_flags(p)
+    p.set_defaults(func=_cmd_similar)
+
+
+def _cmd_similar(args: argparse.Namespace) -> int:
+    from .analysis import similar
+
+    table = similar(
+        args.store,
+        cutout=args.cutout,
+        image=args.image,
+        radec=args.radec,
+        n=args.n,
+        metric=args.metric,
+        exclude_overlaps=args.exclude_overlaps,
+        block_rows=args.block_rows,
+        scheduler=args.scheduler,
+        workers=args.workers,
+    )
+    print(f"query: {table.meta.get('query')} ({table.meta.get('metric')})")
+    table.pprint(max_lines=-1, max_width=-1)
+    return 0
+
+
+@command
+def _add_outliers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("outliers", help="k-NN distance outlier scores (writes outlier_score)")
+    p.add_argument("store", metavar="STORE")
+    p.add_argument("-n", type=int, metavar="N", help="rows listed (default 50)")
+    p.add_argument("-k", type=int, metavar="K", help="neighbours averaged (default 10)")
+    p.add_argument("--reference-size", type=int, metavar="N", help="rows in the reference sample")
+    p.add_argument("--block-rows", type=int, metavar="N", help="rows per task")
+    _add_cluster_flags(p)
+    p.set_defaults(func=_cmd_outliers)
+
+
+def _cmd_outliers(args: argparse.Namespace) -> int:
+    from .analysis import outliers
+
+    table = outliers(
+        args.store,
+        n=args.n,
+        k=args.k,
+        reference_size=args.reference_size,
+        block_rows=args.block_rows,
+        scheduler=args.scheduler,
+        workers=args.workers,
+    )
+    table.pprint(max_lines=-1, max_width=-1)
+    return 0
+
+
+@command
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="catalog of the valid cutouts (Parquet, FITS or ECSV)")
+    p.add_argument("store", metavar="STORE")
+    p.add_argument(
+        "-o", "--output", required=True, metavar="CATALOG", help="catalog.parquet, .fits or .ecsv"
+    )
+    p.set_defaults(func=_cmd_export)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .analysis import export
+
+    print(export(args.store, args.output))
+    return 0
+
+
 # ------------------------------------------------------------------------------------------ main
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -200,6 +402,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    # distributed sets its loggers to INFO when it is imported (from dask.config's `logging`);
+    # the terminal shows the progress bar instead, unless -vv asks for everything.
+    import dask.config
+
+    quiet = "warning" if args.verbose < 2 else "debug"
+    dask.config.set({"logging.distributed": quiet})
+    for name in ("distributed", "dask_jobqueue", "dask_kubernetes", "kr8s"):
+        logging.getLogger(name).setLevel(quiet.upper())
     try:
         if args.config:
             from . import config

@@ -118,8 +118,11 @@ def load_file(path: str | os.PathLike) -> dict:
         raise ConfigError(f"{p}:{where} not valid YAML") from None
     validate(data, source=str(p))
     body = data.get("elodin", data) if isinstance(data, Mapping) else {}
-    body = {k: v for k, v in body.items() if k not in {"run"}} if "run" in body else body
     dask.config.update(dask.config.config, {"elodin": body}, priority="new")
+    # Precedence is defaults < user YAML < ELODIN__ variables < flags: re-apply the variables.
+    env = collect_env()
+    if env:
+        dask.config.update(dask.config.config, env, priority="new")
     return body
 
 

@@ -69,3 +69,12 @@ def test_typed_accessors_name_the_key():
             config.get_int("fingerprint.batch-size")
     with pytest.raises(ConfigError, match="not one of"):
         config.get_choice("cutouts.edge", ("a", "b"))
+
+
+def test_environment_beats_a_user_file(tmp_path, monkeypatch):
+    f = tmp_path / "user.yaml"
+    f.write_text("elodin:\n  fingerprint:\n    batch-size: 32\n")
+    monkeypatch.setenv("ELODIN__FINGERPRINT__BATCH_SIZE", "8")
+    with dask.config.set({}):
+        config.load_file(f)
+        assert config.get("fingerprint.batch-size") == 8
