@@ -1,0 +1,559 @@
+"""Groups of fingerprints in PCA space: k-means over all rows; agglomerative (Ward), affinity
+propagation and HDBSCAN on a sample, every other row assigned to its nearest centroid.
+
+k-means
+    :class:`StreamingKMeans`: k-means++ with ``n_init`` restarts (scikit-learn's
+    :class:`~sklearn.cluster.KMeans`) on a random sample gives the start, then exact Lloyd
+    iterations stream over *all* rows block by block (each task returns per-cluster sums,
+    counts and inertia; the client adds them and moves the centres) until the centres move
+    less than ``tol``. This minimises the true k-means objective over all rows, which
+    :class:`~sklearn.cluster.MiniBatchKMeans` (one noisy pass) does not reach, and unlike
+    dask-ml's KMeans it needs no persisted array: a pass reads the ``pca`` variable (N x 20
+    float32, small next to the fingerprints) once, and a good start from the sample keeps the
+    passes few. The result is the same algorithm as scikit-learn's Lloyd KMeans.
+
+agglomerative, affinity, hdbscan
+    Their memory or time is quadratic in the rows, so :class:`SampleClusterer` fits them on a
+    uniform sample (``analysis.sample-size`` rows; affinity propagation at most 5000 by
+    default, as it keeps three n x n float64 matrices) and summarises each group by the centroid
+    of its members (affinity propagation: its exemplar). Sampled rows keep the label they got
+    in the fit (HDBSCAN's noise label ``-1`` included); every other row takes the label of its
+    nearest centroid, so only sampled rows can be noise.
+
+Quality is reported as the silhouette and Davies–Bouldin scores of a sample (noise left out).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from sklearn.base import BaseEstimator, ClusterMixin
+
+from .. import config
+from ..errors import ConfigError, StoreError
+from ..store import Store
+from . import _base
+
+__all__ = ["ALGORITHMS", "ClusterResult", "SampleClusterer", "StreamingKMeans", "cluster"]
+
+logger = logging.getLogger(__name__)
+
+ALGORITHMS = ("kmeans", "agglomerative", "affinity", "hdbscan")
+SAMPLED = ("agglomerative", "affinity", "hdbscan")
+AFFINITY_DEFAULT_SAMPLE = 5000
+# Per input space: the variables written and their dimension names.
+SPACES: Mapping[str, Mapping[str, str]] = {
+    "pca": {
+        "out": "cluster",
+        "centers": "cluster_centers",
+        "sizes": "cluster_size",
+        "id": "cluster_id",
+        "component": "component",
+    },
+    "pca_pixels": {
+        "out": "cluster_pixels",
+        "centers": "cluster_pixels_centers",
+        "sizes": "cluster_pixels_size",
+        "id": "pixel_cluster_id",
+        "component": "pixel_component",
+    },
+}
+
+
+# ------------------------------------------------------------------------------ block kernels
+def _sq_dist(x: np.ndarray, centers: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64, copy=False)
+    d = (
+        (x * x).sum(axis=1)[:, None]
+        - 2.0 * x @ centers.T
+        + (centers * centers).sum(axis=1)[None, :]
+    )
+    return np.maximum(d, 0.0)
+
+
+def _nearest(block: np.ndarray, centers: np.ndarray) -> np.ndarray:
+    """Label of the nearest centre for each usable row, -1 for empty slots."""
+    block = np.asarray(block)
+    out = np.full(len(block), -1, np.int32)
+    ok = _base.finite_rows(block)
+    if ok.any() and len(centers):
+        out[ok] = np.argmin(_sq_dist(block[ok], centers), axis=1).astype(np.int32)
+    return out
+
+
+def _lloyd_stats(block: np.ndarray, centers: np.ndarray):
+    """Per-cluster sums and counts of the block's rows, and their inertia, for one Lloyd step."""
+    block = np.asarray(block)
+    x = block[_base.finite_rows(block)].astype(np.float64)
+    k, d = centers.shape
+    if len(x) == 0:
+        return np.zeros((k, d)), np.zeros(k, np.int64), 0.0
+    dist = _sq_dist(x, centers)
+    lab = np.argmin(dist, axis=1)
+    sums = np.zeros((k, d))
+    np.add.at(sums, lab, x)
+    counts = np.bincount(lab, minlength=k).astype(np.int64)
+    return sums, counts, float(dist[np.arange(len(x)), lab].sum())
+
+
+def _assign_block(
+    block: np.ndarray, centers: np.ndarray, positions: np.ndarray, labels: np.ndarray
+) -> np.ndarray:
+    """Nearest-centre labels, with sampled rows (``positions`` in the block) keeping ``labels``."""
+    out = _nearest(block, centers)
+    if len(positions):
+        out[positions] = labels
+    return out
+
+
+def _bincount_labels(labels: np.ndarray, n: int) -> np.ndarray:
+    labels = np.asarray(labels)
+    return np.bincount(labels[labels >= 0], minlength=n)[:n].astype(np.int64)
+
+
+def _as_dask(X):
+    from .reduce import _as_dask as as_dask
+
+    return as_dask(X)
+
+
+def _sample(X, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Uniform sample of the usable rows of a dask array: (sorted row indices, values)."""
+    index = _base.sample_index(_base.usable_mask(X), size, seed=seed)
+    return index, np.asarray(_base.take_rows(X, index), np.float64)
+
+
+# ----------------------------------------------------------------------------------- k-means
+class StreamingKMeans(ClusterMixin, BaseEstimator):
+    """Exact Lloyd k-means streamed over blocks, started from k-means++ on a sample.
+
+    Parameters
+    ----------
+    n_clusters : int
+    sample_size : int
+        Rows the k-means++ start (with ``n_init`` restarts) is fitted on.
+    n_init, max_iter, tol, random_state
+        As :class:`sklearn.cluster.KMeans` (``tol`` relative to the mean feature variance).
+
+    Attributes
+    ----------
+    cluster_centers_ : (n_clusters, n_features) ndarray
+    inertia_ : float
+        Sum of squared distances of all usable rows to their centre.
+    n_iter_ : int
+        Lloyd passes over all rows.
+    counts_ : (n_clusters,) ndarray
+        Rows per cluster.
+
+    Notes
+    -----
+    ``X`` is a numpy or dask array; rows holding NaN (empty slots) are skipped and labelled -1.
+    """
+
+    def __init__(
+        self,
+        n_clusters: int = 8,
+        *,
+        sample_size: int = 20000,
+        n_init: int = 10,
+        max_iter: int = 100,
+        tol: float = 1e-4,
+        random_state: int | None = 0,
+    ):
+        self.n_clusters = n_clusters
+        self.sample_size = sample_size
+        self.n_init = n_init
+        self.max_iter = max_iter
+        self.tol = tol
+        self.random_state = random_state
+
+    def fit(
+        self, X, y=None, *, sample: tuple[np.ndarray, np.ndarray] | None = None
+    ) -> StreamingKMeans:
+        import dask
+        from dask import delayed
+        from sklearn.cluster import KMeans
+
+        X = _as_dask(X)
+        seed = 0 if self.random_state is None else int(self.random_state)
+        index, values = sample if sample is not None else _sample(X, self.sample_size, seed)
+        if len(values) < self.n_clusters:
+            raise ValueError(
+                f"n_clusters={self.n_clusters} is more than the {len(values)} usable rows"
+            )
+        start = KMeans(self.n_clusters, n_init=self.n_init, random_state=self.random_state).fit(
+            values
+        )
+        centers = start.cluster_centers_.astype(np.float64)
+        tol = self.tol * float(np.mean(np.var(values, axis=0)))
+        blocks = X.to_delayed().ravel()
+        self.n_iter_ = 0
+        for _ in range(max(1, self.max_iter)):
+            parts = [delayed(_lloyd_stats)(b, centers) for b in blocks]
+            sums, counts, inertia = dask.compute(_base.tree_sum(parts))[0]
+            self.n_iter_ += 1
+            new = centers.copy()
+            filled = counts > 0
+            new[filled] = sums[filled] / counts[filled, None]
+            shift = float(((new - centers) ** 2).sum())
+            centers = new
+            if shift <= tol:
+                break
+        # The inertia and counts of the final centres (one more pass keeps them exact).
+        parts = [delayed(_lloyd_stats)(b, centers) for b in blocks]
+        _, counts, inertia = dask.compute(_base.tree_sum(parts))[0]
+        self.cluster_centers_ = centers
+        self.inertia_ = float(inertia)
+        self.counts_ = np.asarray(counts)
+        self.n_features_in_ = X.shape[1]
+        self.sample_index_ = index
+        return self
+
+    def predict(self, X):
+        """Nearest-centre labels (-1 for NaN rows); lazy for dask input."""
+        import dask.array as da
+
+        if isinstance(X, da.Array):
+            return X.map_blocks(_nearest, self.cluster_centers_, drop_axis=1, dtype=np.int32)
+        return _nearest(np.asarray(X), self.cluster_centers_)
+
+
+# ----------------------------------------------------------------------- sample-fitted methods
+class SampleClusterer(ClusterMixin, BaseEstimator):
+    """A quadratic clustering fitted on a sample; other rows go to the nearest centroid.
+
+    Parameters
+    ----------
+    algorithm : {"agglomerative", "affinity", "hdbscan"}
+    n_clusters : int
+        Groups cut from the Ward tree (agglomerative only).
+    sample_size : int
+    min_cluster_size : int
+        HDBSCAN's smallest group.
+    damping, preference, max_iter
+        Affinity propagation's parameters.
+    random_state : int
+
+    Attributes
+    ----------
+    cluster_centers_ : (k, n_features) ndarray
+        Centroid of each group's sampled members (affinity: the exemplars).
+    sample_index_, sample_labels_ : ndarray
+        The sampled rows and the labels the fit gave them (-1: HDBSCAN noise).
+    n_clusters_ : int
+    """
+
+    def __init__(
+        self,
+        algorithm: str = "agglomerative",
+        *,
+        n_clusters: int = 8,
+        sample_size: int = 20000,
+        min_cluster_size: int = 10,
+        damping: float = 0.9,
+        preference: float | None = None,
+        max_iter: int = 1000,
+        random_state: int | None = 0,
+    ):
+        self.algorithm = algorithm
+        self.n_clusters = n_clusters
+        self.sample_size = sample_size
+        self.min_cluster_size = min_cluster_size
+        self.damping = damping
+        self.preference = preference
+        self.max_iter = max_iter
+        self.random_state = random_state
+
+    def _model(self):
+        from sklearn.cluster import HDBSCAN, AffinityPropagation, AgglomerativeClustering
+
+        if self.algorithm == "agglomerative":
+            return AgglomerativeClustering(n_clusters=self.n_clusters, linkage="ward")
+        if self.algorithm == "affinity":
+            return AffinityPropagation(
+                damping=self.damping,
+                preference=self.preference,
+                max_iter=self.max_iter,
+                random_state=self.random_state,
+            )
+        if self.algorithm == "hdbscan":
+            return HDBSCAN(min_cluster_size=self.min_cluster_size, copy=True)
+        raise ValueError(f"unknown algorithm {self.algorithm!r}")
+
+    def fit(
+        self, X, y=None, *, sample: tuple[np.ndarray, np.ndarray] | None = None
+    ) -> SampleClusterer:
+        from sklearn.exceptions import ConvergenceWarning
+
+        X = _as_dask(X)
+        seed = 0 if self.random_state is None else int(self.random_state)
+        index, values = sample if sample is not None else _sample(X, self.sample_size, seed)
+        if self.algorithm == "agglomerative" and len(values) < self.n_clusters:
+            raise ValueError(
+                f"n_clusters={self.n_clusters} is more than the {len(values)} sampled rows"
+            )
+        model = self._model()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", ConvergenceWarning)
+            try:
+                labels = model.fit_predict(values)
+            except ConvergenceWarning:
+                raise ValueError(
+                    f"affinity propagation did not converge in {self.max_iter} iterations on {len(values)} rows; "
+                    "raise analysis.cluster.affinity-max-iter or damping"
+                ) from None
+        labels = np.asarray(labels, np.int32)
+        ids = np.unique(labels[labels >= 0])
+        # Consecutive ids 0..k-1 whatever the method numbered them.
+        remap = np.full(int(labels.max()) + 2 if len(labels) else 1, -1, np.int32)
+        remap[ids] = np.arange(len(ids), dtype=np.int32)
+        labels = np.where(labels >= 0, remap[labels], -1).astype(np.int32)
+        if self.algorithm == "affinity" and len(ids):
+            centers = np.asarray(model.cluster_centers_, np.float64)[ids]
+        else:
+            centers = np.array([values[labels == c].mean(axis=0) for c in range(len(ids))]).reshape(
+                len(ids), values.shape[1]
+            )
+        self.cluster_centers_ = centers
+        self.sample_index_ = index
+        self.sample_labels_ = labels
+        self.n_clusters_ = len(ids)
+        self.n_features_in_ = X.shape[1]
+        return self
+
+    def predict(self, X):
+        """Nearest-centroid labels (-1 for NaN rows, or everywhere when no group was found)."""
+        import dask.array as da
+
+        if isinstance(X, da.Array):
+            return X.map_blocks(_nearest, self.cluster_centers_, drop_axis=1, dtype=np.int32)
+        return _nearest(np.asarray(X), self.cluster_centers_)
+
+
+# ------------------------------------------------------------------------------- store level
+@dataclasses.dataclass
+class ClusterResult:
+    """What :func:`cluster` found: sizes (label -> rows, ``-1`` = noise) and quality."""
+
+    store: str
+    algorithm: str
+    variable: str
+    n_clusters: int
+    sizes: dict[int, int]
+    silhouette: float
+    davies_bouldin: float
+    inertia: float | None
+    params: dict[str, Any]
+
+    def lines(self) -> list[str]:
+        head = f"{self.store}: {self.algorithm} -> {self.variable}: {self.n_clusters} clusters"
+        quality = f"silhouette {self.silhouette:.3f}, Davies-Bouldin {self.davies_bouldin:.3f} (on a sample)"
+        if self.inertia is not None:
+            quality += f", inertia {self.inertia:.6g}"
+        out = [head, quality, f"{'cluster':>8} {'rows':>10}"]
+        out += [f"{label:>8} {count:>10}" for label, count in sorted(self.sizes.items())]
+        return out
+
+    def __str__(self) -> str:
+        return "\n".join(self.lines())
+
+
+def _quality(
+    values: np.ndarray, labels: np.ndarray, *, limit: int, seed: int
+) -> tuple[float, float]:
+    from sklearn.metrics import davies_bouldin_score, silhouette_score
+
+    keep = labels >= 0
+    values, labels = values[keep], labels[keep]
+    if len(np.unique(labels)) < 2 or len(np.unique(labels)) >= len(labels):
+        return float("nan"), float("nan")
+    if len(values) > limit:
+        pick = np.random.default_rng(seed).choice(len(values), limit, replace=False)
+        values, labels = values[pick], labels[pick]
+        if len(np.unique(labels)) < 2:
+            return float("nan"), float("nan")
+    return float(silhouette_score(values, labels)), float(davies_bouldin_score(values, labels))
+
+
+def cluster(
+    store: str | os.PathLike | Store,
+    *,
+    algorithm: str | None = None,
+    n_clusters: int | None = None,
+    sample_size: int | None = None,
+    features: str = "pca",
+    seed: int | None = None,
+    block_rows: int | None = None,
+    client=None,
+    scheduler: str | None = None,
+    workers: int | None = None,
+) -> ClusterResult:
+    """Group the store's rows in PCA space and write the labels.
+
+    Parameters
+    ----------
+    store : path or Store
+    algorithm : {"kmeans", "agglomerative", "affinity", "hdbscan"}, optional
+        Default ``analysis.cluster.algorithm``.
+    n_clusters : int, optional
+        k-means and agglomerative (affinity propagation and HDBSCAN find their own number).
+    sample_size : int, optional
+        Rows the sample-fitted methods (and the k-means start) see; default
+        ``analysis.cluster.sample-size``, else ``analysis.sample-size`` (affinity: at most 5000).
+    features : {"pca", "pca_pixels"}
+        Which reduction to cluster: the fingerprints' or the pixel baseline's. Writes
+        ``cluster`` or ``cluster_pixels``.
+    seed, block_rows, client, scheduler, workers
+        Sampling seed, rows per task, where tasks run.
+
+    Returns
+    -------
+    ClusterResult
+
+    Notes
+    -----
+    Writes ``cluster(cutout)`` int32 (-1 in empty slots and for HDBSCAN's sampled noise),
+    ``cluster_centers(cluster_id, component)``, ``cluster_size(cluster_id)`` and the store attr
+    ``cluster`` (algorithm, parameters, quality).
+    """
+    st = _base.open_store(store, mode="r+")
+    space = SPACES[_base.choice(features, "clustering input", tuple(SPACES))]
+    algo = _base.choice(
+        config.get("analysis.cluster.algorithm", override=algorithm),
+        "clustering algorithm",
+        ALGORITHMS,
+    )
+    _base.require(st, features, "reduce" if features == "pca" else "reduce --features pixels")
+    k = config.get_int("analysis.cluster.n-clusters", override=n_clusters, minimum=1)
+    seed = config.get_int("analysis.seed", override=seed)
+    size = sample_size if sample_size is not None else config.get("analysis.cluster.sample-size")
+    if size is None:
+        size = config.get_int("analysis.sample-size", minimum=2)
+        if algo == "affinity":
+            size = min(size, AFFINITY_DEFAULT_SAMPLE)
+    size = config.get_int("analysis.cluster.sample-size", override=size, minimum=2)
+    n_valid = _base.valid_count(st, stage="cluster")
+    if algo in ("kmeans", "agglomerative") and k > n_valid:
+        raise StoreError(
+            f"{st.path}: {k} clusters asked for, but the store has only {n_valid} valid rows"
+        )
+    if algo in ("kmeans", "agglomerative") and k > min(size, n_valid):
+        raise ConfigError(
+            f"{k} clusters asked for, but {algo} starts from a sample of {min(size, n_valid)} rows; raise --sample-size"
+        )
+    block = _base.block_rows(st, block_rows)
+    params: dict[str, Any] = {"sample_size": int(min(size, n_valid)), "seed": seed}
+
+    with _base.runner(client, scheduler=scheduler, workers=workers) as run, run.activate():
+        X = _base.rows(st, features, block=block)
+        index = _base.sample_valid(st, size, seed=seed, block=block)
+        values = np.asarray(_base.take_rows(X, index), np.float64)
+        inertia = None
+        if algo == "kmeans":
+            model = StreamingKMeans(
+                k,
+                sample_size=size,
+                n_init=config.get_int("analysis.cluster.n-init", minimum=1),
+                max_iter=config.get_int("analysis.cluster.max-iter", minimum=1),
+                tol=config.get_float("analysis.cluster.tol"),
+                random_state=seed,
+            ).fit(X, sample=(index, values))
+            labels_x = model.predict(X)
+            sample_labels = _nearest(values, model.cluster_centers_)
+            inertia = model.inertia_
+            params.update(n_clusters=k, n_iter=model.n_iter_, n_init=model.n_init, tol=model.tol)
+        else:
+            model = SampleClusterer(
+                algo,
+                n_clusters=k,
+                sample_size=size,
+                min_cluster_size=config.get_int("analysis.cluster.min-cluster-size", minimum=2),
+                damping=config.get_float("analysis.cluster.affinity-damping"),
+                preference=config.get("analysis.cluster.affinity-preference"),
+                max_iter=config.get_int("analysis.cluster.affinity-max-iter", minimum=1),
+                random_state=seed,
+            )
+            try:
+                model.fit(X, sample=(index, values))
+            except ValueError as e:
+                raise ConfigError(f"{st.path}: {e}") from None
+            if model.n_clusters_ == 0:
+                logger.warning(
+                    "%s: %s found no group in the sample; every row is labelled -1", st.path, algo
+                )
+            sample_labels = model.sample_labels_
+            parts = _base.split_by_block(index, X.chunks[0])
+            import dask.array as da
+            from dask import delayed
+
+            blocks = X.to_delayed().ravel()
+            labels_x = (
+                da.concatenate(
+                    [
+                        da.from_delayed(
+                            delayed(_assign_block)(
+                                b, model.cluster_centers_, pos_in_block, sample_labels[where]
+                            ),
+                            shape=(X.chunks[0][i],),
+                            dtype=np.int32,
+                        )
+                        for i, (b, (_, where, pos_in_block)) in enumerate(
+                            zip(blocks, parts, strict=True)
+                        )
+                    ]
+                )
+                if len(blocks)
+                else da.zeros((0,), dtype=np.int32)
+            )
+            if algo == "agglomerative":
+                params["n_clusters"] = k
+            elif algo == "hdbscan":
+                params["min_cluster_size"] = model.min_cluster_size
+            else:
+                params.update(damping=model.damping, preference=model.preference)
+        centers = model.cluster_centers_
+        n_found = len(centers)
+        st.create_row_array(space["out"], dtype="int32", fill=-1, attrs={"algorithm": algo})
+        from dask import delayed
+
+        count_parts = [delayed(_bincount_labels)(b, n_found) for b in labels_x.to_delayed().ravel()]
+        # One compute: the labels are made once, then both stored and counted.
+        _, counts = run.compute(
+            _base.write_rows(st, space["out"], labels_x), _base.tree_sum(count_parts)
+        )
+        noise = int(np.count_nonzero(sample_labels < 0))
+    counts = np.asarray(counts, np.int64).reshape(n_found)
+    sizes = {int(i): int(c) for i, c in enumerate(counts)}
+    if noise:
+        sizes[-1] = noise
+    quality_limit = config.get_int("analysis.cluster.quality-sample", minimum=10)
+    sil, dbi = _quality(values, sample_labels, limit=quality_limit, seed=seed)
+    st.write_array(
+        space["centers"],
+        centers.astype(np.float64).reshape(n_found, X.shape[1]),
+        dims=(space["id"], space["component"]),
+    )
+    st.write_array(space["sizes"], counts.astype(np.int64), dims=(space["id"],))
+    result = ClusterResult(st.path, algo, space["out"], n_found, sizes, sil, dbi, inertia, params)
+    st.set_attrs(
+        **{
+            space["out"]: {
+                "algorithm": algo,
+                "input": features,
+                "n_clusters": n_found,
+                "params": params,
+                "silhouette": sil,
+                "davies_bouldin": dbi,
+                "inertia": inertia,
+                "noise_rows": noise,
+            }
+        }
+    )
+    logger.info("%s", result.lines()[0])
+    return result
