@@ -643,7 +643,7 @@ class _Builder:
         overlays = []
         for k, (image, cv) in enumerate(self.canvases.items()):
             name = f"overlay-{k}-{_slug(image)}.png"
-            cv["canvas"].convert("RGB").save(self.out / name, optimize=True)
+            cv["canvas"].convert("RGB").save(self.out / name)
             shape = list(self.reader.sources[image].shape)
             overlays.append({"image": image, "file": name, "factor": cv["factor"],
                              "size": list(cv["canvas"].size), "n_windows": cv["n"],
@@ -766,12 +766,29 @@ def _distance(values: np.ndarray, q: np.ndarray, metric: str) -> np.ndarray:
 
 
 def _similar_via_analysis(st: Store, row: int | None, n: int, metric: str):
-    """``(rows, distances, how)`` from ``pipeline.analysis.similar`` when the analysis package
-    offers it, else ``(None, None, "")`` and the report searches by brute force."""
-    if row is None:
+    """``(rows, distances, how)`` from :func:`pipeline.analysis.similar` (streamed over the
+    store, honouring ``analysis.similar.exclude-overlaps``), or ``(None, None, "")`` when the
+    analysis package or the variable the metric needs is missing; the report then searches by
+    brute force."""
+    if row is None or n <= 0:
         return None, None, ""
     try:
-        from ..analysis import similar as _similar  # noqa: F401
+        from ..analysis import similar
     except ImportError:
         return None, None, ""
-    return None, None, ""
+    need = "top_class" if metric == "jaccard" else "pca"
+    try:
+        st.array(need)
+    except KeyError:
+        return None, None, ""
+    table = similar(st, cutout=row, n=n, metric=metric)
+    what = {
+        "l2": "L2 distance in PCA space",
+        "cosine": "cosine distance in PCA space",
+        "jaccard": "1 - Jaccard index of the top-k ImageNet classes",
+    }[metric]
+    return (
+        np.asarray(table["index"], dtype=np.int64),
+        np.asarray(table["distance"], dtype=np.float64),
+        f"{what} (pipeline.analysis.similar)",
+    )

@@ -131,7 +131,7 @@ def render_sheet(
                 draw.text((x0, y0 + cell + 1), str(captions[i])[:18], fill=TEXT, font=cap_font)
             boxes.append((x0, y0))
         y += max(1, -(-len(th) // cols)) * (cell + cap_h + gap)
-    img.save(path, optimize=True)
+    img.save(path)
     return Sheet(Path(path), img.size, boxes, cell, len(boxes))
 
 
@@ -176,17 +176,20 @@ def embedding_grid(
 
     side = thumbs.shape[1] if len(thumbs) else 48
     cell = side + 2 * frame + gap
-    top = 28
+    width = gap + n_cells * cell
+    # The title grows with the map so it stays readable when the PNG is shown scaled down.
+    size = max(15, width // 70)
+    top = size + 14
     origin = (gap, top)
-    img = Image.new("RGB", (gap + n_cells * cell, top + n_cells * cell), BACKGROUND)
+    img = Image.new("RGB", (width, top + n_cells * cell), BACKGROUND)
     draw = ImageDraw.Draw(img)
-    draw.text((6, 6), title, fill=TEXT, font=_font(15))
+    draw.text((6, 6), title, fill=TEXT, font=_font(size))
     rc = np.stack(np.divmod(np.asarray(cells, dtype=np.int64), n_cells), axis=1).reshape(-1, 2)
     for i, (r, c) in enumerate(rc):
         x0, y0 = origin[0] + c * cell, origin[1] + r * cell
         draw.rectangle([x0, y0, x0 + cell - gap - 1, y0 + cell - gap - 1], fill=tuple(colours[i]))
         img.paste(Image.fromarray(thumbs[i]), (x0 + frame, y0 + frame))
-    img.save(path, optimize=True)
+    img.save(path)
     return GridMap(Path(path), img.size, n_cells, cell, origin, np.asarray(rows), rc)
 
 

@@ -85,7 +85,7 @@ def embedding_plot(
     source = ColumnDataSource(data)
     p = figure(
         title=title,
-        width=760,
+        width=860,
         height=640,
         tools="pan,wheel_zoom,box_zoom,reset,save",
         active_scroll="wheel_zoom",
@@ -112,11 +112,14 @@ def embedding_plot(
         renderers.append(r)
     del source
     p.add_tools(HoverTool(renderers=renderers, tooltips=_TOOLTIP))
-    p.legend.click_policy = "hide"
-    p.legend.location = "top_left"
-    p.legend.label_text_font_size = "9pt"
-    if len(renderers) > 12:
-        p.legend.visible = False
+    legend = p.legend[0]
+    legend.click_policy = "hide"
+    legend.label_text_font_size = "9pt"
+    if len(renderers) > 30:
+        legend.visible = False
+    else:
+        # Beside the plot, not over the points.
+        p.add_layout(legend, "right")
     return p
 
 
