@@ -259,7 +259,10 @@ def explained_variance_chart(path: Path, ratio: np.ndarray) -> Path:
     fig = _figure(6.0, 3.4)
     ax = fig.subplots()
     ax.bar(k, ratio, color="#8c9db5", label="per component")
+    from matplotlib.ticker import MaxNLocator
+
     ax.set_xlabel("component")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("explained variance ratio")
     ax2 = ax.twinx()
     ax2.plot(k, cum, "o-", color="#d62728", ms=3, label="cumulative")
@@ -267,6 +270,8 @@ def explained_variance_chart(path: Path, ratio: np.ndarray) -> Path:
     ax2.set_ylabel("cumulative", color="#d62728")
     for level in (0.9, 0.99):
         ax2.axhline(level, color="#d62728", lw=0.6, ls=":")
+        ax2.annotate(f"{level:.0%}", (k[-1] + 0.4, level), xytext=(0, -9), ha="right",
+                     textcoords="offset points", color="#d62728", fontsize=7)  # fmt: skip
     ax.set_title(f"PCA: {len(ratio)} components keep {cum[-1]:.1%} of the variance")
     fig.savefig(path)
     return Path(path)
