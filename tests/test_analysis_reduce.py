@@ -25,7 +25,9 @@ def test_estimator_matches_sklearn_and_skips_nan_rows(rng):
     ours = ExactPCA(10).fit(with_gaps)
     ref = PCA(10, svd_solver="full").fit(X)
     assert ours.n_samples_seen_ == len(X)
-    np.testing.assert_allclose(ours.explained_variance_ratio_, ref.explained_variance_ratio_, atol=1e-6)
+    np.testing.assert_allclose(
+        ours.explained_variance_ratio_, ref.explained_variance_ratio_, atol=1e-6
+    )
     np.testing.assert_allclose(ours.explained_variance_, ref.explained_variance_, rtol=1e-4)
     np.testing.assert_allclose(ours.mean_, ref.mean_, atol=1e-4)
     # Same sign convention as scikit-learn, so the components themselves agree.
@@ -71,12 +73,18 @@ def test_update_with_appended_rows_equals_fit_on_all(tmp_path, rng):
     assert updated.rows_read == st.segments[1].row_stop - st.segments[1].row_start
     ds = Store.open(st.path).dataset()
     ref = PCA(8).fit(np.concatenate([X1, X2]))
-    np.testing.assert_allclose(ds.pca_explained_variance_ratio.values, ref.explained_variance_ratio_, atol=1e-5)
+    np.testing.assert_allclose(
+        ds.pca_explained_variance_ratio.values, ref.explained_variance_ratio_, atol=1e-5
+    )
     refit = analysis.reduce(st.path, components=8, block_rows=128, refit=True)
     assert refit.segments_reused == 0
     ds2 = Store.open(st.path).dataset()
-    np.testing.assert_allclose(ds2.pca_explained_variance_ratio.values, ds.pca_explained_variance_ratio.values, rtol=1e-6)
-    np.testing.assert_allclose(np.abs(ds2.pca_components.values), np.abs(ds.pca_components.values), atol=1e-6)
+    np.testing.assert_allclose(
+        ds2.pca_explained_variance_ratio.values, ds.pca_explained_variance_ratio.values, rtol=1e-6
+    )
+    np.testing.assert_allclose(
+        np.abs(ds2.pca_components.values), np.abs(ds.pca_components.values), atol=1e-6
+    )
 
 
 def test_unfinished_segment_is_counted_but_not_saved(tmp_path, rng):

@@ -1,0 +1,142 @@
+"""Similarity search streamed over real stores, against brute-force numpy and set arithmetic."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from analysis_store import build_store, store_digest
+
+from pipeline import analysis
+from pipeline.errors import ConfigError, StoreError
+from pipeline.store import Store
+
+N = 400
+TOPK = 5
+
+
+def overlapping_coords(n: int) -> dict:
+    """16-pixel windows every 8 pixels (neighbours overlap), 20 per row, two images."""
+    i = np.arange(n)
+    image = np.where(i < n // 2, "left", "right").astype(object)
+    j = i % (n // 2)
+    x = 7.5 + 8 * (j % 20)
+    y = 7.5 + 8 * (j // 20)
+    scale = 0.2 / 3600  # 0.2 arcsec per pixel
+    ra = np.where(image == "left", 150.0, 150.1) - x * scale
+    dec = 2.0 + y * scale
+    return {
+        "image": image,
+        "x": x,
+        "y": y,
+        "width": np.full(n, 16),
+        "height": np.full(n, 16),
+        "ra": ra,
+        "dec": dec,
+    }
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    rng = np.random.default_rng(11)
+    X = rng.normal(size=(N, 12)).astype(np.float32)
+    classes = np.array([rng.choice(30, TOPK, replace=False) for _ in range(N)], np.int32)
+    coords = overlapping_coords(N)
+    st, rows = build_store(
+        tmp_path_factory.mktemp("sim") / "s.zarr",
+        X,
+        chunk_rows=32,
+        topk=TOPK,
+        top_class=classes,
+        coords=coords,
+    )
+    analysis.reduce(st.path, components=6)
+    ds = Store.open(st.path).dataset()
+    return st, rows, ds.pca.values[rows], classes, coords
+
+
+def brute(values: np.ndarray, q: int, metric: str) -> np.ndarray:
+    if metric == "l2":
+        return np.linalg.norm(values - values[q], axis=1)
+    unit = values / np.linalg.norm(values, axis=1, keepdims=True)
+    return 1 - unit @ unit[q]
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_pca_metrics_equal_brute_force(store, metric):
+    st, rows, pca, _, _ = store
+    q = 37
+    table = analysis.similar(st.path, cutout=int(rows[q]), n=7, metric=metric, block_rows=64)
+    d = brute(pca.astype(np.float64), q, metric)
+    d[q] = np.inf  # the query itself is left out
+    order = np.argsort(d, kind="stable")[:7]
+    np.testing.assert_array_equal(table["index"], rows[order])
+    np.testing.assert_allclose(table["distance"], d[order], rtol=1e-6, atol=1e-9)
+    assert list(table.colnames) == ["rank", "index", "image", "x", "y", "ra", "dec", "distance"]
+    assert str(table["ra"].unit) == "deg" and table.meta["query_index"] == rows[q]
+
+
+def test_jaccard_equals_set_computation(store):
+    st, rows, _, classes, _ = store
+    q = 5
+    table = analysis.similar(st.path, cutout=int(rows[q]), n=10, metric="jaccard", block_rows=64)
+    qs = set(classes[q])
+    jac = np.array([1 - len(qs & set(c)) / len(qs | set(c)) for c in classes])
+    jac[q] = np.inf
+    np.testing.assert_allclose(table["distance"], np.sort(jac)[:10])
+    for idx, dist in zip(table["index"], table["distance"], strict=True):
+        i = int(np.flatnonzero(rows == idx)[0])
+        assert dist == pytest.approx(1 - len(qs & set(classes[i])) / len(qs | set(classes[i])))
+
+
+def test_overlapping_windows_can_be_left_out(store):
+    st, rows, _, _, coords = store
+    q = 45  # an inner window of the first image: 8 neighbours overlap it
+    near = analysis.similar(st.path, cutout=int(rows[q]), n=N, block_rows=64)
+    far = analysis.similar(st.path, cutout=int(rows[q]), n=N, exclude_overlaps=True, block_rows=64)
+    same = coords["image"] == coords["image"][q]
+    overlaps = (
+        same
+        & (np.abs(coords["x"] - coords["x"][q]) < 16)
+        & (np.abs(coords["y"] - coords["y"][q]) < 16)
+    )
+    overlaps[q] = False
+    assert overlaps.sum() == 8
+    assert set(far["index"]) == set(near["index"]) - set(rows[overlaps])
+    assert len(far) == N - 1 - 8
+
+
+def test_query_by_radec_finds_the_nearest_cutout(store):
+    st, rows, _, _, coords = store
+    q = 260
+    ra, dec = coords["ra"][q] + 0.5 / 3600, coords["dec"][q] + 0.3 / 3600
+    table = analysis.similar(st.path, radec=(ra, dec), n=3, block_rows=64)
+    assert table.meta["query_index"] == rows[q]
+    sep = analysis.nearest_cutout(st.path, ra, dec)[1] * 3600
+    assert sep == pytest.approx(np.hypot(0.5 * np.cos(np.deg2rad(dec)), 0.3), rel=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("query", "error", "words"),
+    [
+        ({"cutout": 10**6}, StoreError, "cutout index 1000000 is out of range"),
+        ({"cutout": -1}, StoreError, "out of range"),
+        ({"radec": (150.05, 2.5)}, StoreError, "outside the store's footprint"),
+        ({"radec": (10.0, -30.0)}, StoreError, "outside the store's footprint"),
+        ({"cutout": 1, "metric": "manhattan"}, ConfigError, "unknown metric 'manhattan'"),
+        ({}, ConfigError, "give exactly one query"),
+    ],
+)
+def test_bad_queries(store, query, error, words):
+    st = store[0]
+    before = store_digest(st.path)
+    with pytest.raises(error) as e:
+        analysis.similar(st.path, **query)
+    assert words in str(e.value) and "\n" not in str(e.value)
+    assert store_digest(st.path) == before
+
+
+def test_empty_slot_query(store):
+    st = store[0]
+    valid = Store.open(st.path).dataset().valid.values
+    with pytest.raises(StoreError, match=rf"row {np.flatnonzero(~valid)[0]} is an empty slot"):
+        analysis.similar(st.path, cutout=int(np.flatnonzero(~valid)[0]))
