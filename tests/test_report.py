@@ -311,6 +311,40 @@ def test_thumbnails_equal_a_direct_read_and_stretch(store, table, mosaic):
     np.testing.assert_array_equal(boxes[:, 1] % SIZE, 0)
 
 
+def test_windows_of_varying_size_are_read_and_stretched_alike(store, mosaic):
+    """Blob and catalog windows vary in size: each is read and stretched like a direct cut."""
+    from pipeline.preprocess import image_limits_for, stretch_cutouts
+
+    st = Store.open(store)
+    reader = ThumbnailReader(st.attrs)
+    data = fits.getdata(mosaic).astype(np.float32)
+    boxes = np.array(
+        [(5, 7, 20, 20), (100, 40, 57, 57), (NX - 30, NY - 10, 48, 48), (0, 0, 33, 33)]
+    )
+    got = reader.read(["orion"] * len(boxes), boxes)
+    limits = image_limits_for(reader.source("orion"), st.attrs["preprocess"])
+    padded = np.pad(data, 64, constant_values=st.attrs["cutouts"]["fill"])
+    for (x0, y0, w, h), g in zip(boxes, got, strict=True):
+        raw = padded[None, None, y0 + 64 : y0 + 64 + h, x0 + 64 : x0 + 64 + w]
+        want, _ = stretch_cutouts(raw, config=st.attrs["preprocess"], image_limits=limits)
+        np.testing.assert_array_equal(g, want[0])
+    thumbs = reader.thumbnails(["orion"] * len(boxes), boxes, size=40)
+    assert thumbs.shape == (len(boxes), 40, 40, 3) and thumbs.dtype == np.uint8
+
+
+def test_a_moved_source_image_is_one_clear_error(store, tmp_path, mosaic):
+    import zarr
+
+    moved = tmp_path / "moved.zarr"
+    shutil.copytree(store, moved)
+    group = zarr.open_group(str(moved), mode="r+", zarr_format=3)
+    segments = group.attrs["segments"]
+    segments[0]["inputs"]["orion"]["source"]["paths"] = [str(tmp_path / "gone.fits")]
+    group.attrs["segments"] = segments
+    with pytest.raises(InputError, match=r"gone\.fits.*reads its thumbnails back"):
+        make_report(moved, tmp_path / "r")
+
+
 class _CountingSource:
     """An ImageSource stand-in that counts what is read (the real one is wrapped, not faked)."""
 

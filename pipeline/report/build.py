@@ -36,7 +36,6 @@ from .select import KSmallest, grid_cells, iter_rows, random_keys, take_rows
 from .thumbnails import (
     ThumbnailReader,
     downsample_factor,
-    downsampled_image,
     to_uint8,
     window_boxes,
 )
@@ -292,7 +291,7 @@ class _Builder:
         for image in ids[: self.o.max_overlays]:
             src = self.reader.sources[image]
             f = downsample_factor(src.shape, self.o.overlay_side)
-            rgb = self.reader.stretch(downsampled_image(src, f)[None], image)[0]
+            rgb = self.reader.stretch(self.reader.downsampled(image, f)[None], image)[0]
             self.canvases[image] = {
                 "factor": f,
                 "canvas": Image.fromarray(to_uint8(rgb)).convert("RGBA"),
@@ -375,7 +374,9 @@ class _Builder:
         if q is None:
             rows = self.query_pick.rows()
             self.query_row = int(rows[0]) if len(rows) else None
-            self.query_why = "chosen at random (seeded); pass --query INDEX for another"
+            self.query_why = (
+                f"chosen at random with seed {self.o.seed}; --query INDEX picks another"
+            )
         else:
             self.query_row = int(q)
             if not 0 <= self.query_row < st.n_rows or not bool(st.array("valid")[self.query_row]):
@@ -383,7 +384,7 @@ class _Builder:
                     f"{st.path}: --query {self.query_row} is not a valid cutout "
                     f"(rows 0..{st.n_rows - 1}; empty slots have valid = False)"
                 )
-            self.query_why = "asked for"
+            self.query_why = "as asked"
         self.sim_rows, self.sim_dist, self.sim_how = _similar_via_analysis(
             st, self.query_row, self.o.n_similar, self.o.metric
         )
@@ -692,7 +693,7 @@ class _Builder:
         }  # fmt: skip
         self.page["similar"] = {
             "file": sheet.path.name,
-            "caption": f"Query row {q} ({self.query_why}) and its {len(rows)} nearest cutouts by "
+            "caption": f"Query: row {q}, {self.query_why}. Its {len(rows)} nearest cutouts by "
             f"{self.sim_how}; captions give row and distance.",
         }
 
@@ -703,7 +704,7 @@ class _Builder:
         sheet = figures.render_sheet(
             self.out / "outliers.png",
             [("highest outlier score first", self.thumbs(rows), self.frames(rows),
-              [f"#{r} {s:.3g}" for r, s in zip(rows, scores, strict=True)])],
+              [f"#{r} s={s:.3g}" for r, s in zip(rows, scores, strict=True)])],
             title=f"Top {len(rows)} outliers of {self.n_valid} cutouts",
             columns=8,
         )  # fmt: skip

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import StoreError
+from ..errors import InputError, StoreError
 from ..sources import ImageSource
 
 __all__ = [
@@ -202,6 +202,20 @@ class ThumbnailReader:
                 f"store records no source for image {image!r}; it cannot be read back for thumbnails"
             ) from None
 
+    def _reading(self, image: str, fn, *args, **kwargs):
+        """Call ``fn``; a source that cannot be read any more says that the report needs it."""
+        try:
+            return fn(*args, **kwargs)
+        except InputError as e:
+            raise InputError(
+                f"{e} (image {image!r}: the report reads its thumbnails back from the images "
+                "the store was made from; put the file back where the store recorded it)"
+            ) from e
+
+    def downsampled(self, image: str, factor: int) -> np.ndarray:
+        """:func:`downsampled_image` of a recorded image."""
+        return self._reading(image, downsampled_image, self.source(image), factor)
+
     def image_limits(self, image: str) -> np.ndarray | None:
         """Per-image stretch limits (``scope: image``), measured once per image."""
         if image not in self._limits:
@@ -209,7 +223,7 @@ class ThumbnailReader:
 
             settings = preprocess_settings(self.preprocess)
             self._limits[image] = (
-                image_limits_for(self.source(image), self.preprocess)
+                self._reading(image, image_limits_for, self.source(image), self.preprocess)
                 if settings["scope"] == "image"
                 else None
             )
@@ -231,7 +245,9 @@ class ThumbnailReader:
         out: list[np.ndarray | None] = [None] * len(windows)
         for image in dict.fromkeys(images):
             idx = np.flatnonzero(images == image)
-            raw = read_windows(self.source(image), windows[idx], fill=self.fill)
+            raw = self._reading(
+                image, read_windows, self.source(image), windows[idx], fill=self.fill
+            )
             # One stretch call per window shape (blob windows vary in size).
             shapes: dict[tuple[int, ...], list[int]] = {}
             for k, r in enumerate(raw):
