@@ -381,6 +381,36 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------ run
+@command
+def _add_run(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("run", help="every stage from one config file (scheduled reprocessing)")
+    p.add_argument("config_file", metavar="CONFIG.yaml", help="settings with an elodin.run section")
+    p.add_argument(
+        "--incremental",
+        action="store_true",
+        help="only new or changed inputs; update the analysis by the refit policy",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_cluster_flags(p)
+    p.set_defaults(func=_cmd_run)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .runner import run
+
+    result = run(
+        args.config_file,
+        incremental=args.incremental,
+        scheduler=args.scheduler,
+        workers=args.workers,
+        progress=not args.no_progress,
+    )
+    for line in result.lines:
+        print(line)
+    return 0
+
+
 # ------------------------------------------------------------------------------------------ main
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(

@@ -94,11 +94,15 @@ class FingerprintResult:
     units_run: int
     units_skipped: int
     images: tuple[str, ...]
+    retired: int = 0
 
     def __str__(self) -> str:
-        return (
+        text = (
             f"{self.store}: {self.n_cutouts} cutouts from {len(self.images)} image(s); "
             f"{self.units_run} work unit(s) run, {self.units_skipped} already done"
+        )
+        return text + (
+            f"; {self.retired} changed image(s) fingerprinted again" if self.retired else ""
         )
 
 
@@ -424,7 +428,8 @@ def _plan_blobs(
     """Blob plan: one detection task per tile on the cluster, then ownership on the client.
 
     Detection reads each tile with a halo of the largest window, and a tile keeps only the
-    sources whose owner pixel is in its core, so a source on a border is found exactly once.
+    sources whose peak pixel is in its core, so a source on a border is found exactly once.
+    Windows passing the image edge are then shifted inward (:func:`_shift_inside`).
     """
     import functools
 
@@ -449,6 +454,7 @@ def _plan_blobs(
     for i, (s, futures) in enumerate(zip(sources, per_image, strict=True)):
         found = client.gather(futures)
         windows = np.concatenate(found) if found else np.zeros((0, 4), np.int64)
+        windows = _shift_inside(windows, s.shape)
         logger.info("image %s: %d sources detected", s.id, len(windows))
         plans.append(
             assign_windows(
@@ -456,6 +462,17 @@ def _plan_blobs(
             )
         )
     return Plan.concat(plans)
+
+
+def _shift_inside(windows: np.ndarray, shape) -> np.ndarray:
+    """Move windows that pass the image edge inward (where they fit), so a source near the
+    edge is cut from real pixels: padded cutouts cluster by their padding, not their content."""
+    ny, nx = shape
+    out = windows.copy()
+    fits_x, fits_y = out[:, 2] <= nx, out[:, 3] <= ny
+    out[fits_x, 0] = np.clip(out[fits_x, 0], 0, nx - out[fits_x, 2])
+    out[fits_y, 1] = np.clip(out[fits_y, 1], 0, ny - out[fits_y, 3])
+    return out
 
 
 def _threads_per_host(client) -> tuple[tuple[str, int], ...]:
@@ -519,12 +536,17 @@ def fingerprint(
     variable: str | None = None,
     progress: bool = True,
     client=None,
+    replace_changed: bool = False,
 ) -> FingerprintResult:
     """Fingerprint every cutout of ``inputs`` into the store at ``store``.
 
     Parameters mirror ``elodin fingerprint``; ``None`` means the configured default. Pass a
     :class:`distributed.Client` as ``client`` to use a cluster you manage; otherwise one is
     started from ``scheduler`` (``local`` by default) and closed at the end.
+
+    With ``replace_changed`` (``elodin run --incremental``), an input whose file changed since
+    it was fingerprinted has its old rows retired (``valid = False``) and is fingerprinted again;
+    without it such an input is refused.
 
     Returns
     -------
@@ -575,7 +597,15 @@ def fingerprint(
     known = {
         img: i for i, seg in enumerate(existing.segments if existing else []) for img in seg.images
     }
-    _refuse_changed_inputs(existing, known, by_id)
+    changed = _changed_inputs(existing, known, by_id)
+    if changed and not replace_changed:
+        img = changed[0]
+        raise StoreError(
+            f"{store_path}: input {img} ({by_id[img].paths[0]}) changed since it was "
+            "fingerprinted; use a new store or `elodin run --incremental`"
+        )
+    for img in changed:
+        existing.retire_image(known.pop(img), img)
     touched = sorted({known[s.id] for s in sources if s.id in known})
     new = [s for s in sources if s.id not in known]
     # Measured before anything is written (an all-NaN image is refused here) and recorded, so a
@@ -643,18 +673,20 @@ def fingerprint(
             jobs.extend(_segment_jobs(st, index, plan, all_sources, base))
         _run_jobs(client, jobs, gpu=settings["gpu"], progress=progress)
     images = tuple(s.id for s in sources)
-    return FingerprintResult(store_path, n_windows, len(jobs), total_units - len(jobs), images)
+    return FingerprintResult(
+        store_path, n_windows, len(jobs), total_units - len(jobs), images, retired=len(changed)
+    )
 
 
-def _refuse_changed_inputs(store: Store | None, known: dict, by_id: dict) -> None:
+def _changed_inputs(store: Store | None, known: dict, by_id: dict) -> list[str]:
+    """Inputs already in the store whose files' size or mtime differ from its record."""
+    out = []
     for img, i in known.items():
         if img in by_id:
             recorded = store.segments[i].inputs.get(img, {}).get("files")
             if recorded is not None and recorded != _input_facts(by_id[img])["files"]:
-                raise StoreError(
-                    f"{store.path}: input {img} ({by_id[img].paths[0]}) changed since it was "
-                    "fingerprinted; use a new store or `elodin run --incremental`"
-                )
+                out.append(img)
+    return out
 
 
 def _image_limits(sources: Sequence[ImageSource], preprocess: dict) -> dict:

@@ -471,6 +471,40 @@ class Store:
         for start in range(0, arr.shape[0], step):
             yield start, arr[start : start + step]
 
+    def retire_image(self, index: int, image: str, *, reason: str = "changed") -> int:
+        """Take ``image``'s rows in segment ``index`` out of use (``valid = False``) and move
+        its record to ``attrs["retired"]``, so the image can be fingerprinted again as new.
+
+        Only for a complete segment (no task will write those rows again). Returns the number
+        of rows retired.
+        """
+        seg = self.segments[index]
+        done = self.done_units()
+        if any(u not in done for u in range(seg.unit_start, seg.unit_stop)):
+            raise StoreError(
+                f"{self.path}: image {image} changed while the run that added it is unfinished; finish that run first"
+            )
+        valid, ids = self._group["valid"], self._group["image"]
+        step = 64 * self.chunk_rows
+        n = 0
+        for b in range(seg.row_start, seg.row_stop, step):
+            e = min(seg.row_stop, b + step)
+            mask = np.asarray(ids[b:e], dtype=object) == image
+            if mask.any():
+                v = valid[b:e]
+                n += int(np.count_nonzero(v & mask))
+                v[mask] = False
+                valid[b:e] = v
+        segments = self.attrs["segments"]
+        record = segments[index]["inputs"].pop(image, {})
+        segments[index]["images"] = [i for i in segments[index]["images"] if i != image]
+        retired = [
+            *self.attrs.get("retired", []),
+            {"id": image, "segment": index, "reason": reason, "rows": n, **record},
+        ]
+        self._group.attrs.update(_jsonable({"segments": segments, "retired": retired}))
+        return n
+
     # -- writing (workers) ----------------------------------------------------------------
     def write_rows(self, start: int, values: Mapping[str, np.ndarray]) -> None:
         """Write whole chunks of rows starting at ``start`` (a chunk boundary)."""

@@ -25,6 +25,18 @@ def model_cache(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(autouse=True)
+def _pristine_dask_config():
+    # Config files a test applies (elodin --config, elodin run) change dask.config's `elodin`
+    # section in place; every test starts from the same settings. (Only that section: other
+    # packages add their own defaults when they are first imported.)
+    import copy
+
+    saved = copy.deepcopy(dask.config.config.get("elodin"))
+    yield
+    dask.config.config["elodin"] = saved
+
+
+@pytest.fixture(autouse=True)
 def _use_model_cache(model_cache, monkeypatch):
     # Subprocesses (CLI tests, worker processes) see the same cache through the environment.
     monkeypatch.setenv("ELODIN__CACHE_DIR", str(model_cache))

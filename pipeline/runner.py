@@ -1,0 +1,289 @@
+"""``elodin run CONFIG.yaml [--incremental]``: every stage from one file, and scheduled reprocessing.
+
+A run config is an ordinary Elodin settings file whose ``elodin.run`` section says what to read
+(``inputs``, optional ``catalog``) and where to write (``store``, ``export``, ``report``).
+
+``--incremental`` is what a survey team schedules (scrontab, a Kubernetes CronJob):
+
+1. inputs new since the last run, or changed (size or mtime differ from the store's record),
+   are fingerprinted; a changed image's old rows are retired (``valid`` set to False) first;
+2. the analysis is brought up to date by a documented policy (``run.refit-fraction``):
+   - rows added since the models were last fitted < ``refit-fraction`` x rows they were fitted
+     on: the models stay; only the new rows are projected with the stored PCA, assigned to the
+     nearest stored cluster centre, placed in the embedding at the mean position of their
+     nearest fitted neighbours in PCA space, and scored as outliers against the same reference;
+   - otherwise every analysis stage is fitted again (the PCA from its saved sums, so old rows'
+     fingerprints are not read again for the moments);
+3. export and report are written again when anything changed.
+
+A run with nothing new does no work at all and says so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from . import config
+from .errors import ConfigError
+
+__all__ = ["RunResult", "run"]
+
+logger = logging.getLogger(__name__)
+
+STAGES = ("fingerprint", "reduce", "cluster", "embed", "outliers", "export", "report")
+ANALYSIS = ("reduce", "cluster", "embed", "outliers")
+
+
+@dataclasses.dataclass
+class RunResult:
+    lines: list[str]
+    work_done: bool
+
+
+def _settings(path: str) -> dict:
+    rs = dict(config.get("run"))
+    if not rs.get("store"):
+        raise ConfigError(f"{path}: elodin.run.store is not set (where the fingerprints go)")
+    inputs = rs.get("inputs") or []
+    if isinstance(inputs, str):
+        inputs = [inputs]
+    stages = list(rs.get("stages") or [])
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise ConfigError(
+            f"{path}: elodin.run.stages has unknown stage(s) {', '.join(unknown)}; known: {', '.join(STAGES)}"
+        )
+    if "fingerprint" in stages and not inputs:
+        raise ConfigError(f"{path}: elodin.run.inputs is empty")
+    store = str(rs["store"])
+    stem = store.rstrip("/")
+    stem = stem[: -len(".zarr")] if stem.endswith(".zarr") else stem
+    fraction = rs.get("refit-fraction", 0.25)
+    if (
+        isinstance(fraction, bool)
+        or not isinstance(fraction, int | float)
+        or not 0 <= fraction <= 1
+    ):
+        raise ConfigError(
+            f"{path}: elodin.run.refit-fraction must be a number in [0, 1], got {fraction!r}"
+        )
+    return {
+        "inputs": [str(i) for i in inputs],
+        "store": store,
+        "catalog": rs.get("catalog"),
+        "stages": stages,
+        "export": str(rs.get("export") or f"{stem}.parquet"),
+        "report": str(rs.get("report") or f"{stem}-report"),
+        "refit_fraction": float(fraction),
+    }
+
+
+def run(
+    config_path: str | os.PathLike,
+    *,
+    incremental: bool = False,
+    scheduler: str | None = None,
+    workers: int | None = None,
+    progress: bool = True,
+) -> RunResult:
+    """Run the stages of ``config_path``; see the module docstring for ``incremental``."""
+    from .compute import connect
+    from .fingerprint import fingerprint
+    from .store import Store
+
+    config.load_file(config_path)
+    rs = _settings(str(config_path))
+    stages = rs["stages"]
+    lines: list[str] = []
+    with connect(scheduler, workers=workers, quiet=not progress) as client:
+        added = False
+        if "fingerprint" in stages:
+            result = fingerprint(
+                rs["inputs"],
+                rs["store"],
+                catalog=rs["catalog"],
+                client=client,
+                progress=progress,
+                replace_changed=incremental,
+            )
+            lines.append(str(result))
+            added = result.units_run > 0 or result.retired > 0
+        store = Store.open(rs["store"], mode="r+")
+        state = store.attrs.get("runner") or {}
+        fitted_rows = int(state.get("fitted_rows", 0))
+        covered = int(state.get("segments", 0))
+        new_rows = _valid_rows_after(store, covered)
+        analysis_wanted = [s for s in ANALYSIS if s in stages]
+        if incremental and not added and new_rows == 0 and state and _outputs_exist(rs, stages):
+            lines.append(f"{rs['store']}: nothing new since the last run; no work done")
+            return RunResult(lines, False)
+        if analysis_wanted:
+            if (
+                incremental
+                and state
+                and fitted_rows
+                and new_rows < rs["refit_fraction"] * fitted_rows
+                and not _retired_since(store, state)
+            ):
+                start = (
+                    store.segments[covered].row_start
+                    if covered < len(store.segments)
+                    else store.n_rows
+                )
+                absorbed = absorb_rows(store, start, store.n_rows)
+                lines.append(
+                    f"absorbed {absorbed} new row(s) into the fitted models ({new_rows} < {rs['refit_fraction']:.0%} of {fitted_rows})"
+                )
+            else:
+                lines += _fit_all(rs["store"], analysis_wanted, client)
+            store = Store.open(rs["store"], mode="r+")
+            if (
+                state.get("fitted_rows") is None
+                or not incremental
+                or new_rows >= rs["refit_fraction"] * max(fitted_rows, 1)
+                or not fitted_rows
+            ):
+                fitted_rows = _valid_total(store)
+            store.set_attrs(
+                runner={
+                    "fitted_rows": fitted_rows,
+                    "segments": len(store.segments),
+                    "retired": _retired_count(store),
+                }
+            )
+        if "export" in stages:
+            from .analysis import export
+
+            export(rs["store"], rs["export"])
+            lines.append(f"catalog: {rs['export']}")
+        if "report" in stages:
+            from .report import make_report
+
+            lines.append(f"report: {make_report(rs['store'], rs['report'])}")
+    return RunResult(lines, True)
+
+
+def _fit_all(store: str, stages: Sequence[str], client) -> list[str]:
+    from . import analysis
+
+    out = []
+    for name in stages:
+        getattr(analysis, name)(store, client=client)
+        out.append(f"{name}: fitted on every row")
+    return out
+
+
+def _outputs_exist(rs: dict, stages: Sequence[str]) -> bool:
+    ok = True
+    if "export" in stages:
+        ok &= Path(rs["export"]).exists() if "://" not in rs["export"] else True
+    if "report" in stages:
+        ok &= (Path(rs["report"]) / "index.html").exists() if "://" not in rs["report"] else True
+    return ok
+
+
+def _valid_rows_after(store, covered: int) -> int:
+    segs = store.segments
+    if covered >= len(segs):
+        return 0
+    start = segs[covered].row_start
+    total = 0
+    valid = store.array("valid")
+    for b in range(start, store.n_rows, 64 * store.chunk_rows):
+        total += int(np.count_nonzero(valid[b : b + 64 * store.chunk_rows]))
+    return total
+
+
+def _valid_total(store) -> int:
+    return _valid_rows_after(store, 0)
+
+
+def _retired_count(store) -> int:
+    return len(store.attrs.get("retired", []))
+
+
+def _retired_since(store, state: dict) -> bool:
+    return _retired_count(store) != int(state.get("retired", 0))
+
+
+def absorb_rows(store, start: int, stop: int) -> int:
+    """Place rows ``start:stop`` with the fitted models, leaving the models and old rows as
+    they are (the small-update half of the ``--incremental`` policy)."""
+    from sklearn.neighbors import NearestNeighbors
+
+    names = set(store.dataset().data_vars)
+    if not {"pca_mean", "pca_components", "pca"} <= names:
+        raise ConfigError(f"{store.path}: no fitted PCA to update; run without --incremental first")
+    mean = store.array("pca_mean")[...].astype(np.float32)
+    comps_t = store.array("pca_components")[...].astype(np.float32).T
+    centers = (
+        store.array("cluster_centers")[...]
+        if "cluster_centers" in names and "cluster" in names
+        else None
+    )
+    has_embedding = "embedding" in names
+    has_scores = "outlier_score" in names
+    seed = int(config.get("analysis.seed"))
+    k = int(config.get("analysis.outliers.k"))
+    ref_size = int(
+        config.get("analysis.outliers.reference-size") or config.get("analysis.sample-size")
+    )
+    # The reference: a seeded sample of rows the models were fitted on.
+    valid_old = store.array("valid")[:start]
+    old = np.flatnonzero(valid_old)
+    rng = np.random.default_rng(seed)
+    ref = np.sort(rng.choice(old, size=min(ref_size, len(old)), replace=False)) if len(old) else old
+    if len(ref) == 0:
+        raise ConfigError(
+            f"{store.path}: no fitted rows to place new rows against; run without --incremental"
+        )
+    ref_pca = store.array("pca").get_orthogonal_selection((ref, slice(None))).astype(np.float64)
+    nn = NearestNeighbors(n_neighbors=min(k, len(ref))).fit(ref_pca)
+    ref_emb = (
+        store.array("embedding").get_orthogonal_selection((ref, slice(None)))
+        if has_embedding
+        else None
+    )
+    step = 64 * store.chunk_rows
+    n = 0
+    for b0 in range(start, stop, step):
+        b1 = min(stop, b0 + step)
+        fp = store.array("fingerprint")[b0:b1].astype(np.float32)
+        ok = store.array("valid")[b0:b1] & np.isfinite(fp).all(axis=1)
+        pca = np.full((b1 - b0, comps_t.shape[1]), np.nan, np.float32)
+        pca[ok] = (fp[ok] - mean) @ comps_t
+        values = {"pca": pca}
+        rows = np.flatnonzero(ok)
+        if len(rows):
+            dist, ind = nn.kneighbors(pca[rows].astype(np.float64))
+        if centers is not None:
+            labels = np.full(b1 - b0, -1, np.int32)
+            if len(rows):
+                d2 = ((pca[rows, None, :] - centers[None, :, :]) ** 2).sum(axis=2)
+                labels[rows] = d2.argmin(axis=1)
+            values["cluster"] = labels
+        if has_embedding:
+            emb = np.full((b1 - b0, ref_emb.shape[1]), np.nan, np.float32)
+            if len(rows):
+                emb[rows] = ref_emb[ind].mean(axis=1)
+            values["embedding"] = emb
+        if has_scores:
+            score = np.full(b1 - b0, np.nan, np.float32)
+            if len(rows):
+                score[rows] = dist.mean(axis=1)
+            values["outlier_score"] = score
+        _write_partial(store, b0, values)
+        n += len(rows)
+    return n
+
+
+def _write_partial(store, start: int, values: dict) -> None:
+    # New segments start on a chunk boundary; blocks here are whole chunks except the last.
+    for name, data in values.items():
+        store.array(name)[start : start + len(data)] = data
