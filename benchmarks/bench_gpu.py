@@ -1,0 +1,215 @@
+"""GPU inference: the bare ONNX Runtime ceiling and ``elodin fingerprint`` end to end, one run.
+
+For EfficientNet-Lite0 at 224 (resize in the graph) and at native 64, fp32 and fp16, batch
+sizes 64 to 1024:
+
+  ceiling   the bare CUDA session with IO binding and fixed-shape batches on pre-cut,
+            pre-stretched cutouts already in host memory (what the model alone can do)
+  elodin    ``fingerprint()`` on a synthetic mosaic stored as Zarr on local disk, one worker
+            process holding the GPU (resource GPU=1), reading, cutting and stretching on its
+            CPU threads while the GPU runs the previous batch
+
+and the GPU utilisation sampled by nvidia-smi while each runs. Prints the GPU, driver and
+library versions first. Needs onnxruntime-gpu with a working CUDA provider; refuses to run
+(and prints nothing as a figure) without one.
+
+    python benchmarks/bench_gpu.py [--side 8192] [--batches 64 256 1024] [--seconds 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def gpu_facts() -> str:
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        out = "nvidia-smi not available"
+    return out
+
+
+class Utilisation:
+    """Mean GPU utilisation (%) reported by nvidia-smi while the block runs."""
+
+    def __init__(self, period: float = 0.2):
+        self.period, self.samples = period, []
+        self._stop = threading.Event()
+
+    def _run(self):
+        while not self._stop.is_set():
+            try:
+                out = subprocess.run(
+                    ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"],
+                    capture_output=True,
+                    text=True,
+                    timeout=5,
+                ).stdout
+                self.samples.append(float(out.split()[0]))
+            except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+                pass
+            self._stop.wait(self.period)
+
+    def __enter__(self):
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+
+    @property
+    def mean(self) -> float:
+        return float(np.mean(self.samples)) if self.samples else float("nan")
+
+
+def make_zarr_mosaic(path: Path, side: int, seed: int = 0) -> Path:
+    """Sky noise and Gaussian galaxies in a 2-D Zarr array, written chunk by chunk."""
+    import zarr
+
+    rs = np.random.default_rng(seed)
+    chunk = 2048
+    arr = zarr.create_array(
+        str(path),
+        shape=(side, side),
+        chunks=(chunk, chunk),
+        dtype="float32",
+        dimension_names=("y", "x"),
+    )
+    yy, xx = np.mgrid[0:chunk, 0:chunk]
+    for y0 in range(0, side, chunk):
+        for x0 in range(0, side, chunk):
+            h, w = min(chunk, side - y0), min(chunk, side - x0)
+            block = rs.normal(100.0, 5.0, (h, w)).astype(np.float32)
+            for _ in range(h * w // 4096):
+                cx, cy, s = rs.uniform(0, w), rs.uniform(0, h), rs.uniform(1.5, 6)
+                lo_y, hi_y = int(max(0, cy - 4 * s)), int(min(h, cy + 4 * s + 1))
+                lo_x, hi_x = int(max(0, cx - 4 * s)), int(min(w, cx + 4 * s + 1))
+                sub = (slice(lo_y, hi_y), slice(lo_x, hi_x))
+                block[sub] += rs.uniform(50, 2000) * np.exp(
+                    -(((xx[sub] - cx) ** 2 + (yy[sub] - cy) ** 2) / (2 * s * s))
+                )
+            arr[y0 : y0 + h, x0 : x0 + w] = block
+    return path
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument(
+        "--side", type=int, default=8192, help="mosaic side (8192: 16384 windows of 64^2)"
+    )
+    ap.add_argument("--batches", type=int, nargs="+", default=[64, 256, 1024])
+    ap.add_argument("--seconds", type=float, default=10.0, help="time per ceiling measurement")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="worker threads for the end-to-end run",
+    )
+    args = ap.parse_args()
+
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        print(
+            "no CUDA provider in this onnxruntime (install onnxruntime-gpu on a GPU machine); nothing measured",
+            file=sys.stderr,
+        )
+        return 1
+    from distributed import Client, LocalCluster
+
+    from pipeline.fingerprint import fingerprint
+    from pipeline.models import resolve
+    from pipeline.models.export import ensure_onnx
+    from pipeline.models.runtime import Session
+
+    print(f"# GPU: {gpu_facts()}")
+    print(
+        f"# onnxruntime {ort.__version__}, numpy {np.__version__}, python {platform.python_version()}, {os.cpu_count()} CPU cores"
+    )
+    rng = np.random.default_rng(0)
+    work = Path(tempfile.mkdtemp(prefix="elodin-gpu-bench-"))
+    try:
+        mosaic = make_zarr_mosaic(work / "mosaic.zarr", args.side)
+        n_windows = (args.side // 64) ** 2
+        print(f"# mosaic {args.side}^2 in Zarr on local disk, {n_windows} windows of 64^2")
+        print(
+            f"{'model':<26} {'prec':>5} {'batch':>6} {'ceiling/s':>10} {'gpu%':>5} {'elodin/s':>9} {'gpu%':>5} {'e2e/ceil':>8}"
+        )
+        with (
+            LocalCluster(
+                n_workers=1,
+                threads_per_worker=args.threads,
+                processes=True,
+                resources={"GPU": 1},
+                dashboard_address=None,
+            ) as cluster,
+            Client(cluster) as client,
+        ):
+            for name in ("efficientnet-lite0", "efficientnet-lite0:native"):
+                for precision in ("fp32", "fp16"):
+                    path = ensure_onnx(resolve(name), precision=precision)
+                    for bs in args.batches:
+                        sess = Session(
+                            path,
+                            providers=["CUDAExecutionProvider", "CPUExecutionProvider"],
+                            io_binding=True,
+                            fixed_batch=bs,
+                        )
+                        batch = rng.random((bs, 3, 64, 64), dtype=np.float32)
+                        for _ in range(3):
+                            sess.infer(batch, logits=False)
+                        with Utilisation() as u:
+                            n, t0 = 0, time.perf_counter()
+                            while time.perf_counter() - t0 < args.seconds:
+                                sess.infer(batch, logits=False)
+                                n += bs
+                            ceiling = n / (time.perf_counter() - t0)
+                        import dask.config
+
+                        with dask.config.set({"elodin.model.precision": precision}):
+                            out = work / f"s-{time.monotonic_ns()}.zarr"
+                            with Utilisation() as ue:
+                                t0 = time.perf_counter()
+                                res = fingerprint(
+                                    [str(mosaic)],
+                                    out,
+                                    method="sliding",
+                                    size=64,
+                                    model=name,
+                                    batch_size=bs,
+                                    gpu=True,
+                                    client=client,
+                                    progress=False,
+                                )
+                                e2e = res.n_cutouts / (time.perf_counter() - t0)
+                            shutil.rmtree(out)
+                        print(
+                            f"{name:<26} {precision:>5} {bs:>6} {ceiling:>10.0f} {u.mean:>5.0f} {e2e:>9.0f} {ue.mean:>5.0f} {e2e / ceiling:>8.2f}",
+                            flush=True,
+                        )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
