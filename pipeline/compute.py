@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 from collections.abc import Iterator
 
 from . import config
@@ -96,7 +97,8 @@ def connect(
     try:
         link = dashboard_link(client)
         if link and not quiet:
-            logger.warning("Dask dashboard: %s", link)
+            # Printed, not logged: it belongs beside the progress bar at any log level.
+            print(f"Dask dashboard: {link}", file=sys.stderr, flush=True)
         yield client
     finally:
         client.close()

@@ -619,12 +619,9 @@ def fingerprint(
     ctx = (
         contextlib.nullcontext(client)
         if client is not None
-        else connect(scheduler, workers=workers)
+        else connect(scheduler, workers=workers, quiet=not progress)
     )
     with ctx as client:
-        link = getattr(client, "dashboard_link", None)
-        if progress and link:
-            print(f"Dask dashboard: {link}", file=sys.stderr)
         plan = _plan_sources(client, new, settings, catalog, 0) if new else None
         st = existing or Store.create(
             store_path,
