@@ -98,3 +98,38 @@ def test_prefetch_yields_the_same_batches_in_order_and_passes_errors():
 
     with pytest.raises(ValueError, match="tile 3"):
         list(_prefetch(broken()))
+
+
+def test_cuda_provider_options_come_from_config():
+    import dask.config
+
+    from pipeline.models.runtime import provider_options
+
+    assert provider_options("CPUExecutionProvider") == {}
+    assert provider_options("CUDAExecutionProvider") == {"cudnn_conv_algo_search": "EXHAUSTIVE"}
+    with dask.config.set(
+        {
+            "elodin.model.cuda": {
+                "cudnn-conv-algo-search": "HEURISTIC",
+                "cuda-graph": True,
+                "device-id": 1,
+            }
+        }
+    ):
+        opts = provider_options("CUDAExecutionProvider")
+    assert opts == {
+        "cudnn_conv_algo_search": "HEURISTIC",
+        "enable_cuda_graph": "1",
+        "device_id": "1",
+    }
+
+
+def test_gpu_runs_get_one_gpu_slot_per_worker_process():
+    import dask.config
+
+    from pipeline.compute import local_cluster
+
+    with dask.config.set({"elodin.fingerprint.gpu": True}):
+        with local_cluster(workers=1, dashboard_address=None) as cluster:
+            (spec,) = cluster.worker_spec.values()
+    assert spec["options"]["resources"] == {"GPU": 1}
