@@ -136,3 +136,17 @@ def test_scripts_are_executable_and_parse():
         assert os.access(path, os.X_OK), f"{name} must be executable (.ci/run checks -x)"
         subprocess.run(["bash", "-n", str(path)], check=True)
     subprocess.run(["bash", "-n", str(SLURM_DIR / "elodin-batch.sbatch")], check=True)
+
+
+def test_run_example_and_scrontab_are_valid():
+    from pathlib import Path
+
+    from pipeline import config
+
+    root = Path(__file__).resolve().parents[1] / "deploy" / "slurm"
+    body = config.load_file(root / "run-example.yaml")
+    assert body["run"]["store"].endswith(".zarr")
+    lines = [ln for ln in (root / "elodin.scrontab").read_text().splitlines() if ln and not ln.startswith("#")]
+    assert len(lines) == 1
+    fields = lines[0].split()
+    assert len(fields[:5]) == 5 and "elodin" in lines[0] and "run" in fields and "--incremental" in fields
