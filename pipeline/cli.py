@@ -381,6 +381,32 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------------------- unlock
+@command
+def _add_unlock(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "unlock", help="remove a store's writer lock left by a run that is over (another host)"
+    )
+    p.add_argument("store", metavar="STORE")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="remove it even when its process is alive on this host",
+    )
+    p.set_defaults(func=_cmd_unlock)
+
+
+def _cmd_unlock(args: argparse.Namespace) -> int:
+    from .store import Store
+
+    holder = Store.unlock(args.store, force=args.force)
+    if holder is None:
+        print(f"{args.store}: not locked")
+    else:
+        print(f"{args.store}: removed the writer lock of {holder.describe()}")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------ run
 @command
 def _add_run(sub: argparse._SubParsersAction) -> None:
@@ -427,6 +453,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _writer_lock(args: argparse.Namespace):
+    """The store's writer lock for the analysis stages that write into it (``fingerprint``
+    takes its own), so two writers never share a store."""
+    import contextlib
+
+    if args.command in ("reduce", "cluster", "embed", "outliers"):
+        from .store import Store
+
+        if Store.exists(args.store):
+            return Store.lock(args.store)
+    return contextlib.nullcontext()
+
+
+def _terminate_like_ctrl_c():
+    """SIGTERM (scancel, kubectl delete, a job timeout) unwinds like Ctrl-C, so the store's
+    writer lock is given back and the clusters this process started are closed. Returns the
+    handler it replaced (None outside the main thread)."""
+    import signal
+    import threading
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, interrupt)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -440,18 +494,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     dask.config.set({"logging.distributed": quiet})
     for name in ("distributed", "dask_jobqueue", "dask_kubernetes", "kr8s"):
         logging.getLogger(name).setLevel(quiet.upper())
+    previous = _terminate_like_ctrl_c()
     try:
         if args.config:
             from . import config
 
             config.load_file(args.config)
-        return int(args.func(args) or 0)
+        with _writer_lock(args):
+            return int(args.func(args) or 0)
     except ElodinError as e:
         print(f"elodin: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("elodin: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            import signal
+
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":  # pragma: no cover

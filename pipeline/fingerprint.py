@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from . import config
-from .errors import ConfigError, InputError, StoreError
+from .errors import ConfigError, ElodinError, InputError, StoreError
 from .sources import ImageSource, open_sources
 from .store import Layout, Store, pack_units
 from .tiling import Plan
@@ -273,9 +273,18 @@ def run_unit(job: UnitJob, *, prefetch: bool = True) -> int:
         "ra": padded(coords["ra"], np.nan, np.float64),
         "dec": padded(coords["dec"], np.nan, np.float64),
     }
-    store = _worker_store(job.store)
-    store.write_rows(job.row_start, values)
-    store.mark_done(job.unit)
+    try:
+        store = _worker_store(job.store)
+        store.write_rows(job.row_start, values)
+        # After the data: a unit with a marker always has its rows (a failed or killed write
+        # leaves no marker, and the unit is written again, whole, by the next run).
+        store.mark_done(job.unit)
+    except OSError as e:  # disk full, read-only, a lost mount
+        raise StoreError(
+            f"{job.store}: cannot write rows {job.row_start}-{job.row_start + job.n_rows - 1} "
+            f"(work unit {job.unit}): {e.strerror or e}; free space or fix the store, then run "
+            "the same command again"
+        ) from None
     return n
 
 
@@ -482,9 +491,15 @@ def _threads_per_host(client) -> tuple[tuple[str, int], ...]:
     for w in info.values():
         host = w.get("host") or w["id"]
         hosts[host] = hosts.get(host, 0) + 1
-    cores = client.run(lambda: (socket.gethostname(), len(os.sched_getaffinity(0))))
+    # A worker that dies meanwhile (a lost node, a restart) is left out, not an error.
+    cores = client.run(
+        lambda: (socket.gethostname(), len(os.sched_getaffinity(0))), on_error="return"
+    )
     per_host = {}
-    for addr, (name, n) in cores.items():
+    for addr, got in cores.items():
+        if isinstance(got, BaseException):
+            continue
+        name, n = got
         host = info.get(addr, {}).get("host")
         per_host[name] = max(1, n // max(1, hosts.get(host, 1)))
     return tuple(sorted(per_host.items()))
@@ -588,7 +603,45 @@ def fingerprint(
         "pipeline_version": __version__,
     }
     store_path = str(store)
-    existing = Store.open(store_path, mode="r+") if Store.exists(store_path) else None
+    # One writer at a time: a second run into the same store is refused with one line naming
+    # the holder; the lock is given back however this run ends (error, Ctrl-C).
+    with Store.lock(store_path):
+        return _fingerprint_locked(
+            store_path,
+            sources,
+            settings=settings,
+            attrs=attrs,
+            card=card,
+            onnx_path=onnx_path,
+            sha=sha,
+            catalog=catalog,
+            scheduler=scheduler,
+            workers=workers,
+            progress=progress,
+            client=client,
+            replace_changed=replace_changed,
+        )
+
+
+def _fingerprint_locked(
+    store_path: str,
+    sources: list[ImageSource],
+    *,
+    settings: dict,
+    attrs: dict,
+    card,
+    onnx_path,
+    sha: str,
+    catalog: str | None,
+    scheduler: str | None,
+    workers: int | None,
+    progress: bool,
+    client,
+    replace_changed: bool,
+) -> FingerprintResult:
+    """The part of :func:`fingerprint` that runs under the store's writer lock."""
+    exists = Store.exists(store_path) and not Store.incomplete(store_path)
+    existing = Store.open(store_path, mode="r+") if exists else None
     if existing is not None:
         existing.check_compatible(attrs)
     by_id = {s.id: s for s in sources}
@@ -716,6 +769,7 @@ def _model_ref(card, onnx_path, sha: str, settings: dict, client) -> ModelRef:
 def _run_jobs(client, jobs: list[UnitJob], *, gpu: bool, progress: bool) -> int:
     """Submit units with back-pressure, show progress, and fail with the first error."""
     from distributed import as_completed
+    from distributed.scheduler import KilledWorker
     from tqdm.auto import tqdm
 
     if not jobs:
@@ -736,16 +790,21 @@ def _run_jobs(client, jobs: list[UnitJob], *, gpu: bool, progress: bool) -> int:
     run_token = os.urandom(4).hex()
     in_flight: set = set()
     pending = as_completed()
+    unit_job: dict[str, UnitJob] = {}
+    resubmitted: dict[int, int] = {}
+    max_resubmits = config.get_int("fingerprint.resubmit-killed", minimum=0)
 
     def submit(job: UnitJob) -> None:
+        again = resubmitted.get(job.unit, 0)
         fut = client.submit(
             run_unit,
             job,
-            key=f"elodin-unit-{job.unit}-{run_token}",
+            key=f"elodin-unit-{job.unit}-{run_token}" + (f"-{again}" if again else ""),
             resources=resources,
             pure=False,
             retries=2,
         )
+        unit_job[fut.key] = job
         in_flight.add(fut)
         pending.add(fut)
 
@@ -755,7 +814,30 @@ def _run_jobs(client, jobs: list[UnitJob], *, gpu: bool, progress: bool) -> int:
     try:
         for fut in pending:
             in_flight.discard(fut)
-            rows = fut.result()  # re-raises a task's error here, e.g. an unreadable tile
+            job = unit_job.pop(fut.key)
+            try:
+                rows = fut.result()  # re-raises a task's error here, e.g. an unreadable tile
+            except KilledWorker:
+                # Workers died under this unit more often than Dask allows one task (`retries`
+                # does not count deaths). Nothing of the unit is trusted without its marker, so
+                # running it again from scratch is safe.
+                resubmitted[job.unit] = resubmitted.get(job.unit, 0) + 1
+                if resubmitted[job.unit] > max_resubmits:
+                    raise ElodinError(
+                        f"work unit {job.unit} ({job.tiles[0].source.id}, rows "
+                        f"{job.row_start}-{job.row_start + job.n_rows - 1}): its workers died "
+                        f"{resubmitted[job.unit]} times in a row; out of memory? lower "
+                        "tiling.tile-size or fingerprint.batch-size, then run the same command "
+                        "again (finished units are kept)"
+                    ) from None
+                logger.warning(
+                    "work unit %d: workers died under it; submitting it again (%d of %d)",
+                    job.unit,
+                    resubmitted[job.unit],
+                    max_resubmits,
+                )
+                submit(job)
+                continue
             written += rows
             bar.update(rows)
             for job in _take(it, 1):
