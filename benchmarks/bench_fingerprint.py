@@ -32,44 +32,24 @@ from astropy.io import fits
 
 def make_mosaic(path: Path, side: int, seed: int = 0) -> Path:
     """Sky noise and Gaussian galaxies, written in strips so even 16k^2 never sits in memory."""
-    rs = np.random.default_rng(seed)
-    shape = (side, side)
-    hdr = fits.Header()
-    hdr["SIMPLE"] = True
-    hdr["BITPIX"] = -32
-    hdr["NAXIS"] = 2
-    hdr["NAXIS1"] = side
-    hdr["NAXIS2"] = side
-    hdr.tofile(path)
-    data_bytes = side * side * 4
-    with open(path, "rb+") as f:
-        f.seek(0, 2)
-        start = f.tell()
-        f.seek(start + data_bytes + (-data_bytes) % 2880 - 1)
-        f.write(b"\0")
-    mm = np.memmap(path, dtype=">f4", mode="r+", offset=start, shape=shape)
-    strip = 512
-    yy, xx = np.mgrid[0:strip, 0:side]
-    for y0 in range(0, side, strip):
-        block = rs.normal(100.0, 5.0, (strip, side)).astype(np.float32)
-        for _ in range(side // 16):
-            x0, yc = rs.uniform(0, side), rs.uniform(0, strip)
-            s = rs.uniform(1.5, 6)
-            x_lo, x_hi = int(max(0, x0 - 4 * s)), int(min(side, x0 + 4 * s + 1))
-            y_lo, y_hi = int(max(0, yc - 4 * s)), int(min(strip, yc + 4 * s + 1))
-            sub = (slice(y_lo, y_hi), slice(x_lo, x_hi))
-            block[sub] += rs.uniform(50, 2000) * np.exp(-(((xx[sub] - x0) ** 2 + (yy[sub] - yc) ** 2) / (2 * s * s)))
-        mm[y0 : y0 + strip] = block
-    mm.flush()
-    del mm
-    return path
+    from pipeline.testing import synthetic_mosaic
+
+    return synthetic_mosaic(
+        path, shape=(side, side), seed=seed, n_sources=side * side // 16384, sigma=(1.5, 6)
+    )
 
 
 def precut(path: Path, n_side: int, size: int) -> np.ndarray:
     from pipeline.preprocess import stretch_cutouts
 
     data = fits.getdata(path, memmap=True)
-    cut = np.stack([data[y : y + size, x : x + size] for y in range(0, n_side, size) for x in range(0, n_side, size)]).astype(np.float32)
+    cut = np.stack(
+        [
+            data[y : y + size, x : x + size]
+            for y in range(0, n_side, size)
+            for x in range(0, n_side, size)
+        ]
+    ).astype(np.float32)
     rgb, _ = stretch_cutouts(cut[:, None])
     return rgb
 
@@ -100,7 +80,17 @@ def pipeline_rate(client, mosaic: Path, model: str, batch: int, workdir: Path) -
 
     out = workdir / f"bench-{model.replace(':', '_')}-{time.monotonic_ns()}.zarr"
     t = time.perf_counter()
-    result = fingerprint([mosaic], out, method="sliding", size=64, stride=64, model=model, batch_size=batch, client=client, progress=False)
+    result = fingerprint(
+        [mosaic],
+        out,
+        method="sliding",
+        size=64,
+        stride=64,
+        model=model,
+        batch_size=batch,
+        client=client,
+        progress=False,
+    )
     elapsed = time.perf_counter() - t
     shutil.rmtree(out)
     return result.n_cutouts / elapsed, result.n_cutouts
@@ -116,9 +106,23 @@ def worker_peak_mb(mosaic: Path, workers: int, workdir: Path, stride: int) -> li
 
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
-    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, Client(cluster) as client:
+    with (
+        LocalCluster(
+            n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None
+        ) as cluster,
+        Client(cluster) as client,
+    ):
         out = workdir / f"mem-{mosaic.stem}.zarr"
-        fingerprint([mosaic], out, method="sliding", size=64, stride=stride, model="efficientnet-lite0:native", client=client, progress=False)
+        fingerprint(
+            [mosaic],
+            out,
+            method="sliding",
+            size=64,
+            stride=stride,
+            model="efficientnet-lite0:native",
+            client=client,
+            progress=False,
+        )
         shutil.rmtree(out)
         return sorted(client.run(peak).values())
 
@@ -142,10 +146,19 @@ def main() -> None:
     try:
         mosaic = make_mosaic(work / "mosaic.fits", args.side)
         rgb = precut(mosaic, args.side, 64)
-        print(f"# {platform.machine()}, {os.cpu_count()} cores; mosaic {args.side}^2, {len(rgb)} windows of 64^2; batch {args.batch}; {args.workers} worker processes")
-        print(f"{'model':<28} {'(a) ceiling':>12} {'(b) elodin':>11} {'b/a':>6} {'(c) naive':>10} {'b/c':>6}   cutouts/s")
+        print(
+            f"# {platform.machine()}, {os.cpu_count()} cores; mosaic {args.side}^2, {len(rgb)} windows of 64^2; batch {args.batch}; {args.workers} worker processes"
+        )
+        print(
+            f"{'model':<28} {'(a) ceiling':>12} {'(b) elodin':>11} {'b/a':>6} {'(c) naive':>10} {'b/c':>6}   cutouts/s"
+        )
         rates = {}
-        with LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, Client(cluster) as client:
+        with (
+            LocalCluster(
+                n_workers=args.workers, threads_per_worker=1, processes=True, dashboard_address=None
+            ) as cluster,
+            Client(cluster) as client,
+        ):
             for model, side in (("efficientnet-lite0", 224), ("efficientnet-lite0:native", 64)):
                 path = ensure_onnx(resolve(model))
                 sess = get_session(path, threads=default_threads())
@@ -154,13 +167,22 @@ def main() -> None:
                 b, _ = pipeline_rate(client, mosaic, model, args.batch, work)
                 c = naive(get_session(path, threads=default_threads()), rgb, side, args.naive_limit)
                 rates[model] = b
-                print(f"{model:<28} {a:>12.1f} {b:>11.1f} {b / a:>6.2f} {c:>10.1f} {b / c:>6.1f}", flush=True)
-        print(f"elodin at native 64 / elodin at 224: {rates['efficientnet-lite0:native'] / rates['efficientnet-lite0']:.1f}x")
+                print(
+                    f"{model:<28} {a:>12.1f} {b:>11.1f} {b / a:>6.2f} {c:>10.1f} {b / c:>6.1f}",
+                    flush=True,
+                )
+        print(
+            f"elodin at native 64 / elodin at 224: {rates['efficientnet-lite0:native'] / rates['efficientnet-lite0']:.1f}x"
+        )
         if not args.skip_memory:
             for side, stride in ((4096, 256), (16384, 1024)):
                 m = make_mosaic(work / f"mem{side}.fits", side, seed=1)
                 peaks = worker_peak_mb(m, args.workers, work, stride)
-                print(f"peak RSS per worker, {side}^2 mosaic ({side * side * 4 / 2**20:.0f} MiB): " + ", ".join(f"{p:.0f} MiB" for p in peaks), flush=True)
+                print(
+                    f"peak RSS per worker, {side}^2 mosaic ({side * side * 4 / 2**20:.0f} MiB): "
+                    + ", ".join(f"{p:.0f} MiB" for p in peaks),
+                    flush=True,
+                )
                 m.unlink()
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -32,24 +32,18 @@ sys.path.insert(0, str(REPO))
 
 
 def make_mosaic(path: Path, side: int, seed: int = 0) -> None:
-    from astropy.io import fits
-    from astropy.wcs import WCS
+    from pipeline.testing import synthetic_mosaic
 
-    rs = np.random.default_rng(seed)
-    data = rs.normal(100.0, 5.0, (side, side)).astype(np.float32)
-    yy, xx = np.mgrid[-12:13, -12:13]
-    for _ in range(side * side // 4000):
-        x, y = rs.integers(12, side - 12, 2)
-        s = rs.uniform(1.0, 4.0)
-        data[y - 12 : y + 13, x - 12 : x + 13] += rs.uniform(50, 3000) * np.exp(
-            -(xx**2 + yy**2) / (2 * s * s)
-        )
-    w = WCS(naxis=2)
-    w.wcs.ctype = ["RA---TAN", "DEC--TAN"]
-    w.wcs.crval = [150.0, 2.0]
-    w.wcs.crpix = [side / 2, side / 2]
-    w.wcs.cdelt = [-0.1 / 3600, 0.1 / 3600]
-    fits.PrimaryHDU(data, header=w.to_header()).writeto(path, overwrite=True)
+    synthetic_mosaic(
+        path,
+        shape=(side, side),
+        seed=seed,
+        n_sources=side * side // 4000,
+        flux=(50, 3000),
+        sigma=(1.0, 4.0),
+        crval=(150.0, 2.0),
+        pixel_scale=0.1,
+    )
 
 
 def make_store(path: Path, mosaic: Path, side: int, window: int, seed: int = 0) -> int:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import signal
 import subprocess
@@ -19,6 +18,7 @@ from astropy.wcs import WCS
 from pipeline.errors import StoreError
 from pipeline.fingerprint import fingerprint
 from pipeline.store import Store
+from pipeline.testing import store_digest, synthetic_mosaic
 
 MODEL = "efficientnet-lite0:native"  # 64x64 cutouts straight in: the fastest real model
 # Small tiles and chunks so that a small mosaic still makes many work units.
@@ -34,29 +34,7 @@ SETTINGS = {
 
 def make_mosaic(path: Path, *, ny: int = 640, nx: int = 768, seed: int = 1) -> Path:
     """A FITS mosaic with a TAN WCS: sky noise plus Gaussian galaxies of random shapes."""
-    rs = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:ny, 0:nx]
-    data = rs.normal(100.0, 5.0, (ny, nx))
-    for _ in range(60):
-        x0, y0 = rs.uniform(0, nx), rs.uniform(0, ny)
-        sx, sy = rs.uniform(1.5, 8), rs.uniform(1.5, 8)
-        data += rs.uniform(50, 2000) * np.exp(-(((xx - x0) / sx) ** 2 + ((yy - y0) / sy) ** 2) / 2)
-    w = WCS(naxis=2)
-    w.wcs.ctype = ["RA---TAN", "DEC--TAN"]
-    w.wcs.crval = [150.1, 2.2]
-    w.wcs.crpix = [nx / 2, ny / 2]
-    w.wcs.cdelt = [-0.03 / 3600, 0.03 / 3600]
-    fits.PrimaryHDU(data.astype(np.float32), header=w.to_header()).writeto(path)
-    return path
-
-
-def store_digest(path: Path) -> str:
-    """Hash of every file of a store: equal digests mean byte-identical stores."""
-    h = hashlib.sha256()
-    for f in sorted(p for p in Path(path).rglob("*") if p.is_file()):
-        h.update(str(f.relative_to(path)).encode())
-        h.update(f.read_bytes())
-    return h.hexdigest()
+    return synthetic_mosaic(path, shape=(ny, nx), seed=seed, n_sources=60)
 
 
 @pytest.fixture(scope="module")

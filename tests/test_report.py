@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from astropy.io import fits
-from astropy.wcs import WCS
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -32,6 +31,7 @@ from pipeline.report.thumbnails import (
     window_boxes,
 )
 from pipeline.store import Store
+from pipeline.testing import synthetic_mosaic
 
 MODEL = "efficientnet-lite0:native"
 NY, NX = 300, 340  # not multiples of the window: the pad policy makes windows past the edge
@@ -42,20 +42,16 @@ N_COMP = 6
 
 def make_mosaic(path: Path, *, seed: int = 3) -> Path:
     """Sky noise plus Gaussian sources of random shapes, with a TAN WCS."""
-    rs = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:NY, 0:NX]
-    data = rs.normal(100.0, 5.0, (NY, NX))
-    for _ in range(45):
-        x0, y0 = rs.uniform(0, NX), rs.uniform(0, NY)
-        sx, sy = rs.uniform(1.2, 7), rs.uniform(1.2, 7)
-        data += rs.uniform(50, 3000) * np.exp(-(((xx - x0) / sx) ** 2 + ((yy - y0) / sy) ** 2) / 2)
-    w = WCS(naxis=2)
-    w.wcs.ctype = ["RA---TAN", "DEC--TAN"]
-    w.wcs.crval = [83.8, -5.4]
-    w.wcs.crpix = [NX / 2, NY / 2]
-    w.wcs.cdelt = [-0.05 / 3600, 0.05 / 3600]
-    fits.PrimaryHDU(data.astype(np.float32), header=w.to_header()).writeto(path)
-    return path
+    return synthetic_mosaic(
+        path,
+        shape=(NY, NX),
+        seed=seed,
+        n_sources=45,
+        flux=(50, 3000),
+        sigma=(1.2, 7),
+        crval=(83.8, -5.4),
+        pixel_scale=0.05,
+    )
 
 
 def add_analysis(path: Path, *, seed: int = 0) -> None:

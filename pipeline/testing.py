@@ -1,0 +1,116 @@
+"""Synthetic sky for tests, benchmarks and trying Elodin out (like ``numpy.testing``).
+
+:func:`synthetic_mosaic` writes a FITS mosaic of sky noise and Gaussian galaxies with a
+celestial TAN WCS, strip by strip through a memory map, so a 16k x 16k mosaic never sits in
+memory; :func:`store_digest` hashes every file of a store, so "the store is unchanged" is one
+comparison.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["store_digest", "synthetic_mosaic"]
+
+
+def synthetic_mosaic(
+    path: str | os.PathLike,
+    *,
+    shape: tuple[int, int],
+    seed: int = 1,
+    n_sources: int | None = None,
+    flux: tuple[float, float] = (50.0, 2000.0),
+    sigma: tuple[float, float] = (1.5, 8.0),
+    sky: float = 100.0,
+    noise: float = 5.0,
+    crval: tuple[float, float] = (150.1, 2.2),
+    pixel_scale: float = 0.03,
+    strip: int = 512,
+) -> Path:
+    """Write a float32 FITS mosaic of noise and elliptical Gaussian sources with a TAN WCS.
+
+    Parameters
+    ----------
+    path : path-like
+        File to write (overwritten).
+    shape : (ny, nx)
+        Image size in pixels.
+    seed : int
+        Seed of everything random: the same arguments give the same bytes.
+    n_sources : int, optional
+        Number of sources; default one per 6,500 pixels.
+    flux, sigma : (low, high)
+        Uniform ranges of peak amplitude and of the Gaussian sigma along each axis (pixels).
+    sky, noise : float
+        Sky level and its Gaussian noise.
+    crval : (ra, dec)
+        Sky position (degrees) of the image centre.
+    pixel_scale : float
+        Arcseconds per pixel.
+    strip : int
+        Rows written at a time (memory is about ``strip * nx * 8`` bytes).
+    """
+    from astropy.io import fits
+    from astropy.wcs import WCS
+
+    ny, nx = (int(v) for v in shape)
+    path = Path(path)
+    rs = np.random.default_rng(seed)
+    n = ny * nx // 6500 if n_sources is None else int(n_sources)
+    xs, ys = rs.uniform(0, nx, n), rs.uniform(0, ny, n)
+    sx, sy = rs.uniform(*sigma, n), rs.uniform(*sigma, n)
+    amp = rs.uniform(*flux, n)
+
+    w = WCS(naxis=2)
+    w.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+    w.wcs.crval = list(crval)
+    w.wcs.crpix = [nx / 2, ny / 2]
+    w.wcs.cdelt = [-pixel_scale / 3600, pixel_scale / 3600]
+    header = fits.Header()
+    header["SIMPLE"] = True
+    header["BITPIX"] = -32
+    header["NAXIS"] = 2
+    header["NAXIS1"] = nx
+    header["NAXIS2"] = ny
+    header.update(w.to_header())
+    if path.exists():
+        path.unlink()
+    header.tofile(path)
+    start = path.stat().st_size
+    data_bytes = ny * nx * 4
+    with open(path, "rb+") as f:  # data plus FITS padding to a 2880-byte block, sparse at first
+        f.seek(start + data_bytes + (-data_bytes) % 2880 - 1)
+        f.write(b"\0")
+    image = np.memmap(path, dtype=">f4", mode="r+", offset=start, shape=(ny, nx))
+    reach_y = 4 * sy
+    for y0 in range(0, ny, strip):
+        y1 = min(ny, y0 + strip)
+        block = rs.normal(sky, noise, (y1 - y0, nx))
+        near = np.flatnonzero((ys + reach_y >= y0) & (ys - reach_y < y1))
+        for i in near:  # each source only on the pixels within 4 sigma of it
+            bx0, bx1 = int(max(0, xs[i] - 4 * sx[i])), int(min(nx, xs[i] + 4 * sx[i] + 1))
+            by0, by1 = int(max(y0, ys[i] - 4 * sy[i])), int(min(y1, ys[i] + 4 * sy[i] + 1))
+            if bx1 <= bx0 or by1 <= by0:
+                continue
+            yy, xx = np.mgrid[by0:by1, bx0:bx1]
+            block[by0 - y0 : by1 - y0, bx0:bx1] += amp[i] * np.exp(
+                -(((xx - xs[i]) / sx[i]) ** 2 + ((yy - ys[i]) / sy[i]) ** 2) / 2
+            )
+        image[y0:y1] = block
+    image.flush()
+    del image
+    return path
+
+
+def store_digest(path: str | os.PathLike) -> str:
+    """sha256 over every file of a store (names and bytes): equal digests, identical stores."""
+    root = Path(path)
+    h = hashlib.sha256()
+    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(root)).encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()
