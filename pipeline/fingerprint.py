@@ -515,12 +515,17 @@ def _segment_jobs(
         unit = seg.unit_start + u
         if unit in done:
             continue
+        w0, w1 = int(layout.unit_windows[u]), int(layout.unit_windows[u + 1])
+        t0 = int(np.searchsorted(plan.tile_start, w0, side="right")) - 1
+        t1 = int(np.searchsorted(plan.tile_start, w1, side="left"))
         tiles = []
-        for t in range(layout.unit_tiles[u], layout.unit_tiles[u + 1]):
-            tile = plan.tiles[t]
-            src = sources[plan.images[int(tile["image"])]]
-            box = (int(tile["ry0"]), int(tile["ry1"]), int(tile["rx0"]), int(tile["rx1"]))
-            tiles.append(TileJob(src, box, np.ascontiguousarray(plan.tile_windows(t))))
+        for t in range(t0, t1):
+            lo, hi = max(w0, int(plan.tile_start[t])), min(w1, int(plan.tile_start[t + 1]))
+            if hi <= lo:
+                continue
+            src = sources[plan.images[int(plan.tiles[t]["image"])]]
+            wins = np.ascontiguousarray(plan.windows[lo:hi])
+            tiles.append(TileJob(src, _read_box(wins, src.shape), wins))
         rows = int(layout.unit_rows[u + 1] - layout.unit_rows[u])
         yield UnitJob(
             row_start=seg.row_start + int(layout.unit_rows[u]),
@@ -530,6 +535,15 @@ def _segment_jobs(
             **base,
         )
 
+
+def _read_box(windows: np.ndarray, shape) -> tuple[int, int, int, int]:
+    """The pixels a piece of a tile needs: its windows' bounding box, clipped to the image
+    (parts of pad-policy windows outside it are filled by :func:`cut_windows`)."""
+    ny, nx = shape
+    x0, y0 = windows[:, 0], windows[:, 1]
+    ry0, ry1 = max(0, int(y0.min())), min(ny, int((y0 + windows[:, 3]).max()))
+    rx0, rx1 = max(0, int(x0.min())), min(nx, int((x0 + windows[:, 2]).max()))
+    return ry0, ry1, rx0, rx1
 
 def fingerprint(
     inputs: Sequence[str | os.PathLike],

@@ -66,19 +66,18 @@ _ROW_ARRAYS: dict[str, tuple[str, Any]] = {
 class Layout:
     """Where each work unit's windows go in the store (pure numpy; cheap for 10^6 tiles).
 
-    ``unit_tiles[u]:unit_tiles[u+1]`` are the unit's tiles in the plan,
-    ``unit_windows[u]:unit_windows[u+1]`` its windows, and ``unit_rows[u]:unit_rows[u+1]`` its
-    rows, relative to the segment's first row (chunk-aligned; the last chunk may hold empty slots).
+    Unit ``u`` owns the plan's windows ``unit_windows[u]:unit_windows[u+1]`` and the rows
+    ``unit_rows[u]:unit_rows[u+1]``, relative to the segment's first row (chunk-aligned; the
+    last chunk may hold empty slots).
     """
 
     chunk_rows: int
-    unit_tiles: np.ndarray
     unit_windows: np.ndarray
     unit_rows: np.ndarray
 
     @property
     def n_units(self) -> int:
-        return len(self.unit_tiles) - 1
+        return len(self.unit_windows) - 1
 
     @property
     def n_rows(self) -> int:
@@ -92,27 +91,32 @@ class Layout:
 
 
 def pack_units(tile_start: np.ndarray, *, chunk_rows: int) -> Layout:
-    """Pack consecutive tiles into units that own whole chunks.
+    """Cut the plan's windows into work units that own whole chunks.
 
-    A tile joins the unit of the chunk-sized bucket its first window falls in, so a unit holds
-    at most ``chunk_rows`` windows plus its last tile's, small tiles share a unit (one task) and
-    a large tile gets a unit of several chunks to itself.
+    A tile with more windows than a chunk is cut every ``chunk_rows`` windows into pieces of
+    their own (windows are row-major in a tile, so a piece is a band of it, read alone); then
+    consecutive pieces share a unit while they start in the same chunk-sized bucket of the
+    window order. So small tiles share one task, a large tile is worked on by several, and a
+    unit never holds two chunks' worth of windows (memory per task is bounded by the chunk).
     """
     tile_start = np.asarray(tile_start, dtype=np.int64)
     if chunk_rows < 1:
         raise ValueError("chunk_rows must be >= 1")
-    n_tiles = len(tile_start) - 1
-    if n_tiles <= 0:
+    if len(tile_start) < 2 or tile_start[-1] == 0:
         z = np.zeros(1, np.int64)
-        return Layout(chunk_rows, z, z, z)
-    bucket = tile_start[:-1] // chunk_rows
+        return Layout(chunk_rows, z, z)
+    counts = np.diff(tile_start)
+    pieces = np.maximum(1, -(-counts // chunk_rows))
+    first_piece = np.cumsum(pieces) - pieces
+    within = np.arange(int(pieces.sum())) - np.repeat(first_piece, pieces)
+    starts = np.unique(np.repeat(tile_start[:-1], pieces) + within * chunk_rows)
+    starts = starts[starts < tile_start[-1]]
+    bucket = starts // chunk_rows
     first = np.flatnonzero(np.r_[True, bucket[1:] != bucket[:-1]])
-    unit_tiles = np.r_[first, n_tiles].astype(np.int64)
-    unit_windows = tile_start[unit_tiles]
+    unit_windows = np.r_[starts[first], tile_start[-1]].astype(np.int64)
     n = np.diff(unit_windows)
-    rows = -(-n // chunk_rows) * chunk_rows
-    unit_rows = np.r_[0, np.cumsum(rows)].astype(np.int64)
-    return Layout(chunk_rows, unit_tiles, unit_windows, unit_rows)
+    unit_rows = np.r_[0, np.cumsum(-(-n // chunk_rows) * chunk_rows)].astype(np.int64)
+    return Layout(chunk_rows, unit_windows, unit_rows)
 
 
 @dataclasses.dataclass(frozen=True)

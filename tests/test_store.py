@@ -16,9 +16,13 @@ from pipeline.store import Store, pack_units
 def test_units_own_whole_chunks_and_every_window_one_row(counts, chunk):
     tile_start = np.r_[0, np.cumsum(counts)]
     lay = pack_units(tile_start, chunk_rows=chunk)
-    # units cover the tiles in order, without gaps
-    assert lay.unit_tiles[0] == 0 and lay.unit_tiles[-1] == len(counts)
-    assert np.all(np.diff(lay.unit_tiles) > 0)
+    # units cover the windows in order, without gaps, each under two chunks' worth
+    assert lay.unit_windows[0] == 0 and lay.unit_windows[-1] == tile_start[-1]
+    assert np.all(np.diff(lay.unit_windows) > 0) and np.all(np.diff(lay.unit_windows) < 2 * chunk)
+    # a unit boundary inside a tile falls on a multiple of chunk from the tile's start
+    for b in lay.unit_windows[1:-1]:
+        t = np.searchsorted(tile_start, b, side="right") - 1
+        assert (b - tile_start[t]) % chunk == 0
     # every unit starts on a chunk boundary and has room for its windows
     assert np.all(lay.unit_rows % chunk == 0)
     assert np.all(np.diff(lay.unit_rows) >= np.diff(lay.unit_windows))
@@ -32,10 +36,11 @@ def test_units_own_whole_chunks_and_every_window_one_row(counts, chunk):
     )
 
 
-def test_small_tiles_share_a_unit_and_large_tiles_get_several_chunks():
+def test_small_tiles_share_a_unit_and_large_tiles_are_cut_into_chunk_sized_pieces():
+    # tiles of 3, 3, 3, 3, 40, 3 windows, chunks of 10
     lay = pack_units(np.r_[0, np.cumsum([3, 3, 3, 3, 40, 3])], chunk_rows=10)
-    assert lay.unit_tiles.tolist() == [0, 4, 5, 6]
-    assert lay.unit_rows.tolist() == [0, 20, 60, 70]
+    assert lay.unit_windows.tolist() == [0, 12, 22, 32, 42, 52, 55]
+    assert lay.unit_rows.tolist() == [0, 20, 30, 40, 50, 60, 70]
 
 
 def _store(tmp_path, rows=(10, 7)):
@@ -53,7 +58,7 @@ def _store(tmp_path, rows=(10, 7)):
 
 def test_grow_write_and_read_back_with_xarray(tmp_path):
     s = _store(tmp_path)
-    assert s.n_rows == 20 and s.n_units == 2
+    assert s.n_rows == 20 and s.n_units == 4  # tiles of 10 and 7 windows cut into chunks of 5
     s.write_rows(
         0,
         {
