@@ -40,8 +40,11 @@ def make_mosaic(path: Path, side: int, seed: int = 0) -> Path:
 
 
 def precut(path: Path, n_side: int, size: int) -> np.ndarray:
-    from pipeline.preprocess import stretch_cutouts
+    """Every window cut and stretched up front, as the pipeline would (per-image limits)."""
+    from pipeline.preprocess import image_limits_for, stretch_cutouts
+    from pipeline.sources import open_sources
 
+    limits = image_limits_for(open_sources([str(path)])[0])
     data = fits.getdata(path, memmap=True)
     cut = np.stack(
         [
@@ -50,7 +53,7 @@ def precut(path: Path, n_side: int, size: int) -> np.ndarray:
             for x in range(0, n_side, size)
         ]
     ).astype(np.float32)
-    rgb, _ = stretch_cutouts(cut[:, None])
+    rgb, _ = stretch_cutouts(cut[:, None], image_limits=limits)
     return rgb
 
 
@@ -88,6 +91,8 @@ def pipeline_rate(client, mosaic: Path, model: str, batch: int, workdir: Path) -
         stride=64,
         model=model,
         batch_size=batch,
+        # 256-row chunks: 16 work units over 2 workers, so the tail of the run keeps both busy
+        chunk_rows=256,
         client=client,
         progress=False,
     )
@@ -102,9 +107,10 @@ def worker_peak_mb(mosaic: Path, workers: int, workdir: Path, stride: int) -> li
     from pipeline.fingerprint import fingerprint
 
     def peak() -> float:
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        # VmHWM, not ru_maxrss: a spawned worker inherits its parent's ru_maxrss, and this
+        # parent has just written the mosaic through a memory map.
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
 
     with (
         LocalCluster(
@@ -119,6 +125,7 @@ def worker_peak_mb(mosaic: Path, workers: int, workdir: Path, stride: int) -> li
             method="sliding",
             size=64,
             stride=stride,
+            chunk_rows=256,
             model="efficientnet-lite0:native",
             client=client,
             progress=False,
@@ -129,7 +136,7 @@ def worker_peak_mb(mosaic: Path, workers: int, workdir: Path, stride: int) -> li
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--side", type=int, default=2048, help="mosaic side for the throughput runs")
+    ap.add_argument("--side", type=int, default=4096, help="mosaic side for the throughput runs")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--naive-limit", type=int, default=400, help="cutouts timed in the naive loop")
@@ -175,7 +182,7 @@ def main() -> None:
             f"elodin at native 64 / elodin at 224: {rates['efficientnet-lite0:native'] / rates['efficientnet-lite0']:.1f}x"
         )
         if not args.skip_memory:
-            for side, stride in ((4096, 256), (16384, 1024)):
+            for side, stride in ((4096, 256), (16384, 256)):  # same window density and tiles
                 m = make_mosaic(work / f"mem{side}.fits", side, seed=1)
                 peaks = worker_peak_mb(m, args.workers, work, stride)
                 print(
