@@ -78,3 +78,16 @@ def test_environment_beats_a_user_file(tmp_path, monkeypatch):
     with dask.config.set({}):
         config.load_file(f)
         assert config.get("fingerprint.batch-size") == 8
+
+
+def test_public_api_is_re_exported_lazily():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, pipeline; assert 'pipeline.analysis' not in sys.modules; "
+        "from pipeline import fingerprint, reduce, Store, connect, make_report, run; "
+        "print(fingerprint.__module__, reduce.__module__)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["pipeline.fingerprint", "pipeline.analysis.reduce"]
