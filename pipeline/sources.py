@@ -40,7 +40,7 @@ import threading
 import warnings
 import zlib
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -1055,6 +1055,34 @@ class ImageSource:
         if self.parts:
             return self.parts
         return _probe_parts(self.paths, self.kind, self.hdu, self.variable)
+
+    def to_record(self) -> dict[str, Any]:
+        """The fields as a JSON-able mapping: what a store records to reopen the image later
+        (a resumed run, the report's thumbnails) without pickling anything."""
+        return {
+            "id": self.id,
+            "paths": list(self.paths),
+            "kind": self.kind,
+            "shape": [int(v) for v in self.shape],
+            "n_bands": int(self.n_bands),
+            "hdu": self.hdu,
+            "variable": self.variable,
+            "wcs_header": self.wcs_header,
+        }
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> ImageSource:
+        """Reopen an image from :meth:`to_record`'s mapping (lazily: nothing is read)."""
+        return cls(
+            id=str(record["id"]),
+            paths=tuple(record["paths"]),
+            kind=str(record["kind"]),
+            shape=tuple(int(v) for v in record["shape"]),
+            n_bands=int(record["n_bands"]),
+            hdu=record.get("hdu"),
+            variable=record.get("variable"),
+            wcs_header=record.get("wcs_header"),
+        )
 
     def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         """Pixels ``[y0:y1, x0:x1]`` of every band, reading only that section.

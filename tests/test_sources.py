@@ -899,3 +899,17 @@ def test_zarr_read_touches_only_its_chunks(tmp_path, rng):
         tracemalloc.stop()
     np.testing.assert_array_equal(got[0], data[700:764, 900:964])
     assert peak < 2 * 2**20, f"peak {peak / 2**20:.1f} MiB"  # a few chunks, not 16 MiB
+
+
+def test_record_round_trip_reopens_the_same_image(tmp_path):
+    import json
+
+    from pipeline.sources import ImageSource
+
+    path = tmp_path / "rec.fits"
+    data = np.arange(40 * 50, dtype=np.float32).reshape(40, 50)
+    fits.HDUList([fits.PrimaryHDU(), fits.ImageHDU(data, name="SCI")]).writeto(path)
+    (src,) = open_sources([f"{path}[SCI]"])
+    again = ImageSource.from_record(json.loads(json.dumps(src.to_record())))
+    assert (again.id, again.shape, again.hdu, again.n_bands) == (src.id, src.shape, src.hdu, src.n_bands)
+    np.testing.assert_array_equal(again.read(5, 15, 10, 30), src.read(5, 15, 10, 30))

@@ -69,16 +69,7 @@ def sources_from_attrs(attrs: Mapping[str, Any]) -> dict[str, ImageSource]:
             s = (record or {}).get("source")
             if not s:
                 continue
-            out[image_id] = ImageSource(
-                id=s["id"],
-                paths=tuple(s["paths"]),
-                kind=s["kind"],
-                shape=tuple(int(v) for v in s["shape"]),
-                n_bands=int(s["n_bands"]),
-                hdu=s.get("hdu"),
-                variable=s.get("variable"),
-                wcs_header=s.get("wcs_header"),
-            )
+            out[image_id] = ImageSource.from_record(s)
     return out
 
 
