@@ -153,6 +153,7 @@ def main() -> None:
     try:
         mosaic = make_mosaic(work / "mosaic.fits", args.side)
         rgb = precut(mosaic, args.side, 64)
+        print(f"# load average at start: {os.getloadavg()[0]:.1f}")
         print(
             f"# {platform.machine()}, {os.cpu_count()} cores; mosaic {args.side}^2, {len(rgb)} windows of 64^2; batch {args.batch}; {args.workers} worker processes"
         )
@@ -169,9 +170,12 @@ def main() -> None:
             for model, side in (("efficientnet-lite0", 224), ("efficientnet-lite0:native", 64)):
                 path = ensure_onnx(resolve(model))
                 sess = get_session(path, threads=default_threads())
-                a = ceiling(sess, rgb, args.batch)
+                # The ceiling is taken before and after the pipeline run and averaged, so a
+                # load that drifts during the run (a shared machine) biases neither side.
+                a0 = ceiling(sess, rgb, args.batch)
                 pipeline_rate(client, mosaic, model, args.batch, work)  # warm: sessions in workers
                 b, _ = pipeline_rate(client, mosaic, model, args.batch, work)
+                a = (a0 + ceiling(sess, rgb, args.batch)) / 2
                 c = naive(get_session(path, threads=default_threads()), rgb, side, args.naive_limit)
                 rates[model] = b
                 print(
@@ -191,6 +195,7 @@ def main() -> None:
                     flush=True,
                 )
                 m.unlink()
+        print(f"# load average at end: {os.getloadavg()[0]:.1f}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
