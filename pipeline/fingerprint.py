@@ -18,6 +18,7 @@ does no inference at all.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -288,6 +289,26 @@ def run_unit(job: UnitJob, *, prefetch: bool = True) -> int:
     return n
 
 
+@dataclasses.dataclass(frozen=True)
+class _UnitFailed:
+    """A user-caused problem in a unit (unreadable tile, full disk), returned by the task
+    instead of raised: the worker does not log it as a crash with a traceback, Dask does not
+    retry it, and the client raises it as the one-line error it is."""
+
+    kind: type
+    message: str
+
+    def error(self) -> ElodinError:
+        return self.kind(self.message)
+
+
+def _unit_task(job: UnitJob) -> int | _UnitFailed:
+    try:
+        return run_unit(job)
+    except ElodinError as e:
+        return _UnitFailed(type(e), str(e))
+
+
 # ------------------------------------------------------------------------------ client side
 def _settings(**flags) -> dict:
     """Every setting of the run, flags over config, checked once."""
@@ -545,6 +566,7 @@ def _read_box(windows: np.ndarray, shape) -> tuple[int, int, int, int]:
     rx0, rx1 = max(0, int(x0.min())), min(nx, int((x0 + windows[:, 2]).max()))
     return ry0, ry1, rx0, rx1
 
+
 def fingerprint(
     inputs: Sequence[str | os.PathLike],
     store: str | os.PathLike,
@@ -672,14 +694,13 @@ def _fingerprint_locked(
             "fingerprinted; use a new store or `elodin run --incremental`"
         )
     for img in changed:
-        existing.retire_image(known.pop(img), img)
+        with _store_writes(store_path):
+            existing.retire_image(known.pop(img), img)
     touched = sorted({known[s.id] for s in sources if s.id in known})
     new = [s for s in sources if s.id not in known]
     # Measured before anything is written (an all-NaN image is refused here) and recorded, so a
     # resume and the report stretch with the same limits.
     new_limits = _image_limits(new, settings["preprocess"])
-
-    import contextlib
 
     from .compute import connect
 
@@ -690,26 +711,27 @@ def _fingerprint_locked(
     )
     with ctx as client:
         plan = _plan_sources(client, new, settings, catalog, 0) if new else None
-        st = existing or Store.create(
-            store_path,
-            feature_dim=card.feature_dim,
-            topk=settings["topk"],
-            chunk_rows=settings["chunk_rows"],
-            attrs=attrs,
-            dtype=settings["dtype"],
-        )
-        if plan is not None:
-            if plan.n_windows == 0:
-                logger.warning("no cutouts planned for %s", ", ".join(s.id for s in new))
-            index = len(st.segments)
-            st.save_plan(index, plan)
-            st.append_segment(
-                images=[s.id for s in new],
-                layout=pack_units(plan.tile_start, chunk_rows=st.chunk_rows),
-                plan_digest=_plan_digest(plan),
-                inputs={s.id: {**_input_facts(s), "limits": new_limits.get(s.id)} for s in new},
+        with _store_writes(store_path):
+            st = existing or Store.create(
+                store_path,
+                feature_dim=card.feature_dim,
+                topk=settings["topk"],
+                chunk_rows=settings["chunk_rows"],
+                attrs=attrs,
+                dtype=settings["dtype"],
             )
-            touched.append(index)
+            if plan is not None:
+                if plan.n_windows == 0:
+                    logger.warning("no cutouts planned for %s", ", ".join(s.id for s in new))
+                index = len(st.segments)
+                st.save_plan(index, plan)
+                st.append_segment(
+                    images=[s.id for s in new],
+                    layout=pack_units(plan.tile_start, chunk_rows=st.chunk_rows),
+                    plan_digest=_plan_digest(plan),
+                    inputs={s.id: {**_input_facts(s), "limits": new_limits.get(s.id)} for s in new},
+                )
+                touched.append(index)
 
         base = {
             "store": store_path,
@@ -740,6 +762,19 @@ def _fingerprint_locked(
     return FingerprintResult(
         store_path, n_windows, len(jobs), total_units - len(jobs), images, retired=len(changed)
     )
+
+
+@contextlib.contextmanager
+def _store_writes(path: str):
+    """The client's own writes (store creation, plans, growth): a disk that is full or
+    read-only is one line. Each step is atomic or undone on the next open (Store.repair)."""
+    try:
+        yield
+    except OSError as e:
+        raise StoreError(
+            f"{path}: cannot write to the store ({e.strerror or e}); fix that, then run the "
+            "same command again"
+        ) from None
 
 
 def _changed_inputs(store: Store | None, known: dict, by_id: dict) -> list[str]:
@@ -782,6 +817,7 @@ def _model_ref(card, onnx_path, sha: str, settings: dict, client) -> ModelRef:
 
 def _run_jobs(client, jobs: list[UnitJob], *, gpu: bool, progress: bool) -> int:
     """Submit units with back-pressure, show progress, and fail with the first error."""
+    import dask.config
     from distributed import as_completed
     from distributed.scheduler import KilledWorker
     from tqdm.auto import tqdm
@@ -811,7 +847,7 @@ def _run_jobs(client, jobs: list[UnitJob], *, gpu: bool, progress: bool) -> int:
     def submit(job: UnitJob) -> None:
         again = resubmitted.get(job.unit, 0)
         fut = client.submit(
-            run_unit,
+            _unit_task,
             job,
             key=f"elodin-unit-{job.unit}-{run_token}" + (f"-{again}" if again else ""),
             resources=resources,
@@ -822,6 +858,12 @@ def _run_jobs(client, jobs: list[UnitJob], *, gpu: bool, progress: bool) -> int:
         in_flight.add(fut)
         pending.add(fut)
 
+    # A LocalCluster (SpecCluster) hard-closes a worker's nanny when no worker of that name is
+    # back within distributed.deploy.lost-worker-timeout (15 s). Under repeated deaths (out of
+    # memory, killed processes) a nanny that happens to be restarting its worker then is closed
+    # for good, and the cluster shrinks until the run waits forever. Nannies restart their
+    # workers; give them the time while units run.
+    keep_nannies = dask.config.set({"distributed.deploy.lost-worker-timeout": "1 hour"})
     for job in _take(it, window):
         submit(job)
     written = 0
@@ -830,7 +872,7 @@ def _run_jobs(client, jobs: list[UnitJob], *, gpu: bool, progress: bool) -> int:
             in_flight.discard(fut)
             job = unit_job.pop(fut.key)
             try:
-                rows = fut.result()  # re-raises a task's error here, e.g. an unreadable tile
+                rows = fut.result()  # re-raises a task's error here (a bug: with traceback)
             except KilledWorker:
                 # Workers died under this unit more often than Dask allows one task (`retries`
                 # does not count deaths). Nothing of the unit is trusted without its marker, so
@@ -838,11 +880,11 @@ def _run_jobs(client, jobs: list[UnitJob], *, gpu: bool, progress: bool) -> int:
                 resubmitted[job.unit] = resubmitted.get(job.unit, 0) + 1
                 if resubmitted[job.unit] > max_resubmits:
                     raise ElodinError(
-                        f"work unit {job.unit} ({job.tiles[0].source.id}, rows "
-                        f"{job.row_start}-{job.row_start + job.n_rows - 1}): its workers died "
-                        f"{resubmitted[job.unit]} times in a row; out of memory? lower "
-                        "tiling.tile-size or fingerprint.batch-size, then run the same command "
-                        "again (finished units are kept)"
+                        f"work unit {job.unit} ({', '.join(sorted({t.source.id for t in job.tiles}))}, rows "
+                        f"{job.row_start}-{job.row_start + job.n_rows - 1}): workers kept dying "
+                        f"under it (Dask gave it up {resubmitted[job.unit]} times); out of "
+                        "memory? lower tiling.tile-size or fingerprint.batch-size, then run the "
+                        "same command again (finished units are kept)"
                     ) from None
                 logger.warning(
                     "work unit %d: workers died under it; submitting it again (%d of %d)",
@@ -852,11 +894,14 @@ def _run_jobs(client, jobs: list[UnitJob], *, gpu: bool, progress: bool) -> int:
                 )
                 submit(job)
                 continue
+            if isinstance(rows, _UnitFailed):
+                raise rows.error()  # e.g. an unreadable tile, a full disk: one line
             written += rows
             bar.update(rows)
             for job in _take(it, 1):
                 submit(job)
     finally:
+        keep_nannies.__exit__(None, None, None)
         bar.close()
         if in_flight:
             client.cancel(list(in_flight))

@@ -1,0 +1,251 @@
+"""Chaos: worker processes SIGKILLed mid-unit, a unit killed half way through its writes, the
+client SIGKILLed at random moments. Every time the store ends equal to a clean run's: every
+planned cutout exactly once, no row lost. (Repeated trials with figures: benchmarks/chaos.py.)
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_fingerprint import make_mosaic
+
+from pipeline.fingerprint import fingerprint
+from pipeline.store import Store, pack_units
+
+MODEL = "efficientnet-lite0:native"
+# 1024 x 1024 pixels in 32-pixel windows: 256 tiles of 64 pixels, 1024 cutouts, 16 units.
+SIDE = 1024
+SETTINGS = {
+    "method": "sliding",
+    "size": 32,
+    "stride": 32,
+    "tile_size": 64,
+    "chunk_rows": 64,
+    "model": MODEL,
+}
+ROW_NAMES = ("valid", "x", "y", "width", "height", "ra", "dec", "image", "top_class")
+
+
+@pytest.fixture(scope="module")
+def mosaic(tmp_path_factory) -> Path:
+    return make_mosaic(tmp_path_factory.mktemp("chaos") / "field.fits", ny=SIDE, nx=SIDE)
+
+
+def _cluster():
+    from distributed import Client, LocalCluster
+
+    cluster = LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+    )
+    return cluster, Client(cluster)
+
+
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory, mosaic) -> Path:
+    out = tmp_path_factory.mktemp("chaos-clean") / "clean.zarr"
+    cluster, client = _cluster()
+    with cluster, client:
+        fingerprint([mosaic], out, client=client, progress=False, **SETTINGS)
+    return out
+
+
+def assert_equal_to_clean(clean: Path, other: Path) -> None:
+    """Every planned cutout exactly once, the same rows, fingerprints within 1e-4."""
+    a = Store.open(clean).dataset().load()
+    b = Store.open(other).dataset().load()
+    valid = b.valid.values
+    assert int(valid.sum()) == (SIDE // 32) ** 2, "rows lost or extra"
+    centres = list(zip(b.x.values[valid], b.y.values[valid], strict=True))
+    assert len(set(centres)) == len(centres), "a cutout stored twice"
+    for name in ROW_NAMES:
+        np.testing.assert_array_equal(a[name].values, b[name].values, err_msg=name)
+    np.testing.assert_allclose(
+        a.fingerprint.values, b.fingerprint.values, atol=1e-4, equal_nan=True
+    )
+    assert Store.open(other).done_units() == set(range(Store.open(other).n_units))
+
+
+def _kill_busy_workers(client, stop: threading.Event, kills: list, *, limit: int, seed: int):
+    """Every 1-2 s, SIGKILL a worker process that is running a work unit (up to ``limit``)."""
+    rng = random.Random(seed)
+    while len(kills) < limit and not stop.wait(rng.uniform(1.0, 2.0)):
+        try:
+            busy = client.processing()
+            targets = sorted(
+                w for w, keys in busy.items() if any(str(k).startswith("elodin-unit") for k in keys)
+            )
+            if not targets:
+                continue
+            worker = rng.choice(targets)
+            pid = client.run(os.getpid, workers=[worker], on_error="return").get(worker)
+        except Exception:  # the worker went away between the calls: try at the next tick
+            continue
+        if isinstance(pid, int):
+            os.kill(pid, signal.SIGKILL)
+            kills.append(pid)
+
+
+def test_workers_killed_again_and_again(tmp_path, mosaic, clean):
+    """Worker processes of a LocalCluster with nannies are SIGKILLed while they run units; the
+    run completes and its store equals a clean run's."""
+    cluster, client = _cluster()
+    with cluster, client:
+        stop, kills = threading.Event(), []
+        killer = threading.Thread(
+            target=_kill_busy_workers,
+            args=(client, stop, kills),
+            kwargs={"limit": 8, "seed": 1},
+            daemon=True,
+        )
+        killer.start()
+        try:
+            out = tmp_path / "chaos.zarr"
+            result = fingerprint([mosaic], out, client=client, progress=False, **SETTINGS)
+        finally:
+            stop.set()
+            killer.join(timeout=60)
+        assert len(kills) >= 3, f"only {len(kills)} kills landed during the run"
+        assert len(set(kills)) == len(kills), "each kill hit a fresh worker process"
+        assert result.units_skipped == 0 and result.n_cutouts == (SIDE // 32) ** 2
+        # The nannies brought the workers back.
+        client.wait_for_workers(2, timeout=60)
+        assert not set(client.run(os.getpid).values()) & set(kills)
+    assert_equal_to_clean(clean, out)
+
+
+KILL_MID_WRITE = """
+import os, signal, sys
+import zarr
+from distributed import Client, LocalCluster
+from pipeline.fingerprint import fingerprint
+
+mosaic, store, kill_after = sys.argv[1], sys.argv[2], int(sys.argv[3])
+settings = dict(method="sliding", size=32, stride=32, tile_size=64, chunk_rows=64,
+                model="efficientnet-lite0:native")
+writes = []
+setitem = zarr.Array.__setitem__
+
+def counting(self, key, value):
+    setitem(self, key, value)
+    writes.append(self.path)
+    if len(writes) == kill_after:
+        print("killed after writing " + ",".join(writes), flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+zarr.Array.__setitem__ = counting
+# Worker threads in this process: the kill lands inside run_unit's own writes.
+with LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
+                  dashboard_address=None) as cluster, Client(cluster) as client:
+    fingerprint([mosaic], store, client=client, progress=False, **settings)
+print("finished", flush=True)
+"""
+
+
+def _unit_rows(store: Store, unit: int) -> tuple[int, int]:
+    seg = store.segments[0]
+    lay = pack_units(store.load_plan(0).tile_start, chunk_rows=store.chunk_rows)
+    u = unit - seg.unit_start
+    start = seg.row_start + int(lay.unit_rows[u])
+    return start, start + int(lay.unit_windows[u + 1] - lay.unit_windows[u])
+
+
+def _forget_unit(path: Path, unit: int) -> tuple[int, int]:
+    """Put one unit back as it was before it ran: fill values in its rows, no marker."""
+    import zarr
+
+    st = Store.open(path, mode="r+")
+    lo, hi = _unit_rows(st, unit)
+    group = zarr.open_group(str(path), mode="r+")
+    for name in group.array_keys():
+        arr = group[name]
+        if arr.metadata.dimension_names[:1] == ("cutout",):
+            arr[lo:hi] = arr.metadata.fill_value
+    st.clear_done([unit])
+    return lo, hi
+
+
+@pytest.mark.parametrize("kill_after", [1, 5, 12])
+def test_unit_killed_half_way_through_its_writes_is_redone(tmp_path, mosaic, clean, kill_after):
+    """SIGKILL after the unit wrote some of its arrays (1, 5) or all of them but not its marker
+    (12): its chunks are partly new and partly empty, it has no marker, and the next run
+    rewrites it whole."""
+    out = tmp_path / "half.zarr"
+    shutil.copytree(clean, out)
+    unit = 5
+    lo, hi = _forget_unit(out, unit)
+    proc = subprocess.run(
+        [sys.executable, "-c", KILL_MID_WRITE, str(mosaic), str(out), str(kill_after)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    written = proc.stdout.split("killed after writing ")[1].strip().split(",")
+    assert len(written) == kill_after
+    st = Store.open(out, mode="r+")  # the lock of the killed run is taken over
+    assert unit not in st.done_units(), "no marker without every row written"
+    # The kill left the unit half written: some arrays already hold its rows, others not.
+    fp_rows = np.isfinite(st.array("fingerprint")[lo:hi]).all(axis=1)
+    valid = st.array("valid")[lo:hi]
+    assert fp_rows.all() == ("fingerprint" in written)
+    assert valid.all() == ("valid" in written)
+    assert not valid.any() or "valid" in written
+    result = fingerprint([mosaic], out, progress=False, client=None, workers=1, **SETTINGS)
+    assert result.units_run == 1
+    assert_equal_to_clean(clean, out)
+
+
+def _cli(mosaic: Path, out: Path) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "pipeline.cli",
+        "fingerprint",
+        str(mosaic),
+        "-o",
+        str(out),
+        "--size",
+        "32",
+        "--tile-size",
+        "64",
+        "--model",
+        MODEL,
+        "--workers",
+        "2",
+        "--no-progress",
+    ]
+
+
+def test_client_killed_at_random_moments_then_rerun(tmp_path, mosaic, clean):
+    """``elodin fingerprint`` SIGKILLed with its whole process group (client, scheduler,
+    nannies, workers) at seeded random moments; the same command then resumes (taking over
+    the stale lock) and the store equals a clean run's."""
+    env = {**os.environ, "ELODIN__FINGERPRINT__CHUNK_ROWS": "64"}
+    rng = random.Random(7)
+    for trial in range(2):
+        out = tmp_path / f"killed-{trial}.zarr"
+        proc = subprocess.Popen(
+            _cli(mosaic, out),
+            env=env,
+            start_new_session=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        time.sleep(rng.uniform(2.0, 8.0))
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        rerun = subprocess.run(_cli(mosaic, out), env=env, capture_output=True, text=True)
+        assert rerun.returncode == 0, rerun.stderr
+        assert "Traceback" not in rerun.stderr
+        assert_equal_to_clean(clean, out)
+        assert Store.lock_holder(out) is None
