@@ -130,3 +130,12 @@ def test_empty_store_is_refused(tmp_path, rng):
     with pytest.raises(StoreError, match="no valid rows"):
         analysis.reduce(st.path)
     assert store_digest(st.path) == before
+
+
+def test_configured_components_shrink_to_a_small_store(tmp_path, rng):
+    # The configured 20 on a 12-row store (a small blob run) keeps what exists; an explicit
+    # --components that large is still refused.
+    st, _ = build_store(tmp_path / "s.zarr", structured(rng, 12), chunk_rows=16)
+    assert analysis.reduce(st.path).n_components == 12
+    with pytest.raises(ConfigError, match="--components 20 is more than"):
+        analysis.reduce(st.path, components=20)

@@ -525,6 +525,7 @@ def reduce(
     )
     if components is not None and variance is not None:
         raise ConfigError("give --components or --variance, not both")
+    explicit = components is not None
     if components is None and variance is None:
         variance = config.get("analysis.reduce.variance")
         if variance is None:
@@ -566,6 +567,17 @@ def reduce(
         d = X.shape[1]
         if n_valid < 2:
             raise StoreError(f"{st.path}: PCA needs at least 2 valid rows, the store has {n_valid}")
+        if components is not None and int(components) > min(n_valid, d) and not explicit:
+            # The configured default on a small store (the demo's blobs): keep what exists.
+            logger.warning(
+                "%s: %d components configured, %d possible; keeping %d",
+                st.path,
+                components,
+                min(n_valid, d),
+                min(n_valid, d),
+            )
+            components = min(n_valid, d)
+            pca.n_components = components
         if components is not None and int(components) > min(n_valid, d):
             raise ConfigError(
                 f"{st.path}: --components {components} is more than min(valid rows, features) = {min(n_valid, d)}"
