@@ -126,7 +126,9 @@ def to_str(values) -> np.ndarray:
     values = np.asarray(values)
     if values.dtype.kind == "U":
         return values
-    return np.array([str(v) for v in values.astype(object).ravel()], dtype=str).reshape(values.shape)
+    return np.array([str(v) for v in values.astype(object).ravel()], dtype=str).reshape(
+        values.shape
+    )
 
 
 def finite_rows(block: np.ndarray) -> np.ndarray:
