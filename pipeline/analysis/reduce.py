@@ -283,30 +283,37 @@ class PixelFeatures:
 
     @classmethod
     def from_store(cls, store: Store, *, side: int) -> PixelFeatures:
-        from ..sources import open_sources
+        from ..sources import ImageSource, open_sources
 
         attrs = store.attrs
         prep = dict(attrs.get("preprocess") or {})
-        sources, bands = {}, []
+        sources, bands, limits = {}, [], {}
         for seg in store.segments:
             for img in seg.images:
                 rec = seg.inputs.get(img) or {}
-                paths = [f["path"] for f in rec.get("files", [])]
-                if not paths:
-                    raise StoreError(
-                        f"{store.path}: the store does not record the file of image {img}; the pixel baseline cannot read it"
-                    )
-                spec = paths[0] if len(paths) == 1 else "+".join(paths)
-                opened = open_sources([spec])
-                src = next((s for s in opened if s.id == img), opened[0])
+                if rec.get("source"):
+                    # Exactly the image that was fingerprinted, HDU and variable included.
+                    src = ImageSource.from_record(rec["source"])
+                else:  # stores written before sources were recorded
+                    paths = [f["path"] for f in rec.get("files", [])]
+                    if not paths:
+                        raise StoreError(
+                            f"{store.path}: the store does not record the file of image {img}; the pixel baseline cannot read it"
+                        )
+                    opened = open_sources([paths[0] if len(paths) == 1 else "+".join(paths)])
+                    src = next((s for s in opened if s.id == img), opened[0])
                 sources[img] = src
-                bands.append(int(rec.get("bands", src.n_bands)))
-        limits = {}
+                bands.append(int(src.n_bands))
+                if rec.get("limits") is not None:
+                    limits[img] = np.asarray(rec["limits"], np.float32)
         if prep.get("scope") == "image":
             from ..preprocess import image_limits_for
 
-            limits = {img: image_limits_for(src, prep) for img, src in sources.items()}
-        fill = float((attrs.get("cutouts") or {}).get("fill") or 0.0)
+            for img, src in sources.items():
+                if img not in limits:
+                    limits[img] = image_limits_for(src, prep)
+        fill = (attrs.get("cutouts") or {}).get("fill")
+        fill = np.nan if fill is None else float(fill)  # None: masked, as fingerprinting does
         channels = 1 if bands and all(b == 1 for b in bands) else 3
         return cls(store.path, sources, prep, limits, fill, int(side), channels)
 
