@@ -208,6 +208,11 @@ def _prepare(table, path: str, settings: Mapping) -> dict:
         values = _as_float(table, name, path)
         if kind == "radec" and unit is not None and unit.physical_type == "angle":
             values = (values * unit).to_value("deg")  # e.g. RA in hourangle
+        if kind == "radec" and name == lat and np.any(np.abs(values) > 90):
+            i = int(np.argmax(np.abs(values) > 90))
+            raise CatalogError(
+                f"{path}: row {i}: column '{name}' is {values[i]:g} degrees, outside -90..90"
+            )
         table[name] = values
     if size:
         unit = table[size].unit

@@ -503,7 +503,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         with _writer_lock(args):
             return int(args.func(args) or 0)
     except ElodinError as e:
-        print(f"elodin: error: {e}", file=sys.stderr)
+        # One line whatever the message holds (a file name or value with a newline in it).
+        print(f"elodin: error: {' '.join(str(e).splitlines())}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("elodin: interrupted; run the same command again to resume", file=sys.stderr)

@@ -71,12 +71,21 @@ def collect_env(env: Mapping[str, str] | None = None) -> dict:
     return out
 
 
+def _show(key: Any) -> str:
+    """A key as the message shows it: quoted when it is not plain text (so a key holding a
+    newline cannot break the one-line message)."""
+    text = str(key)
+    return (
+        text if isinstance(key, str) and text.isprintable() and text.strip() == text else repr(key)
+    )
+
+
 def _unknown_keys(user: Mapping, defaults: Mapping, prefix: str) -> list[str]:
     bad = []
     for key, value in user.items():
         canon = str(key).replace("_", "-")
         if canon not in defaults:
-            bad.append(f"{prefix}{key}")
+            bad.append(f"{prefix}{_show(key)}")
         elif isinstance(defaults[canon], Mapping) and isinstance(value, Mapping):
             bad += _unknown_keys(value, defaults[canon], f"{prefix}{key}.")
         elif isinstance(defaults[canon], Mapping) and not isinstance(value, Mapping):
@@ -84,8 +93,55 @@ def _unknown_keys(user: Mapping, defaults: Mapping, prefix: str) -> list[str]:
     return bad
 
 
+# Keys whose default is a list but which also take one string.
+_STRING_OR_LIST = {"elodin.run.inputs"}
+
+
+def _type_error(value: Any, default: Any, key: str) -> str | None:
+    """Why ``value`` cannot stand for ``default``'s type (None: it can).
+
+    Only types that cannot be meant otherwise are checked: numbers, booleans, lists. Strings
+    and null defaults take several forms (``providers: auto`` or a list, ``memory-limit: auto``
+    or a number); their values are checked where they are used.
+    """
+    if value is None or default is None:
+        return None
+    if isinstance(default, bool):
+        return None if isinstance(value, bool) else "true or false"
+    if isinstance(default, int):
+        ok = isinstance(value, int | float) and not isinstance(value, bool) and value == int(value)
+        return None if ok else "an integer"
+    if isinstance(default, float):
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        return None if ok else "a number"
+    if isinstance(default, list):
+        ok = isinstance(value, list) or (isinstance(value, str) and key in _STRING_OR_LIST)
+        return None if ok else "a list"
+    return None
+
+
+def _wrong_types(user: Mapping, defaults: Mapping, prefix: str) -> list[str]:
+    bad = []
+    for key, value in user.items():
+        canon = str(key).replace("_", "-")
+        if canon not in defaults:
+            continue
+        default = defaults[canon]
+        if isinstance(default, Mapping) and isinstance(value, Mapping):
+            bad += _wrong_types(value, default, f"{prefix}{key}.")
+            continue
+        try:
+            wanted = _type_error(value, default, f"{prefix}{canon}")
+        except (OverflowError, ValueError):  # inf, nan where an integer is wanted
+            wanted = "an integer"
+        if wanted:
+            bad.append(f"{prefix}{key} must be {wanted}, got {value!r}"[:200])
+    return bad
+
+
 def validate(user: Mapping, *, source: str) -> None:
-    """Refuse keys that Elodin does not know, naming the file and the key.
+    """Refuse keys that Elodin does not know and values of the wrong type, naming the file
+    and the key.
 
     A typo such as ``batch_sise`` would otherwise be silently ignored and a survey run with
     the default instead of the intended value.
@@ -95,9 +151,13 @@ def validate(user: Mapping, *, source: str) -> None:
     body = user.get("elodin", user)
     if not isinstance(body, Mapping):
         raise ConfigError(f"{source}: 'elodin' must be a mapping")
-    bad = _unknown_keys(body, _read_defaults()["elodin"], "elodin.")
+    defaults = _read_defaults()["elodin"]
+    bad = _unknown_keys(body, defaults, "elodin.")
     if bad:
         raise ConfigError(f"{source}: unknown configuration key(s): {', '.join(sorted(bad))}")
+    wrong = _wrong_types(body, defaults, "elodin.")
+    if wrong:
+        raise ConfigError(f"{source}: {'; '.join(wrong)}")
 
 
 def load_file(path: str | os.PathLike) -> dict:
@@ -110,12 +170,17 @@ def load_file(path: str | os.PathLike) -> dict:
         text = p.read_text()
     except OSError as e:
         raise ConfigError(f"{p}: cannot read config file ({e.strerror or e})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{p}: not a text (UTF-8) file") from None
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
         line = getattr(getattr(e, "problem_mark", None), "line", None)
         where = f" line {line + 1}" if line is not None else ""
-        raise ConfigError(f"{p}:{where} not valid YAML") from None
+        # Safe loading refuses tags that would build Python objects (!!python/object/apply...).
+        refused = isinstance(e, yaml.constructor.ConstructorError)
+        why = " (a tag that would build an object; only plain YAML is read)" if refused else ""
+        raise ConfigError(f"{p}:{where} not valid YAML{why}") from None
     validate(data, source=str(p))
     body = data.get("elodin", data) if isinstance(data, Mapping) else {}
     dask.config.update(dask.config.config, {"elodin": body}, priority="new")

@@ -704,13 +704,18 @@ def _fingerprint_locked(
 
     from .compute import connect
 
+    # Plans that need no cluster (all but blobs) are made before one is started, so a bad
+    # catalog is one line at once, not after a cluster start.
+    on_cluster = settings["cutouts"]["method"] == "blobs"
+    plan = _plan_sources(None, new, settings, catalog, 0) if new and not on_cluster else None
     ctx = (
         contextlib.nullcontext(client)
         if client is not None
         else connect(scheduler, workers=workers, quiet=not progress)
     )
     with ctx as client:
-        plan = _plan_sources(client, new, settings, catalog, 0) if new else None
+        if new and on_cluster:
+            plan = _plan_sources(client, new, settings, catalog, 0)
         with _store_writes(store_path):
             st = existing or Store.create(
                 store_path,

@@ -528,6 +528,12 @@ def _probe_fits_hdul(path: str, hdul: Any, hdu: int | str | None) -> tuple[_Part
     shape = tuple(int(n) for n in (h.shape or ()))
     if not shape:
         raise InputError(f"{label}: HDU {index} ({h.name}) has no data")
+    bitpix = h.header.get("BITPIX")
+    if bitpix not in (8, 16, 32, 64, -32, -64):
+        # astropy opens such a header and fails only when the pixels are read.
+        raise InputError(
+            f"{label}: BITPIX = {bitpix!r} is not a FITS pixel type (8, 16, 32, 64, -32, -64)"
+        )
     y_axis, x_axis, band_axis = _squeeze_layout(shape, label=label)
     compressed = isinstance(h, fits.CompImageHDU)
 
@@ -713,9 +719,8 @@ def _probe_zarr_raw(
     try:
         node = _zarr_open_raw(path)
     except Exception as exc:
-        raise InputError(
-            f"{path}: not a readable Zarr store ({_one_line(xarray_error)}; {_one_line(exc)})"
-        ) from exc
+        reasons = dict.fromkeys((_one_line(xarray_error), _one_line(exc)))  # each reason once
+        raise InputError(f"{path}: not a readable Zarr store ({'; '.join(reasons)})") from exc
     group_attrs: dict = {}
     if isinstance(node, zarr.Group):
         group_attrs = dict(node.attrs)
