@@ -371,15 +371,19 @@ _HELD: dict[str, WriterLock] = {}
 class WriterLock:
     """A held writer lock on a store (see :meth:`Store.lock`); a context manager.
 
-    Locks are re-entrant within a process: ``elodin run`` holds the lock and
-    :func:`pipeline.fingerprint.fingerprint` takes it again inside.
+    Locks are re-entrant within a thread: a caller holding the lock can call
+    :func:`pipeline.fingerprint.fingerprint`, which takes it again inside. Another thread of the
+    same process is refused like another process.
     """
 
     def __init__(self, path: str, info: LockInfo, *, made_root: bool) -> None:
+        import threading
+
         self.path = path
         self.info = info
         self._made_root = made_root
         self._depth = 1
+        self._thread = threading.get_ident()
 
     def __enter__(self) -> WriterLock:
         return self
@@ -421,16 +425,50 @@ class WriterLock:
             logger.warning("%s: could not remove the writer lock (%s)", self.path, e)
 
 
+def _check_target(fs, root: str, path: str) -> None:
+    """Refuse, before writing anything there, a path that is not (the start of) a store: the
+    lock would otherwise leave a ``locks/`` folder in someone's directory or Zarr group."""
+    if not fs.isdir(root):
+        raise StoreError(f"{path}: is a file, not a fingerprint store")
+    try:
+        meta = json.loads(fs.cat_file(f"{root}/zarr.json"))
+    except FileNotFoundError:
+        names = {p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)}
+        if names - {LOCKS_GROUP}:
+            raise StoreError(
+                f"{path}: is a directory of other files, not a fingerprint store; "
+                "give -o a new path"
+            ) from None
+        return
+    except ValueError:
+        raise StoreError(f"{path}: zarr.json is not valid JSON; not a fingerprint store") from None
+    attrs = (meta.get("attributes") or {}) if isinstance(meta, dict) else {}
+    if "elodin_schema" not in attrs and not attrs.get("elodin_incomplete"):
+        raise StoreError(
+            f"{path}: a Zarr store made by something else, not a fingerprint store; "
+            "give -o a new path"
+        )
+
+
 def _acquire(path: str, command: str | None) -> WriterLock:
+    import threading
+
     fs, root, lock_file = _lock_paths(path)
     held = _HELD.get(lock_file)
     if held is not None and held.held and held.info.pid == os.getpid():
+        if held._thread != threading.get_ident():
+            raise StoreError(
+                f"{path}: another run in this process is writing to this store "
+                f"({held.info.command}); wait for it to finish"
+            )
         held._depth += 1
         return held
     me = LockInfo.current(command)
     data = json.dumps(dataclasses.asdict(me), indent=2).encode()
     try:
         made_root = not fs.exists(root)
+        if not made_root:
+            _check_target(fs, root, path)
         _ensure_locks_group(fs, root)
         for _ in range(5):
             if _create_lock_file(fs, lock_file, data, me.token):

@@ -267,3 +267,42 @@ def test_two_runs_at_once_one_is_refused_or_both_safe(tmp_path, mosaic):
     assert np.isfinite(ds.fingerprint.values[valid]).all()
     assert len(Store.open(out).segments) == 1
     assert Store.lock_holder(out) is None
+
+
+def test_a_path_that_is_not_a_store_is_refused_before_anything_is_written(tmp_path):
+    import zarr
+
+    home = tmp_path / "notes"
+    home.mkdir()
+    (home / "todo.txt").write_text("x")
+    plain = tmp_path / "plain.zarr"
+    zarr.open_group(str(plain), mode="w", zarr_format=3)
+    a_file = tmp_path / "file.zarr"
+    a_file.write_text("x")
+    for path, why in (
+        (home, "directory of other files"),
+        (plain, "made by something else"),
+        (a_file, "is a file"),
+    ):
+        before = sorted(p.name for p in path.parent.rglob("*"))
+        with pytest.raises(StoreError, match=why):
+            Store.lock(path)
+        assert sorted(p.name for p in path.parent.rglob("*")) == before
+
+
+def test_another_thread_of_the_same_process_is_refused(tmp_path):
+    import threading
+
+    errors = []
+    with Store.lock(tmp_path / "t.zarr"):
+
+        def other():
+            try:
+                Store.lock(tmp_path / "t.zarr")
+            except StoreError as e:
+                errors.append(str(e))
+
+        t = threading.Thread(target=other)
+        t.start()
+        t.join()
+    assert errors and "another run in this process" in errors[0]
