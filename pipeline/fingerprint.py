@@ -381,31 +381,7 @@ def _input_facts(src: ImageSource) -> dict:
             files.append({"path": p, "size": int(info.get("size") or 0), "mtime": str(mtime)})
         except (OSError, ValueError):
             files.append({"path": p, "size": None, "mtime": ""})
-    source = {
-        "id": src.id,
-        "paths": list(src.paths),
-        "kind": src.kind,
-        "shape": list(src.shape),
-        "n_bands": src.n_bands,
-        "hdu": src.hdu,
-        "variable": src.variable,
-        "wcs_header": src.wcs_header,
-    }
-    return {"files": files, "source": source}
-
-
-def _reopen(record: dict) -> ImageSource:
-    s = record["source"]
-    return ImageSource(
-        id=s["id"],
-        paths=tuple(s["paths"]),
-        kind=s["kind"],
-        shape=tuple(s["shape"]),
-        n_bands=int(s["n_bands"]),
-        hdu=s["hdu"],
-        variable=s["variable"],
-        wcs_header=s["wcs_header"],
-    )
+    return {"files": files, "source": src.to_record()}
 
 
 def _plan_digest(plan: Plan) -> str:
@@ -758,7 +734,7 @@ def _fingerprint_locked(
             total_units += seg.unit_stop - seg.unit_start
             for img in seg.images:
                 # A segment is resumed as a whole: its other images are reopened from the record.
-                all_sources.setdefault(img, _reopen(seg.inputs[img]))
+                all_sources.setdefault(img, ImageSource.from_record(seg.inputs[img]["source"]))
                 if seg.inputs[img].get("limits") is not None:
                     base["image_limits"][img] = np.asarray(seg.inputs[img]["limits"], np.float32)
             jobs.extend(_segment_jobs(st, index, plan, all_sources, base))

@@ -356,3 +356,30 @@ def test_cli_fingerprint_then_demo_style_rerun(tmp_path, mosaic):
     assert "Dask dashboard: http" in first.stderr
     again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert "0 work unit(s) run" in again.stdout
+
+
+def test_a_segment_resumes_whole_reopening_images_not_given_again(tmp_path, client):
+    """Units of an image that is not among this run's inputs are redone from the store's
+    record of that image (HDU included), so the store ends as a clean run would."""
+    from astropy.io import fits as afits
+
+    a = make_mosaic(tmp_path / "a.fits", ny=256, nx=256, seed=7)
+    data = afits.getdata(make_mosaic(tmp_path / "tmp.fits", ny=256, nx=256, seed=8))
+    b = tmp_path / "b.fits"
+    afits.HDUList([afits.PrimaryHDU(), afits.ImageHDU(data, name="SCI")]).writeto(b)
+    out = tmp_path / "seg.zarr"
+    fingerprint([a, f"{b}[SCI]"], out, client=client, progress=False, **SETTINGS)
+    clean = Store.open(out).dataset().load()
+    rows_b = np.flatnonzero(clean.image.values == "b[SCI]")
+    assert len(rows_b) == 16
+    # Forget the units holding b's rows, as if the run had died before them.
+    st = Store.open(out, mode="r+")
+    b_units = {u for u in st.done_units() if u >= st.n_units // 2}
+    st.clear_done(sorted(b_units))
+    again = fingerprint([a], out, client=client, progress=False, **SETTINGS)
+    assert again.units_run == len(b_units) > 0
+    ds = Store.open(out).dataset().load()
+    np.testing.assert_array_equal(ds.valid.values, clean.valid.values)
+    np.testing.assert_allclose(
+        ds.fingerprint.values, clean.fingerprint.values, atol=1e-5, equal_nan=True
+    )
