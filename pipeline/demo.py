@@ -66,6 +66,8 @@ def run_demo(
             store = out / f"hdf-{method}.zarr"
             # The HDF is one 1000 x 872 frame: small tiles and chunks make enough work units
             # to keep every worker busy (a survey keeps the 2048-pixel default).
-            result = fingerprint([image], store, method=method, tile_size=256, chunk_rows=64, client=client)
+            result = fingerprint(
+                [image], store, method=method, tile_size=256, chunk_rows=64, client=client
+            )
             yield f"{method}: {result}"
             yield from _later_stages(str(store), out)

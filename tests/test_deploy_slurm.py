@@ -146,7 +146,16 @@ def test_run_example_and_scrontab_are_valid():
     root = Path(__file__).resolve().parents[1] / "deploy" / "slurm"
     body = config.load_file(root / "run-example.yaml")
     assert body["run"]["store"].endswith(".zarr")
-    lines = [ln for ln in (root / "elodin.scrontab").read_text().splitlines() if ln and not ln.startswith("#")]
+    lines = [
+        ln
+        for ln in (root / "elodin.scrontab").read_text().splitlines()
+        if ln and not ln.startswith("#")
+    ]
     assert len(lines) == 1
     fields = lines[0].split()
-    assert len(fields[:5]) == 5 and "elodin" in lines[0] and "run" in fields and "--incremental" in fields
+    assert (
+        len(fields[:5]) == 5
+        and "elodin" in lines[0]
+        and "run" in fields
+        and "--incremental" in fields
+    )

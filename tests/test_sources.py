@@ -911,5 +911,10 @@ def test_record_round_trip_reopens_the_same_image(tmp_path):
     fits.HDUList([fits.PrimaryHDU(), fits.ImageHDU(data, name="SCI")]).writeto(path)
     (src,) = open_sources([f"{path}[SCI]"])
     again = ImageSource.from_record(json.loads(json.dumps(src.to_record())))
-    assert (again.id, again.shape, again.hdu, again.n_bands) == (src.id, src.shape, src.hdu, src.n_bands)
+    assert (again.id, again.shape, again.hdu, again.n_bands) == (
+        src.id,
+        src.shape,
+        src.hdu,
+        src.n_bands,
+    )
     np.testing.assert_array_equal(again.read(5, 15, 10, 30), src.read(5, 15, 10, 30))
