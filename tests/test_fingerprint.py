@@ -192,6 +192,12 @@ def _cli(*args: str, **kw) -> list[str]:
     return [sys.executable, "-m", "pipeline.cli", *args]
 
 
+def _fingerprint_cmd(*inputs: str, out: Path, model: str = MODEL, extra: tuple = ()) -> list[str]:
+    """`elodin fingerprint` with the SETTINGS of this module (chunk rows come from the env)."""
+    flags = ["--size", "64", "--stride", "64", "--tile-size", "256", "--model", model]
+    return _cli("fingerprint", *inputs, "-o", str(out), *flags, "--workers", "1", *extra)
+
+
 def test_killed_client_resumes_to_the_same_store(tmp_path, client):
     """kill -9 of the client (and its local workers) mid-run; the same command finishes the job
     and the store equals a clean run's."""
@@ -202,24 +208,8 @@ def test_killed_client_resumes_to_the_same_store(tmp_path, client):
     fingerprint([mosaic], clean, client=client, progress=False, **settings)
 
     out = tmp_path / "resumed.zarr"
-    cmd = _cli(
-        "fingerprint",
-        str(mosaic),
-        "-o",
-        str(out),
-        "--method",
-        "sliding",
-        "--size",
-        "64",
-        "--stride",
-        "64",
-        "--tile-size",
-        "256",
-        "--model",
-        "efficientnet-lite0",
-        "--workers",
-        "1",
-        "--no-progress",
+    cmd = _fingerprint_cmd(
+        str(mosaic), out=out, model="efficientnet-lite0", extra=("--no-progress",)
     )
     env = {**os.environ, "ELODIN__FINGERPRINT__CHUNK_ROWS": "16"}
     proc = subprocess.Popen(
@@ -281,23 +271,7 @@ def _bad(tmp_path: Path, name: str) -> list[str]:
 def test_cli_bad_input_is_one_line_and_the_store_is_untouched(tmp_path, clean_store, name):
     before = store_digest(clean_store)
     args = _bad(tmp_path, name)
-    cmd = _cli(
-        "fingerprint",
-        *args,
-        "-o",
-        str(clean_store),
-        "--size",
-        "64",
-        "--stride",
-        "64",
-        "--tile-size",
-        "256",
-        "--model",
-        MODEL,
-        "--workers",
-        "1",
-        "--no-progress",
-    )
+    cmd = _fingerprint_cmd(*args, out=clean_store, extra=("--no-progress",))
     env = {**os.environ, "ELODIN__FINGERPRINT__CHUNK_ROWS": "16"}
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2, result.stderr
@@ -332,22 +306,7 @@ def test_image_smaller_than_a_cutout_under_drop_creates_nothing(tmp_path):
 
 def test_cli_fingerprint_then_demo_style_rerun(tmp_path, mosaic):
     out = tmp_path / "cli.zarr"
-    cmd = _cli(
-        "fingerprint",
-        str(mosaic),
-        "-o",
-        str(out),
-        "--size",
-        "64",
-        "--stride",
-        "64",
-        "--tile-size",
-        "256",
-        "--model",
-        MODEL,
-        "--workers",
-        "1",
-    )
+    cmd = _fingerprint_cmd(str(mosaic), out=out)
     env = {**os.environ, "ELODIN__FINGERPRINT__CHUNK_ROWS": "16"}
     first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr
