@@ -186,21 +186,24 @@ def workers_trials(args, work: Path) -> list[dict]:
             ok = True
         except Exception as e:
             ok = False
-            print(f"trial {trial}: run failed: {type(e).__name__}: {e}")
+            print(f"trial {trial}: run stopped: {type(e).__name__}: {e}", flush=True)
         finally:
             stop.set()
             killer.join()
         elapsed = time.perf_counter() - t0
+        if not ok:
+            # What a user does next: the same command again (here without the killer).
+            fingerprint([mosaic], out, client=client, progress=False, **settings)
         client.close()
         cluster.close()
         row = {
             "trial": trial,
-            "ok": ok,
+            "completed": ok,
             "clean_s": t_clean,
             "kills": len(kills),
             "resubmits": resubmits.count - before,
             "seconds": elapsed,
-            **(compare(clean, out) if ok else {}),
+            **compare(clean, out),
         }
         rows.append(row)
         print(row, flush=True)
@@ -235,8 +238,10 @@ def _phase(out: Path) -> str:
     from pipeline.store import Store
 
     if not out.exists():
-        return "before the store"
-    if not Store.exists(out) or Store.incomplete(out):
+        return "starting (no lock yet)"
+    if not Store.exists(out):
+        return "lock taken, no store yet (cluster starting)"
+    if Store.incomplete(out):
         return "creating the store"
     try:
         st = Store.open(out)
@@ -296,6 +301,8 @@ def summary(name: str, rows: list[dict]) -> None:
     if not rows:
         return
     if name == "workers":
+        done = sum(r["completed"] for r in rows)
+        print(f"runs completed under the kills: {done} of {len(rows)} (the others: after a rerun)")
         print(
             f"kills survived: {sum(r['kills'] for r in rows)} "
             f"(per trial {min(r['kills'] for r in rows)}-{max(r['kills'] for r in rows)}); "
@@ -323,7 +330,16 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--interval", type=float, nargs=2, default=(1.0, 2.0), metavar=("MIN", "MAX"))
     p.add_argument("--keep", action="store_true", help="keep the stores (printed path)")
+    p.add_argument(
+        "--resubmit-killed",
+        type=int,
+        help="elodin.fingerprint.resubmit-killed for the run (default: the packaged value)",
+    )
     args = p.parse_args()
+    if args.resubmit_killed is not None:
+        import dask.config
+
+        dask.config.set({"elodin.fingerprint.resubmit-killed": args.resubmit_killed})
     import faulthandler
 
     faulthandler.register(signal.SIGUSR1)  # kill -USR1 PID prints every thread's stack

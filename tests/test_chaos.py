@@ -51,11 +51,17 @@ def _cluster():
 
 
 @pytest.fixture(scope="module")
-def clean(tmp_path_factory, mosaic) -> Path:
-    out = tmp_path_factory.mktemp("chaos-clean") / "clean.zarr"
+def client():
+    """A cluster nobody kills: the clean run and the reruns."""
     cluster, client = _cluster()
     with cluster, client:
-        fingerprint([mosaic], out, client=client, progress=False, **SETTINGS)
+        yield client
+
+
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory, mosaic, client) -> Path:
+    out = tmp_path_factory.mktemp("chaos-clean") / "clean.zarr"
+    fingerprint([mosaic], out, client=client, progress=False, **SETTINGS)
     return out
 
 
@@ -98,7 +104,7 @@ def _kill_busy_workers(client, stop: threading.Event, kills: list, *, limit: int
 def test_workers_killed_again_and_again(tmp_path, mosaic, clean):
     """Worker processes of a LocalCluster with nannies are SIGKILLed while they run units; the
     run completes and its store equals a clean run's."""
-    cluster, client = _cluster()
+    cluster, client = _cluster()  # its own: the kills are for this run only
     with cluster, client:
         stop, kills = threading.Event(), []
         killer = threading.Thread(
@@ -175,7 +181,9 @@ def _forget_unit(path: Path, unit: int) -> tuple[int, int]:
 
 
 @pytest.mark.parametrize("kill_after", [1, 5, 12])
-def test_unit_killed_half_way_through_its_writes_is_redone(tmp_path, mosaic, clean, kill_after):
+def test_unit_killed_half_way_through_its_writes_is_redone(
+    tmp_path, mosaic, clean, client, kill_after
+):
     """SIGKILL after the unit wrote some of its arrays (1, 5) or all of them but not its marker
     (12): its chunks are partly new and partly empty, it has no marker, and the next run
     rewrites it whole."""
@@ -200,7 +208,7 @@ def test_unit_killed_half_way_through_its_writes_is_redone(tmp_path, mosaic, cle
     assert fp_rows.all() == ("fingerprint" in written)
     assert valid.all() == ("valid" in written)
     assert not valid.any() or "valid" in written
-    result = fingerprint([mosaic], out, progress=False, client=None, workers=1, **SETTINGS)
+    result = fingerprint([mosaic], out, progress=False, client=client, **SETTINGS)
     assert result.units_run == 1
     assert_equal_to_clean(clean, out)
 
