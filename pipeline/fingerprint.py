@@ -600,6 +600,16 @@ def fingerprint(
         raise InputError("no input images")
     card = resolve(settings["model"])
     onnx_path = ensure_onnx(card, precision=settings["precision"])
+    if not card.builtin:
+        # A user card may leave the feature length out, and a user model may have fewer
+        # classes than top-k asks for: ask the model itself, once.
+        from .models.runtime import Session
+
+        probe = Session(onnx_path, providers=["CPUExecutionProvider"], threads=1, topk=1)
+        out = probe.infer(np.zeros((1, 3, 64, 64), np.float32), logits=True)
+        card = dataclasses.replace(card, feature_dim=int(out.features.shape[1]))
+        if out.logits is not None:
+            settings["topk"] = min(settings["topk"], int(out.logits.shape[1]))
     sha = sha256_file(onnx_path)
     from . import __version__
 

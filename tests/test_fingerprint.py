@@ -342,3 +342,24 @@ def test_a_segment_resumes_whole_reopening_images_not_given_again(tmp_path, clie
     np.testing.assert_allclose(
         ds.fingerprint.values, clean.fingerprint.values, atol=1e-5, equal_nan=True
     )
+
+
+def test_user_model_without_feature_dim_in_its_card(tmp_path, client):
+    """A user ONNX with a card that does not give feature_dim: the store takes it from the model."""
+    from test_models import CARD, _tiny_onnx
+
+    _tiny_onnx(tmp_path / "tiny.onnx")
+    (tmp_path / "tiny.yaml").write_text(CARD)
+    img = make_mosaic(tmp_path / "f.fits", ny=256, nx=256, seed=4)
+    out = tmp_path / "user.zarr"
+    fingerprint(
+        [img],
+        out,
+        client=client,
+        progress=False,
+        **{**SETTINGS, "model": str(tmp_path / "tiny.onnx")},
+    )
+    ds = Store.open(out).dataset()
+    assert (
+        ds.fingerprint.shape[1] == 8 and np.isfinite(ds.fingerprint.values[ds.valid.values]).all()
+    )

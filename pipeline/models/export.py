@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 
 OPSET = 17
 # Bumped whenever the exported graph changes, so stale cached files are exported again.
-EXPORT_VERSION = 2
+EXPORT_VERSION = 3
 
 
 def _sidecar(path: Path) -> Path:
@@ -191,8 +191,11 @@ def _add_topk(model) -> None:
     model.graph.node.extend(
         [
             helper.make_node("Softmax", ["logits"], ["_probs"], axis=1),
+            # k never above the number of classes (a user model may have fewer than 1000)
+            helper.make_node("Shape", ["logits"], ["_n_classes"], start=1, end=2),
+            helper.make_node("Min", ["k", "_n_classes"], ["_k"]),
             helper.make_node(
-                "TopK", ["_probs", "k"], ["top_prob", "_top_index"], axis=1, largest=1, sorted=1
+                "TopK", ["_probs", "_k"], ["top_prob", "_top_index"], axis=1, largest=1, sorted=1
             ),
             helper.make_node("Cast", ["_top_index"], ["top_class"], to=TensorProto.INT32),
         ]
