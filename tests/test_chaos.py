@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from test_fingerprint import make_mosaic
+from test_write_failures import _cli as fingerprint_cli
 
 from pipeline.fingerprint import fingerprint
 from pipeline.store import Store, pack_units
@@ -214,24 +215,7 @@ def test_unit_killed_half_way_through_its_writes_is_redone(
 
 
 def _cli(mosaic: Path, out: Path) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "pipeline.cli",
-        "fingerprint",
-        str(mosaic),
-        "-o",
-        str(out),
-        "--size",
-        "32",
-        "--tile-size",
-        "64",
-        "--model",
-        MODEL,
-        "--workers",
-        "2",
-        "--no-progress",
-    ]
+    return fingerprint_cli(mosaic, out, workers=2)
 
 
 def test_client_killed_at_random_moments_then_rerun(tmp_path, mosaic, clean):

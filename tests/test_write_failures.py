@@ -35,7 +35,8 @@ SETTINGS = {
 ENV = {"ELODIN__FINGERPRINT__CHUNK_ROWS": "16"}
 
 
-def _cli(mosaic: Path, out: Path | str, *extra: str) -> list[str]:
+def _cli(mosaic: Path, out: Path | str, *extra: str, workers: int = 1) -> list[str]:
+    """`elodin fingerprint` of the small-mosaic settings above (also used by test_chaos)."""
     return [
         sys.executable,
         "-m",
@@ -51,7 +52,7 @@ def _cli(mosaic: Path, out: Path | str, *extra: str) -> list[str]:
         "--model",
         MODEL,
         "--workers",
-        "1",
+        str(workers),
         "--no-progress",
         *extra,
     ]
