@@ -573,12 +573,74 @@ def _probe_fits_hdul(path: str, hdul: Any, hdu: int | str | None) -> tuple[_Part
 _COMP_STRIP_BYTES = 4 * 2**20
 
 
+_BITPIX = {8: "u1", 16: ">i2", 32: ">i4", 64: ">i8", -32: ">f4", -64: ">f8"}
+
+
+def _plain_fits_data(part: _Part, hdul: Any, h: Any) -> tuple[np.dtype, int] | None:
+    """(dtype, byte offset) of an uncompressed local image stored as plain numbers (no
+    BSCALE / BZERO / BLANK to apply), else None."""
+    if _is_url(part.path):
+        return None
+    header = h.header
+    if header.get("BSCALE", 1) != 1 or header.get("BZERO", 0) != 0 or "BLANK" in header:
+        return None
+    dtype = _BITPIX.get(header.get("BITPIX"))
+    if dtype is None:
+        return None
+    return np.dtype(dtype), int(hdul.fileinfo(part.hdu)["datLoc"])
+
+
+def _pread_box(
+    part: _Part,
+    dtype: np.dtype,
+    offset: int,
+    box: tuple[int, int, int, int],
+    out: np.ndarray,
+) -> bool:
+    """Read a box of a plain FITS image with one positioned read per row and band; False
+    (nothing read) when the file is not a plain FITS file (gzip, bzip2: astropy decodes those).
+
+    astropy's ``section`` costs about 0.1 ms of Python per row (0.3 s per 2048-row tile, most
+    of a GPU worker's time per unit); a positioned read of the row's span costs a few
+    microseconds and, like ``section``, reads only the bytes of the box (no memory map, so no
+    readahead of the whole row either, see :func:`_fits_open`).
+    """
+    y0, y1, x0, x1 = box
+    ny, nx = part.shape
+    width = x1 - x0
+    rows = np.empty((out.shape[0], y1 - y0, width), dtype=dtype)
+    item = dtype.itemsize
+    with open(part.path, "rb", buffering=0) as f:
+        fd = f.fileno()
+        if os.pread(fd, 6, 0) != b"SIMPLE":
+            return False
+        for b in range(out.shape[0]):
+            plane = offset + b * ny * nx * item
+            if width == nx:  # whole rows: one contiguous read
+                _pread_exact(fd, rows[b], plane + y0 * nx * item, part.label)
+                continue
+            for y in range(y0, y1):
+                _pread_exact(fd, rows[b, y - y0], plane + (y * nx + x0) * item, part.label)
+    out[...] = rows
+    return True
+
+
+def _pread_exact(fd: int, dest: np.ndarray, offset: int, label: str) -> None:
+    view = memoryview(dest).cast("B")
+    got = os.preadv(fd, [view], offset)
+    if got != view.nbytes:
+        raise OSError(f"{label}: file ends before its data (truncated?)")
+
+
 def _read_fits(part: _Part, box: tuple[int, int, int, int], out: np.ndarray) -> None:
     y0, y1, x0, x1 = box
     hdul = _fits_handles.get(("fits", *_local_stat_key(part.path)), lambda: _fits_open(part.path))
     h = hdul[part.hdu]
     nx = part.raw_shape[part.x_axis]
     if not part.compressed:
+        plain = _plain_fits_data(part, hdul, h)
+        if plain is not None and _pread_box(part, *plain, box, out):
+            return
         if x1 - x0 == nx or y1 - y0 == 1:  # one contiguous read
             out[...] = part.to_bands(h.section[part.key(y0, y1, x0, x1)])
             return

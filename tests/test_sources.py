@@ -124,6 +124,24 @@ def test_fits_primary_reads_sections_with_wcs(tmp_path, rng):
     assert src.read(3, 3, 0, 5).shape == (1, 0, 5)
 
 
+@pytest.mark.parametrize("dtype", [np.uint8, np.int16, np.int32, np.int64, np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(37, 53), (3, 37, 53), (1, 1, 37, 53)])
+def test_plain_fits_read_directly_equal_astropy(tmp_path, rng, dtype, shape):
+    """Unscaled local images are read with positioned reads, not astropy's section: every
+    BITPIX, band cubes and leading length-1 axes give astropy's numbers for any box."""
+    data = (rng.normal(size=shape) * 100).astype(dtype)
+    fits.PrimaryHDU(data).writeto(tmp_path / "plain.fits")
+    src = one([tmp_path / "plain.fits"])
+    with fits.open(tmp_path / "plain.fits") as hdul:
+        expected = np.asarray(hdul[0].data, dtype=np.float32).reshape(-1, 37, 53)
+    for _ in range(25):
+        y0, x0 = rng.integers(0, 37), rng.integers(0, 53)
+        y1, x1 = rng.integers(y0, 38), rng.integers(x0, 54)
+        got = src.read(int(y0), int(y1), int(x0), int(x1))
+        np.testing.assert_array_equal(got, expected[: src.n_bands, y0:y1, x0:x1])
+    np.testing.assert_array_equal(src.read(0, 37, 0, 53), expected[: src.n_bands])
+
+
 def test_fits_scaling_and_blank_applied(tmp_path, rng):
     raw = rng.integers(-1000, 1000, size=(20, 30)).astype(np.int16)
     raw[3, 4] = -32768
