@@ -11,33 +11,102 @@ import contextlib
 import logging
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 from . import config
 from .errors import ConfigError
 
-__all__ = ["connect", "dashboard_link", "local_cluster"]
+__all__ = ["connect", "dashboard_link", "gpu_devices", "local_cluster"]
 
 logger = logging.getLogger(__name__)
 
 
 def local_cluster(*, workers: int | None = None, threads_per_worker: int | None = None, **kwargs):
-    """A :class:`distributed.LocalCluster` of worker processes (the embedded default)."""
+    """A :class:`distributed.LocalCluster` of worker processes (the embedded default).
+
+    With ``fingerprint.gpu`` there is one worker process per GPU device (:func:`gpu_devices`),
+    each seeing only its own device and offering the resource ``GPU=1``, with at least
+    ``fingerprint.gpu-units`` threads.
+    """
     from distributed import LocalCluster
 
-    n_cores = os.cpu_count() or 1
-    workers = config.get("compute.workers", override=workers) or n_cores
+    gpu = bool(config.get("fingerprint.gpu"))
+    devices = gpu_devices() if gpu else ()
+    workers = config.get("compute.workers", override=workers) or len(devices) or os.cpu_count() or 1
     threads = config.get("compute.threads-per-worker", override=threads_per_worker) or 1
+    if gpu:
+        threads = max(threads, config.get_int("fingerprint.gpu-units", minimum=1))
     if workers < 1 or threads < 1:
         raise ConfigError(
             f"workers and threads per worker must be >= 1, got {workers} and {threads}"
         )
-    kwargs.setdefault("memory_limit", config.get("compute.memory-limit"))
     kwargs.setdefault("dashboard_address", config.get("compute.dashboard-address"))
-    kwargs.setdefault("resources", {"GPU": 1} if config.get("fingerprint.gpu") else None)
-    if kwargs["resources"] is None:
-        del kwargs["resources"]
-    return LocalCluster(n_workers=workers, threads_per_worker=threads, processes=True, **kwargs)
+    if not gpu:
+        kwargs.setdefault("memory_limit", config.get("compute.memory-limit"))
+        return LocalCluster(n_workers=workers, threads_per_worker=threads, processes=True, **kwargs)
+    from distributed.worker_memory import parse_memory_limit
+
+    kwargs.setdefault("resources", {"GPU": 1})
+    limit = parse_memory_limit(config.get("compute.memory-limit"), 1, workers, logger=logger)
+    kwargs.setdefault("memory_limit", limit)
+    if workers > len(devices):
+        logger.warning("%d GPU workers on %d device(s): some share a GPU", workers, len(devices))
+    cluster = _device_cluster_class()(
+        devices=devices, threads_per_worker=threads, processes=True, **kwargs
+    )
+    cluster.scale(workers)
+    cluster.wait_for_workers(workers, timeout=120)
+    return cluster
+
+
+def gpu_devices() -> tuple[str, ...]:
+    """GPU device ids for local GPU workers: ``compute.gpus``, else ``CUDA_VISIBLE_DEVICES``,
+    else the GPUs that ``nvidia-smi -L`` lists, else one (device 0)."""
+    import subprocess
+
+    pinned = config.get("compute.gpus")
+    if pinned is not None:
+        ids = [pinned] if isinstance(pinned, int | str) else list(pinned)
+        if not ids or any(not str(i).strip() for i in ids):
+            raise ConfigError(
+                f"config elodin.compute.gpus: expected a list of device ids, got {pinned!r}"
+            )
+        return tuple(str(i).strip() for i in ids)
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip():
+        return tuple(d.strip() for d in visible.split(",") if d.strip())
+    try:
+        listed = subprocess.run(
+            ["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20, check=True
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        listed = ""
+    n = sum(line.startswith("GPU ") for line in listed.splitlines())
+    return tuple(str(i) for i in range(n)) or ("0",)
+
+
+def _device_cluster_class():
+    # Built on first use: importing distributed costs a second the CLI need not always pay.
+    from distributed import LocalCluster
+
+    class DeviceCluster(LocalCluster):
+        """A LocalCluster whose n-th worker sees only GPU ``devices[n % len(devices)]``
+        (``CUDA_VISIBLE_DEVICES`` set by its nanny before the process starts), so the one
+        ``GPU=1`` a worker offers is the one device it can use. Nannies restart a lost worker
+        with the same device."""
+
+        def __init__(self, *, devices: Sequence[str], **kwargs):
+            self.devices = tuple(devices)
+            super().__init__(n_workers=0, **kwargs)
+
+        def new_worker_spec(self):
+            ((name, spec),) = super().new_worker_spec().items()
+            device = self.devices[len(self.worker_spec) % len(self.devices)]
+            options = dict(spec["options"])
+            options["env"] = {**(options.get("env") or {}), "CUDA_VISIBLE_DEVICES": device}
+            return {name: {**spec, "options": options}}
+
+    return DeviceCluster
 
 
 def dashboard_link(client) -> str | None:

@@ -7,7 +7,7 @@ The flow, as :func:`fingerprint` reads::
     plan     = plan the new images (blobs: detection tasks per tile)
     segment  = save the plan, grow the store by its rows
     todo     = units of the touched segments without a done marker
-    submit one task per unit (GPU=1 when asked), at most a few per worker in flight
+    submit one task per unit (a share of GPU=1 when asked), at most a few per worker in flight
     each task: read tile + halo -> cut -> stretch -> infer in batches -> write its chunks -> mark done
 
 Every planned window is written exactly once: rows are fixed by the saved plan, each Zarr chunk
@@ -22,6 +22,7 @@ import contextlib
 import dataclasses
 import hashlib
 import logging
+import math
 import os
 import socket
 import sys
@@ -318,6 +319,15 @@ def _settings(**flags) -> dict:
     if not isinstance(stride, int) or stride < 1:
         raise ConfigError(f"cutouts.stride must be a positive integer, got {stride!r}")
     edge = config.get_choice("cutouts.edge", ("shift", "pad", "drop"), override=flags.get("edge"))
+    if config.get("model.cuda.cuda-graph") and False in (
+        config.get("model.fixed-batches"),
+        config.get("model.io-binding"),
+    ):
+        raise ConfigError(
+            "config elodin.model.cuda.cuda-graph needs model.fixed-batches and model.io-binding "
+            "(a captured graph replays one shape on the same device buffers); set them to "
+            "true or null, or turn cuda-graph off"
+        )
     return {
         "cutouts": {
             "method": method,
@@ -790,6 +800,13 @@ def _image_limits(sources: Sequence[ImageSource], preprocess: dict) -> dict:
     }
 
 
+def gpu_share() -> float:
+    """The part of a worker's ``GPU=1`` that one unit takes: ``1 / fingerprint.gpu-units``,
+    rounded down so that that many shares never add up to more than one."""
+    units = config.get_int("fingerprint.gpu-units", minimum=1)
+    return math.floor(1e6 / units) / 1e6
+
+
 def _model_ref(card, onnx_path, sha: str, settings: dict, client) -> ModelRef:
     on_gpu = settings["gpu"]
     fixed = config.get("model.fixed-batches")
@@ -817,7 +834,7 @@ def _run_jobs(client, jobs: list[UnitJob], *, gpu: bool, progress: bool) -> int:
         return 0
     n_workers = max(1, len(client.scheduler_info(n_workers=-1)["workers"]))
     window = 4 * n_workers + 4  # in flight at once: scheduler memory stays bounded for 10^6 units
-    resources = {"GPU": 1} if gpu else None
+    resources = {"GPU": gpu_share()} if gpu else None
     total = sum(len(t.windows) for j in jobs for t in j.tiles)
     bar = tqdm(
         total=total,

@@ -16,7 +16,7 @@ from astropy.io import fits
 from astropy.wcs import WCS
 
 from pipeline.errors import StoreError
-from pipeline.fingerprint import fingerprint
+from pipeline.fingerprint import fingerprint, gpu_share
 from pipeline.store import Store
 from pipeline.testing import store_digest, synthetic_mosaic
 
@@ -185,7 +185,7 @@ def test_gpu_resource_restriction_reaches_the_scheduler(tmp_path, mosaic, client
     seen = client.run_on_scheduler(
         lambda dask_scheduler: dask_scheduler.plugins["elodin-test-recorder"].seen
     )
-    assert seen and all(r == {"GPU": 1} for r in seen.values())
+    assert seen and all(r == {"GPU": gpu_share()} for r in seen.values())
 
 
 def _cli(*args: str, **kw) -> list[str]:

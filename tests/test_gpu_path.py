@@ -129,7 +129,157 @@ def test_gpu_runs_get_one_gpu_slot_per_worker_process():
 
     from pipeline.compute import local_cluster
 
-    with dask.config.set({"elodin.fingerprint.gpu": True}):
+    with dask.config.set({"elodin.fingerprint.gpu": True, "elodin.fingerprint.gpu-units": 3}):
         with local_cluster(workers=1, dashboard_address=None) as cluster:
             (spec,) = cluster.worker_spec.values()
     assert spec["options"]["resources"] == {"GPU": 1}
+    assert spec["options"]["nthreads"] == 3  # a thread for each unit sharing the GPU
+
+
+def test_local_gpu_workers_are_one_process_per_device_each_seeing_only_its_own():
+    import os
+
+    import dask.config
+    from distributed import Client
+
+    from pipeline.compute import local_cluster
+
+    settings = {
+        "elodin.fingerprint.gpu": True,
+        "elodin.fingerprint.gpu-units": 2,
+        "elodin.compute.gpus": [0, 1],
+    }
+    with dask.config.set(settings), local_cluster(dashboard_address=None) as cluster:
+        with Client(cluster) as client:
+            seen = client.run(lambda: os.environ.get("CUDA_VISIBLE_DEVICES"))
+            info = client.scheduler_info(n_workers=-1)["workers"].values()
+    assert sorted(seen.values()) == ["0", "1"]
+    assert [w["resources"] for w in info] == [{"GPU": 1}, {"GPU": 1}]
+    assert {w["nthreads"] for w in info} == {2}
+
+
+def test_gpu_devices_come_from_config_then_cuda_visible_devices(monkeypatch):
+    import dask.config
+
+    from pipeline.compute import gpu_devices
+    from pipeline.errors import ConfigError
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2, 3")
+    assert gpu_devices() == ("2", "3")
+    with dask.config.set({"elodin.compute.gpus": ["GPU-5d1c", 7]}):
+        assert gpu_devices() == ("GPU-5d1c", "7")  # UUIDs or indices, as CUDA takes them
+    with dask.config.set({"elodin.compute.gpus": []}), pytest.raises(ConfigError, match="gpus"):
+        gpu_devices()
+
+
+def test_fixed_batches_reuse_their_bound_buffers_and_return_each_batch(batch, lite0_onnx):
+    """With fixed-shape batches the IO binding is made once: the input is updated in place and
+    the outputs land in the same buffers every run (CUDA graph replay needs fixed addresses),
+    yet every batch gets its own results."""
+    plain = Session(lite0_onnx, threads=2)
+    fixed = Session(lite0_onnx, threads=2, io_binding=True, fixed_batch=4)
+    a, b = batch[:3], batch[3:]
+    first = fixed.infer(a)
+    ((binding, _),) = fixed._slots.values()
+    addresses = [v.data_ptr() for v in binding.get_outputs()]
+    second, again = fixed.infer(b), fixed.infer(a)
+    assert len(fixed._slots) == 1
+    assert [v.data_ptr() for v in binding.get_outputs()] == addresses
+    np.testing.assert_allclose(first.features, plain.infer(a).features, atol=1e-4)
+    np.testing.assert_allclose(second.features, plain.infer(b).features, atol=1e-4)
+    np.testing.assert_array_equal(again.features, first.features)  # not overwritten by b
+
+
+def test_threads_sharing_a_bound_session_each_get_their_own_results(lite0_native_onnx):
+    """The threads of a GPU worker share its session: their runs take turns on the shared
+    buffers, so no thread reads another's batch."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    rs = np.random.default_rng(11)
+    batches = [rs.random((8, 3, 64, 64), dtype=np.float32) for _ in range(12)]
+    shared = Session(lite0_native_onnx, threads=1, io_binding=True, fixed_batch=8)
+    assert shared.exclusive
+    expected = [Session(lite0_native_onnx, threads=1).infer(x).features for x in batches]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda x: shared.infer(x).features, batches * 3))
+    for i, g in enumerate(got):
+        np.testing.assert_allclose(g, expected[i % len(batches)], atol=1e-4)
+
+
+def test_cuda_graph_without_fixed_batches_is_refused(tmp_path):
+    import dask.config
+
+    from pipeline.errors import ConfigError
+    from pipeline.fingerprint import fingerprint
+    from pipeline.testing import synthetic_mosaic
+
+    mosaic = synthetic_mosaic(tmp_path / "m.fits", shape=(128, 128), seed=2, n_sources=3)
+    settings = {"elodin.model.cuda.cuda-graph": True, "elodin.model.fixed-batches": False}
+    with dask.config.set(settings), pytest.raises(ConfigError, match="cuda-graph needs"):
+        fingerprint(
+            [mosaic], tmp_path / "s.zarr", model="efficientnet-lite0:native", progress=False
+        )
+    assert not (tmp_path / "s.zarr").exists()
+
+
+@pytest.fixture(scope="module")
+def one_gpu_worker():
+    """One worker process offering GPU=1 with two threads (the CPU provider stands in for the
+    device: what is checked is how units share the worker, not CUDA)."""
+    from distributed import Client, LocalCluster
+
+    with (
+        LocalCluster(
+            n_workers=1,
+            threads_per_worker=2,
+            processes=True,
+            dashboard_address=None,
+            resources={"GPU": 1},
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        yield client
+
+
+@pytest.mark.parametrize("units", [1, 2])
+def test_units_share_a_gpu_worker_as_configured(tmp_path, one_gpu_worker, units):
+    import dask.config
+    from distributed.diagnostics.plugin import WorkerPlugin
+
+    from pipeline.fingerprint import fingerprint
+    from pipeline.store import Store
+    from pipeline.testing import synthetic_mosaic
+
+    class PeakUnits(WorkerPlugin):
+        """The most work units executing at once on the worker (defined here so that it
+        travels to the worker by value)."""
+
+        def setup(self, worker):
+            self.running = self.peak = 0
+
+        def transition(self, key, start, finish, **kwargs):
+            if str(key).startswith("elodin-unit"):
+                self.running += (finish == "executing") - (start == "executing")
+                self.peak = max(self.peak, self.running)
+
+    client = one_gpu_worker
+    name = f"elodin-test-peak-units-{units}"
+    client.register_plugin(PeakUnits(), name=name)
+    mosaic = synthetic_mosaic(tmp_path / "m.fits", shape=(512, 512), seed=4, n_sources=30)
+    kw = dict(
+        method="sliding", size=64, tile_size=128, chunk_rows=16, model="efficientnet-lite0:native"
+    )
+    gpu_run = {
+        "elodin.fingerprint.gpu-units": units,
+        "elodin.model.providers": ["CPUExecutionProvider"],  # no CUDA here: see the docstring
+    }
+    with dask.config.set(gpu_run):
+        fingerprint([mosaic], tmp_path / "gpu.zarr", client=client, progress=False, gpu=True, **kw)
+    peak = client.run(lambda dask_worker: dask_worker.plugins[name].peak)
+    client.unregister_worker_plugin(name)
+    assert list(peak.values()) == [units]
+    fingerprint([mosaic], tmp_path / "cpu.zarr", client=client, progress=False, **kw)
+    got, want = (Store.open(tmp_path / f"{n}.zarr").dataset() for n in ("gpu", "cpu"))
+    assert int(got.valid.sum()) == int(want.valid.sum()) == 64
+    np.testing.assert_allclose(got.fingerprint.values, want.fingerprint.values, atol=1e-4)
+    np.testing.assert_array_equal(got.x.values, want.x.values)

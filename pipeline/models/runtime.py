@@ -7,6 +7,7 @@ their probabilities (the Elodin-NN style fingerprint used by Jaccard similarity)
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -154,6 +155,15 @@ class Session:
         self.io_binding = self.on_gpu if io_binding is None else bool(io_binding)
         # Fixed-shape batches (the last one padded) let CUDA graphs replay one captured shape.
         self.fixed_batch = fixed_batch
+        cuda_id = provider_options("CUDAExecutionProvider").get("device_id", 0)
+        self.device_id = int(cuda_id) if self.on_gpu else 0
+        # With fixed-shape batches the bound input and outputs are allocated once and reused:
+        # a captured CUDA graph replays on the same device addresses, so they must not move.
+        self._slots: dict[tuple, tuple] = {}
+        # Runs that share those buffers, or the one GPU of this process, go one at a time;
+        # the threads of a GPU worker overlap their reading and stretching, not their runs.
+        self.exclusive = bool(self.on_gpu or (self.io_binding and fixed_batch))
+        self._run_lock = threading.Lock()
 
     def __reduce__(self):
         raise TypeError(
@@ -195,10 +205,11 @@ class Session:
             names += ["top_class", "top_prob"]
         if self._has_logits and (logits or not self._graph_topk):
             names.append("logits")
-        if self.io_binding:
-            got = self._run_bound(feeds, names)
-        else:
-            got = dict(zip(names, self._sess.run(names, feeds), strict=True))
+        with self._run_lock if self.exclusive else contextlib.nullcontext():
+            if self.io_binding:
+                got = self._run_bound(feeds, names)
+            else:
+                got = dict(zip(names, self._sess.run(names, feeds), strict=True))
         got = {k: v[:n] for k, v in got.items()}
         features = np.asarray(got["features"], dtype=np.float32)
         lg = np.asarray(got["logits"], dtype=np.float32) if "logits" in got else None
@@ -212,19 +223,44 @@ class Session:
         return Outputs(features, lg if logits else None, cls, prob)
 
     def _run_bound(self, feeds: dict, names: list[str]) -> dict:
-        """Run through IO binding: the batch goes to the device once, and only the named
-        outputs come back to the host."""
+        """Run through IO binding: the batch goes to the device once, the outputs stay there
+        and only the named ones are copied back to the host.
+
+        With ``fixed_batch`` the binding of each (shape, outputs) is kept: the input is
+        updated in place and the outputs ORT allocated on the first run are bound again, so
+        every later run uses the same device buffers (what CUDA graph replay needs).
+        """
         import onnxruntime as ort
 
         device = "cuda" if self.on_gpu else "cpu"
+        key = (feeds["input"].shape, tuple(names))
+        slot = self._slots.get(key)
+        if slot is not None:
+            binding, value = slot
+            value.update_inplace(feeds["input"])
+            self._sess.run_with_iobinding(binding)
+            return dict(zip(names, binding.copy_outputs_to_cpu(), strict=True))
         binding = self._sess.io_binding()
-        value = ort.OrtValue.ortvalue_from_numpy(feeds["input"], device, 0)
+        if self.fixed_batch:
+            # Its own buffer: on the CPU an OrtValue made from a numpy array wraps that array,
+            # and updating it in place would write into the caller's batch.
+            x = feeds["input"]
+            value = ort.OrtValue.ortvalue_from_shape_and_type(
+                x.shape, x.dtype, device, self.device_id
+            )
+            value.update_inplace(x)
+        else:
+            value = ort.OrtValue.ortvalue_from_numpy(feeds["input"], device, self.device_id)
         binding.bind_ortvalue_input("input", value)
         if "k" in feeds:
             binding.bind_cpu_input("k", feeds["k"])
         for name in names:
-            binding.bind_output(name, "cpu")
+            binding.bind_output(name, device, self.device_id)
         self._sess.run_with_iobinding(binding)
+        if self.fixed_batch:
+            for name, out in zip(names, binding.get_outputs(), strict=True):
+                binding.bind_ortvalue_output(name, out)
+            self._slots[key] = (binding, value)
         return dict(zip(names, binding.copy_outputs_to_cpu(), strict=True))
 
     def infer_batched(self, images: np.ndarray, batch_size: int) -> Outputs:
