@@ -101,7 +101,12 @@ def run(
     rs = _settings(str(config_path))
     stages = rs["stages"]
     lines: list[str] = []
-    with connect(scheduler, workers=workers, quiet=not progress) as client:
+    # Every stage writes to the store: the whole run holds its writer lock (fingerprint() takes
+    # it again inside, which a holder may), so a second run cannot refit models under this one.
+    with (
+        Store.lock(rs["store"], command=f"elodin run {config_path}"),
+        connect(scheduler, workers=workers, quiet=not progress) as client,
+    ):
         added = False
         if "fingerprint" in stages:
             result = fingerprint(

@@ -146,6 +146,27 @@ def test_second_run_is_refused_with_one_line_naming_the_holder(store, mosaic, tm
     assert Store.unlock(store).pid == proc.pid  # gone now: cleared without --force
 
 
+def test_elodin_run_holds_the_lock_through_its_analysis_stages(store, tmp_path):
+    """`elodin run` holds the lock for all its stages, analysis ones included."""
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(
+        f"elodin:\n  run:\n    store: {store}\n    stages: [reduce, cluster]\n"
+        "  analysis:\n    reduce:\n      components: 4\n    cluster:\n      n-clusters: 2\n"
+    )
+    proc = _holder(store)
+    try:
+        before = store_digest(store)
+        r = subprocess.run(_cli("run", str(cfg)), capture_output=True, text=True)
+        assert r.returncode == 2 and "Traceback" not in r.stderr
+        (line,) = _errors(r.stderr)
+        assert "another run is writing to this store" in line
+        assert store_digest(store) == before
+    finally:
+        proc.kill()
+        proc.wait()
+    Store.unlock(store)
+
+
 def test_lock_of_a_killed_run_is_taken_over(store, mosaic, tmp_path):
     before = store_digest(store)
     proc = _holder(store)
