@@ -13,7 +13,13 @@ and the GPU utilisation sampled by nvidia-smi while each runs. Prints the GPU, d
 library versions first. Needs onnxruntime-gpu with a working CUDA provider; refuses to run
 (and prints nothing as a figure) without one.
 
+First, on any machine, the feed: how many native-size cutouts per second the CPU side of a GPU
+worker (read a tile of the Zarr mosaic, cut, stretch; no model) produces with 1, 2, 4 ...
+threads at once. A GPU worker runs ``fingerprint.gpu-units`` units at once, so this is the rate
+it can hand the GPU; ``--feed-only`` measures just that (no GPU needed).
+
     python benchmarks/bench_gpu.py [--side 8192] [--batches 64 256 1024] [--seconds 10]
+    python benchmarks/bench_gpu.py --feed-only [--side 4096]
 """
 
 from __future__ import annotations
@@ -111,6 +117,74 @@ def make_zarr_mosaic(path: Path, side: int, seed: int = 0) -> Path:
     return path
 
 
+def feed_jobs(mosaic: Path, *, tile: int = 1024, size: int = 64, batch: int = 256) -> list:
+    """Work units of one tile each over the whole mosaic, as ``fingerprint()`` would give its
+    workers (no store, no model: only what the CPU side reads, cuts and stretches)."""
+    from pipeline import config
+    from pipeline.fingerprint import TileJob, UnitJob
+    from pipeline.preprocess import image_limits_for
+    from pipeline.sources import open_sources
+
+    (src,) = open_sources([str(mosaic)])
+    preprocess = dict(config.get("preprocess"))
+    limits = {src.id: image_limits_for(src, preprocess)}
+    ny, nx = src.shape
+    jobs = []
+    for y0 in range(0, ny, tile):
+        for x0 in range(0, nx, tile):
+            ys = np.arange(y0, min(ny, y0 + tile) - size + 1, size)
+            xs = np.arange(x0, min(nx, x0 + tile) - size + 1, size)
+            gx, gy = np.meshgrid(xs, ys)
+            wins = np.stack([gx.ravel(), gy.ravel(), *([np.full(gx.size, size)] * 2)], 1)
+            box = (int(y0), int(min(ny, y0 + tile)), int(x0), int(min(nx, x0 + tile)))
+            tiles = (TileJob(src, box, wins.astype(np.int64)),)
+            jobs.append(
+                UnitJob(
+                    "",
+                    len(jobs),
+                    0,
+                    len(wins),
+                    tiles,
+                    None,
+                    preprocess,
+                    limits,
+                    batch,
+                    np.nan,
+                    size,
+                    "float32",
+                )
+            )
+    return jobs
+
+
+def feed_rates(jobs: list, threads: list[int]) -> list[tuple[int, float]]:
+    """Cutouts/s that ``threads`` units prepared at once give (the GPU worker's feed)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline.fingerprint import _prepared_batches
+
+    def prepare(job) -> int:
+        return sum(len(rgb) for _, rgb, _ in _prepared_batches(job))
+
+    prepare(jobs[0])  # warm: imports, first Zarr open
+    out = []
+    for n in threads:
+        with ThreadPoolExecutor(n) as pool:
+            t0 = time.perf_counter()
+            total = sum(pool.map(prepare, jobs))
+            out.append((n, total / (time.perf_counter() - t0)))
+    return out
+
+
+def print_feed(mosaic: Path, threads: list[int]) -> None:
+    jobs = feed_jobs(mosaic)
+    n = sum(len(t.windows) for j in jobs for t in j.tiles)
+    print(f"# feed: {len(jobs)} units of one 1024^2 tile, {n} cutouts of 64^2 (read, cut, stretch)")
+    print(f"{'threads':>7} {'cutouts/s':>10} {'per thread':>10}")
+    for k, rate in feed_rates(jobs, threads):
+        print(f"{k:>7} {rate:>10.0f} {rate / k:>10.0f}", flush=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
@@ -122,9 +196,30 @@ def main() -> int:
         "--threads",
         type=int,
         default=os.cpu_count() or 1,
-        help="worker threads for the end-to-end run",
+        help="worker threads for the end-to-end run (at least --gpu-units)",
+    )
+    ap.add_argument(
+        "--gpu-units",
+        type=int,
+        default=4,
+        help="units the GPU worker runs at once (fingerprint.gpu-units)",
+    )
+    ap.add_argument(
+        "--feed-only",
+        action="store_true",
+        help="measure only the CPU-side feed (read, cut, stretch); no GPU needed",
     )
     args = ap.parse_args()
+    cores = os.cpu_count() or 1
+    feed_threads = sorted({1, *[2**i for i in range(1, 8) if 2**i <= cores], cores})
+    if args.feed_only:
+        work = Path(tempfile.mkdtemp(prefix="elodin-feed-bench-"))
+        try:
+            print(f"# {platform.machine()}, {cores} CPU cores, numpy {np.__version__}")
+            print_feed(make_zarr_mosaic(work / "mosaic.zarr", args.side), feed_threads)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        return 0
 
     import onnxruntime as ort
 
@@ -149,6 +244,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="elodin-gpu-bench-"))
     try:
         mosaic = make_zarr_mosaic(work / "mosaic.zarr", args.side)
+        print_feed(mosaic, feed_threads)
         n_windows = (args.side // 64) ** 2
         print(f"# mosaic {args.side}^2 in Zarr on local disk, {n_windows} windows of 64^2")
         print(
@@ -157,7 +253,7 @@ def main() -> int:
         with (
             LocalCluster(
                 n_workers=1,
-                threads_per_worker=args.threads,
+                threads_per_worker=max(args.threads, args.gpu_units),
                 processes=True,
                 resources={"GPU": 1},
                 dashboard_address=None,
@@ -185,7 +281,11 @@ def main() -> int:
                             ceiling = n / (time.perf_counter() - t0)
                         import dask.config
 
-                        with dask.config.set({"elodin.model.precision": precision}):
+                        run_settings = {
+                            "elodin.model.precision": precision,
+                            "elodin.fingerprint.gpu-units": args.gpu_units,
+                        }
+                        with dask.config.set(run_settings):
                             out = work / f"s-{time.monotonic_ns()}.zarr"
                             with Utilisation() as ue:
                                 t0 = time.perf_counter()
