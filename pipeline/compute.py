@@ -21,16 +21,22 @@ __all__ = ["connect", "dashboard_link", "gpu_devices", "local_cluster"]
 logger = logging.getLogger(__name__)
 
 
-def local_cluster(*, workers: int | None = None, threads_per_worker: int | None = None, **kwargs):
+def local_cluster(
+    *,
+    workers: int | None = None,
+    threads_per_worker: int | None = None,
+    gpu: bool | None = None,
+    **kwargs,
+):
     """A :class:`distributed.LocalCluster` of worker processes (the embedded default).
 
-    With ``fingerprint.gpu`` there is one worker process per GPU device (:func:`gpu_devices`),
+    With ``gpu`` (default: ``fingerprint.gpu``) there is one worker process per GPU device (:func:`gpu_devices`),
     each seeing only its own device and offering the resource ``GPU=1``, with at least
     ``fingerprint.gpu-units`` threads.
     """
     from distributed import LocalCluster
 
-    gpu = bool(config.get("fingerprint.gpu"))
+    gpu = bool(config.get("fingerprint.gpu", override=gpu))
     devices = gpu_devices() if gpu else ()
     workers = config.get("compute.workers", override=workers) or len(devices) or os.cpu_count() or 1
     threads = config.get("compute.threads-per-worker", override=threads_per_worker) or 1
@@ -136,8 +142,11 @@ def connect(
     workers: int | None = None,
     threads_per_worker: int | None = None,
     quiet: bool = False,
+    gpu: bool | None = None,
 ) -> Iterator:
     """Yield a client for ``scheduler``: ``local``, ``slurm``, ``kubernetes`` or an address.
+
+    ``gpu`` (default: ``fingerprint.gpu``) starts GPU workers offering the resource ``GPU=1``.
 
     Clusters started here are closed on exit; an address is only joined, never shut down.
     """
@@ -146,10 +155,10 @@ def connect(
     scheduler = config.get("compute.scheduler", override=scheduler)
     cluster = None
     if scheduler == "local":
-        cluster = local_cluster(workers=workers, threads_per_worker=threads_per_worker)
+        cluster = local_cluster(workers=workers, threads_per_worker=threads_per_worker, gpu=gpu)
         target = cluster
     elif scheduler in ("slurm", "kubernetes"):
-        cluster = _profile_cluster(scheduler, workers=workers)
+        cluster = _profile_cluster(scheduler, workers=workers, gpu=gpu)
         target = cluster
     elif "://" in scheduler or ":" in scheduler:
         target = scheduler

@@ -707,9 +707,11 @@ def _fingerprint_locked(
     ctx = (
         contextlib.nullcontext(client)
         if client is not None
-        else connect(scheduler, workers=workers, quiet=not progress)
+        else connect(scheduler, workers=workers, quiet=not progress, gpu=settings["gpu"])
     )
     with ctx as client:
+        if settings["gpu"]:
+            _check_gpu_workers(client, need_cuda=settings["providers"] in ("auto", None))
         if new and on_cluster:
             plan = _plan_sources(client, new, settings, catalog, 0)
         with _store_writes(store_path):
@@ -763,6 +765,36 @@ def _fingerprint_locked(
     return FingerprintResult(
         store_path, n_windows, len(jobs), total_units - len(jobs), images, retired=len(changed)
     )
+
+
+def _check_gpu_workers(client, *, need_cuda: bool) -> None:
+    """Refuse, before anything is written, a GPU run whose tasks could not run: no worker
+    offers the resource GPU (they would wait forever), or a GPU worker's onnxruntime has no
+    CUDA provider (each session checks again, for CUDA libraries that fail to load)."""
+    workers = client.scheduler_info(n_workers=-1)["workers"]
+    gpu_workers = [a for a, w in workers.items() if (w.get("resources") or {}).get("GPU")]
+    if workers and not gpu_workers:
+        raise ConfigError(
+            "--gpu: no Dask worker offers the resource GPU (start GPU workers with "
+            "`--resources GPU=1`, as the slurm and kubernetes profiles do with fingerprint.gpu), "
+            "or drop --gpu"
+        )
+    if need_cuda and gpu_workers:
+        offered = client.run(_cuda_offered, workers=gpu_workers)
+        missing = sorted({host for host, ok in offered.values() if not ok})
+        if missing:
+            from .errors import ModelError
+
+            raise ModelError(
+                f"a GPU was asked for (--gpu) but onnxruntime on {', '.join(missing)} has no "
+                "CUDA provider (install onnxruntime-gpu there, or drop --gpu)"
+            )
+
+
+def _cuda_offered() -> tuple[str, bool]:
+    import onnxruntime as ort
+
+    return socket.gethostname(), "CUDAExecutionProvider" in ort.get_available_providers()
 
 
 @contextlib.contextmanager

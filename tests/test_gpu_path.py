@@ -283,3 +283,53 @@ def test_units_share_a_gpu_worker_as_configured(tmp_path, one_gpu_worker, units)
     assert int(got.valid.sum()) == int(want.valid.sum()) == 64
     np.testing.assert_allclose(got.fingerprint.values, want.fingerprint.values, atol=1e-4)
     np.testing.assert_array_equal(got.x.values, want.x.values)
+
+
+def test_cli_gpu_without_cuda_is_one_line_before_anything_is_written(tmp_path):
+    """`elodin fingerprint --gpu` starts GPU workers (before, the flag did not reach the local
+    cluster and its tasks waited forever for a GPU no worker offered) and, finding no CUDA
+    provider on them, stops with one line before the store exists."""
+    import subprocess
+    import sys
+
+    from pipeline.testing import synthetic_mosaic
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this machine has a CUDA provider")
+    mosaic = synthetic_mosaic(tmp_path / "m.fits", shape=(128, 128), seed=2, n_sources=3)
+    out = tmp_path / "s.zarr"
+    cmd = [sys.executable, "-m", "pipeline.cli", "fingerprint", str(mosaic), "-o", str(out)]
+    r = subprocess.run(
+        [*cmd, "--gpu", "--model", "efficientnet-lite0:native"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("elodin: error:")]
+    assert len(errors) == 1 and "has no CUDA provider" in errors[0]
+    assert not out.exists()
+
+
+def test_gpu_run_on_workers_without_the_gpu_resource_is_refused(tmp_path):
+    from distributed import Client, LocalCluster
+
+    from pipeline.errors import ConfigError
+    from pipeline.fingerprint import fingerprint
+    from pipeline.testing import synthetic_mosaic
+
+    mosaic = synthetic_mosaic(tmp_path / "m.fits", shape=(128, 128), seed=2, n_sources=3)
+    with (
+        LocalCluster(n_workers=1, threads_per_worker=1, dashboard_address=None) as cluster,
+        Client(cluster) as client,
+        pytest.raises(ConfigError, match="no Dask worker offers the resource GPU"),
+    ):
+        fingerprint(
+            [mosaic],
+            tmp_path / "s.zarr",
+            model="efficientnet-lite0:native",
+            gpu=True,
+            client=client,
+            progress=False,
+        )
+    assert not (tmp_path / "s.zarr").exists()
