@@ -333,3 +333,40 @@ def test_gpu_run_on_workers_without_the_gpu_resource_is_refused(tmp_path):
             progress=False,
         )
     assert not (tmp_path / "s.zarr").exists()
+
+
+def test_worker_processes_of_a_multi_gpu_job_take_one_device_each():
+    """Processes of one job that all see the job's GPUs (a SLURM job with gres gpu:2 and
+    processes: 2) take the device matching their place in the job; config still wins."""
+    import dask.config
+    from distributed import Client, LocalCluster
+
+    from pipeline.models.runtime import provider_options
+
+    def device():
+        return provider_options("CUDAExecutionProvider").get("device_id")
+
+    with (
+        LocalCluster(
+            n_workers=2,
+            threads_per_worker=1,
+            dashboard_address=None,
+            env={"CUDA_VISIBLE_DEVICES": "0,1"},
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        workers = list(client.scheduler_info(n_workers=-1)["workers"])
+
+        def on_each(fn):  # as tasks, where sessions are made
+            return sorted(
+                client.gather([client.submit(fn, workers=[w], pure=False) for w in workers])
+            )
+
+        assert on_each(device) == ["0", "1"]
+
+        def pinned():
+            with dask.config.set({"elodin.model.cuda.device-id": 1}):
+                return device()
+
+        assert on_each(pinned) == ["1", "1"]
+    assert device() is None  # outside a worker: onnxruntime's default

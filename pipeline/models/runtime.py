@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import re
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -279,11 +280,33 @@ def provider_options(provider: str) -> dict:
 
     cuda = dict(config.get("model.cuda", {}) or {})
     opts = {"cudnn_conv_algo_search": str(cuda.get("cudnn-conv-algo-search", "EXHAUSTIVE"))}
-    if cuda.get("device-id") is not None:
-        opts["device_id"] = str(cuda["device-id"])
+    device = cuda.get("device-id")
+    if device is None:
+        device = _worker_device()
+    if device is not None:
+        opts["device_id"] = str(device)
     if cuda.get("cuda-graph"):
         opts["enable_cuda_graph"] = "1"
     return opts
+
+
+def _worker_device() -> int | None:
+    """The GPU of this Dask worker process when it sees several: the n-th worker process of
+    a job (``dask worker --nworkers N`` names them ``NAME-0`` .. ``NAME-{N-1}``, as
+    dask-jobqueue does with ``processes: N``) takes the n-th visible device, so that the
+    processes of a multi-GPU SLURM job do not all share device 0. None outside a worker or with
+    one visible device (local GPU workers and Kubernetes pods each see only their own)."""
+    visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    if len(visible) <= 1:
+        return None
+    try:
+        from distributed import get_worker
+
+        name = str(get_worker().name)
+    except (ImportError, ValueError):  # not in a worker
+        return None
+    match = re.search(r"(?:^|-)(\d+)$", name)
+    return int(match.group(1)) % len(visible) if match else None
 
 
 _SESSIONS: dict[tuple, Session] = {}
