@@ -22,6 +22,7 @@ from pipeline.errors import ConfigError, InputError
 from pipeline.preprocess import (
     INTERVALS,
     STRETCHES,
+    asinh_stretch,
     check_image_sample,
     image_limits_for,
     interval_limits,
@@ -87,6 +88,23 @@ def test_cutout_scope_is_astropy_interval_plus_stretch(rng, stretch, astro):
         for ch in range(3):  # one band replicated
             np.testing.assert_allclose(rgb[i, ch], ref, atol=2e-6)
     assert np.all(frac == 0)
+
+
+@pytest.mark.parametrize("a", [0.02, 0.1, 1.0, 5.0])
+def test_vectorised_asinh_equals_astropy(rng, a):
+    """The fast asinh stretch is astropy's AsinhStretch to float32 precision everywhere in
+    [0, 1], the tiny values where its series takes over included; NaN stays NaN."""
+    v = np.concatenate(
+        [
+            rng.random(100_000, dtype=np.float32),
+            rng.random(10_000, dtype=np.float32) * np.float32(0.02 * a),  # around the switch
+            np.array([0.0, 1.0, 1e-30, 0.01 * a, np.nextafter(0.01 * a, 1)], np.float32),
+        ]
+    )
+    ref = AsinhStretch(a=a)(v.astype(np.float64), clip=True)
+    got = asinh_stretch(np.append(v, np.float32(np.nan)), a=a)
+    assert got.dtype == np.float32 and np.isnan(got[-1])
+    np.testing.assert_allclose(got[:-1], ref, atol=1e-6, rtol=5e-5)
 
 
 def test_output_contract_for_every_option(rng):
