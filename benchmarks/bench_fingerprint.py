@@ -139,7 +139,8 @@ def main() -> None:
     ap.add_argument("--side", type=int, default=4096, help="mosaic side for the throughput runs")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--naive-limit", type=int, default=400, help="cutouts timed in the naive loop")
+    ap.add_argument("--naive-limit", type=int, default=1000, help="cutouts timed in the naive loop")
+    ap.add_argument("--rounds", type=int, default=3, help="pipeline runs per model (median)")
     ap.add_argument("--skip-memory", action="store_true")
     args = ap.parse_args()
 
@@ -170,13 +171,21 @@ def main() -> None:
             for model, side in (("efficientnet-lite0", 224), ("efficientnet-lite0:native", 64)):
                 path = ensure_onnx(resolve(model))
                 sess = get_session(path, threads=default_threads())
-                # The ceiling is taken before and after the pipeline run and averaged, so a
-                # load that drifts during the run (a shared machine) biases neither side.
-                a0 = ceiling(sess, rgb, args.batch)
+                # Ceiling and pipeline runs alternate and the medians are compared, so a load
+                # that drifts during the runs (a shared machine) biases neither side; a run at
+                # native 64 lasts only seconds.
+                a_runs = [ceiling(sess, rgb, args.batch)]
                 pipeline_rate(client, mosaic, model, args.batch, work)  # warm: sessions in workers
-                b, _ = pipeline_rate(client, mosaic, model, args.batch, work)
-                a = (a0 + ceiling(sess, rgb, args.batch)) / 2
+                b_runs = []
+                for _ in range(args.rounds):
+                    b_runs.append(pipeline_rate(client, mosaic, model, args.batch, work)[0])
+                    a_runs.append(ceiling(sess, rgb, args.batch))
+                a, b = float(np.median(a_runs)), float(np.median(b_runs))
                 c = naive(get_session(path, threads=default_threads()), rgb, side, args.naive_limit)
+                print(
+                    f"# {model}: ceiling runs {', '.join(f'{x:.0f}' for x in a_runs)}; "
+                    f"elodin runs {', '.join(f'{x:.0f}' for x in b_runs)}"
+                )
                 rates[model] = b
                 print(
                     f"{model:<28} {a:>12.1f} {b:>11.1f} {b / a:>6.2f} {c:>10.1f} {b / c:>6.1f}",

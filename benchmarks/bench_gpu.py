@@ -92,7 +92,7 @@ def make_zarr_mosaic(path: Path, side: int, seed: int = 0) -> Path:
     import zarr
 
     rs = np.random.default_rng(seed)
-    chunk = 2048
+    chunk = 1024  # the feed's tiles: each tile decodes its own chunk once
     arr = zarr.create_array(
         str(path),
         shape=(side, side),
