@@ -30,9 +30,9 @@ def local_cluster(
 ):
     """A :class:`distributed.LocalCluster` of worker processes (the embedded default).
 
-    With ``gpu`` (default: ``fingerprint.gpu``) there is one worker process per GPU device (:func:`gpu_devices`),
-    each seeing only its own device and offering the resource ``GPU=1``, with at least
-    ``fingerprint.gpu-units`` threads.
+    With ``gpu`` (default: ``fingerprint.gpu``) there is one worker process per GPU device
+    (:func:`gpu_devices`), each seeing only its own device and offering the resource
+    ``GPU=1``, with at least ``fingerprint.gpu-units`` threads.
     """
     from distributed import LocalCluster
 
@@ -60,8 +60,12 @@ def local_cluster(
     cluster = _device_cluster_class()(
         devices=devices, threads_per_worker=threads, processes=True, **kwargs
     )
-    cluster.scale(workers)
-    cluster.wait_for_workers(workers, timeout=120)
+    try:
+        cluster.scale(workers)
+        cluster.wait_for_workers(workers, timeout=120)
+    except BaseException:
+        cluster.close()
+        raise
     return cluster
 
 

@@ -37,7 +37,15 @@ from .sources import ImageSource, open_sources
 from .store import Layout, Store, pack_units
 from .tiling import Plan
 
-__all__ = ["FingerprintResult", "ModelRef", "UnitJob", "cut_windows", "fingerprint", "run_unit"]
+__all__ = [
+    "FingerprintResult",
+    "ModelRef",
+    "UnitJob",
+    "cut_windows",
+    "fingerprint",
+    "gpu_share",
+    "run_unit",
+]
 
 logger = logging.getLogger(__name__)
 
