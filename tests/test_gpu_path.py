@@ -130,7 +130,7 @@ def test_gpu_runs_get_one_gpu_slot_per_worker_process():
     from pipeline.compute import local_cluster
 
     with dask.config.set({"elodin.fingerprint.gpu": True, "elodin.fingerprint.gpu-units": 3}):
-        with local_cluster(workers=1, dashboard_address=None) as cluster:
+        with local_cluster(workers=1, dashboard_address=":0") as cluster:
             (spec,) = cluster.worker_spec.values()
     assert spec["options"]["resources"] == {"GPU": 1}
     assert spec["options"]["nthreads"] == 3  # a thread for each unit sharing the GPU
@@ -149,7 +149,7 @@ def test_local_gpu_workers_are_one_process_per_device_each_seeing_only_its_own()
         "elodin.fingerprint.gpu-units": 2,
         "elodin.compute.gpus": [0, 1],
     }
-    with dask.config.set(settings), local_cluster(dashboard_address=None) as cluster:
+    with dask.config.set(settings), local_cluster(dashboard_address=":0") as cluster:
         with Client(cluster) as client:
             seen = client.run(lambda: os.environ.get("CUDA_VISIBLE_DEVICES"))
             info = client.scheduler_info(n_workers=-1)["workers"].values()
@@ -233,7 +233,7 @@ def one_gpu_worker():
             n_workers=1,
             threads_per_worker=2,
             processes=True,
-            dashboard_address=None,
+            dashboard_address=":0",
             resources={"GPU": 1},
         ) as cluster,
         Client(cluster) as client,
@@ -320,7 +320,7 @@ def test_gpu_run_on_workers_without_the_gpu_resource_is_refused(tmp_path):
 
     mosaic = synthetic_mosaic(tmp_path / "m.fits", shape=(128, 128), seed=2, n_sources=3)
     with (
-        LocalCluster(n_workers=1, threads_per_worker=1, dashboard_address=None) as cluster,
+        LocalCluster(n_workers=1, threads_per_worker=1, dashboard_address=":0") as cluster,
         Client(cluster) as client,
         pytest.raises(ConfigError, match="no Dask worker offers the resource GPU"),
     ):
@@ -350,7 +350,7 @@ def test_worker_processes_of_a_multi_gpu_job_take_one_device_each():
         LocalCluster(
             n_workers=2,
             threads_per_worker=1,
-            dashboard_address=None,
+            dashboard_address=":0",
             env={"CUDA_VISIBLE_DEVICES": "0,1"},
         ) as cluster,
         Client(cluster) as client,
