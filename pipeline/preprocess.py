@@ -309,11 +309,14 @@ def asinh_stretch(values: np.ndarray, *, a: float) -> np.ndarray:
     """
     x = np.multiply(values, np.float32(1.0 / a), out=values)
     small = x < np.float32(0.01)
-    series = x * (np.float32(1.0) - x * x / np.float32(6.0))
-    root = np.sqrt(x * x + np.float32(1.0))
+    xs = x[small]  # sky pixels of a dark image can be many, but rarely most
+    series = xs * (np.float32(1.0) - xs * xs / np.float32(6.0))
+    root = np.multiply(x, x)
+    root += np.float32(1.0)
+    np.sqrt(root, out=root)
     root += x
     np.log(root, out=x)
-    np.copyto(x, series, where=small)
+    x[small] = series
     x *= np.float32(1.0 / np.arcsinh(1.0 / a))
     return x
 
@@ -399,7 +402,7 @@ def stretch_cutouts(
     if n == 0 or h * w == 0:
         return np.zeros((n, 3, h, w), np.float32), masked_fraction
     limits = _limits(data, settings, image_limits)
-    norm = _normalise(np.where(bad, np.float32(np.nan), data), limits)
+    norm = _normalise(np.where(bad, np.float32(np.nan), data) if bad.any() else data, limits)
     if settings["rgb"] == "lupton" and c == 3:
         out = _lupton(np.where(np.isnan(norm), 0.0, norm), settings).astype(np.float32)
     else:
@@ -410,10 +413,16 @@ def stretch_cutouts(
             else:
                 out = _stretch(settings)(norm, clip=False, out=norm)
     # Masked pixels take the fill value after the stretch, in every channel.
-    out = np.where(masked[:, None] | np.isnan(out), np.float32(_fill_value(settings)), out)
+    out = np.asarray(out, dtype=np.float32)
+    fill = np.isnan(out)
+    fill |= masked[:, None]
+    if fill.any():
+        out[fill] = np.float32(_fill_value(settings))
     if c == 1:
-        out = np.repeat(out, 3, axis=1)
-    return np.ascontiguousarray(out, dtype=np.float32), masked_fraction
+        rgb = np.empty((n, 3, h, w), np.float32)
+        rgb[:] = out  # one band to R, G and B
+        return rgb, masked_fraction
+    return np.ascontiguousarray(out), masked_fraction
 
 
 def _limits(data: np.ndarray, settings: Mapping, image_limits) -> np.ndarray:
