@@ -218,8 +218,10 @@ def catalog_windows(x, y, sizes, shape) -> tuple[np.ndarray, np.ndarray]:
     inside = finite & (x >= -0.5) & (x < nx - 0.5) & (y >= -0.5) & (y < ny - 0.5)
     half = (sizes - 1) / 2.0
     out = np.zeros((x.size, 4), dtype=np.int64)
-    out[:, 0] = np.floor(np.where(finite, x - half + 0.5, 0.0))
-    out[:, 1] = np.floor(np.where(finite, y - half + 0.5, 0.0))
+    # Clipped first: a finite but absurd position (1e300 in a bad catalog row) is outside and
+    # reported, and must not overflow the int64 cast on the way.
+    out[:, 0] = np.floor(np.where(finite, np.clip(x - half + 0.5, -1e15, 1e15), 0.0))
+    out[:, 1] = np.floor(np.where(finite, np.clip(y - half + 0.5, -1e15, 1e15), 0.0))
     out[:, 2] = sizes
     out[:, 3] = sizes
     return out, inside
