@@ -38,18 +38,23 @@ from pathlib import Path
 import numpy as np
 
 
-def gpu_facts() -> str:
+def smi(query: str, *, units: bool = False, timeout: float = 30) -> str | None:
+    """One ``nvidia-smi --query-gpu`` answer (CSV, no header); None without nvidia-smi."""
+    fmt = "csv,noheader" if units else "csv,noheader,nounits"
     try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+        return subprocess.run(
+            ["nvidia-smi", f"--query-gpu={query}", f"--format={fmt}"],
             capture_output=True,
             text=True,
-            timeout=30,
+            timeout=timeout,
             check=True,
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        out = "nvidia-smi not available"
-    return out
+        return None
+
+
+def gpu_facts() -> str:
+    return smi("name,driver_version,memory.total", units=True) or "nvidia-smi not available"
 
 
 class Utilisation:
@@ -62,14 +67,8 @@ class Utilisation:
     def _run(self):
         while not self._stop.is_set():
             try:
-                out = subprocess.run(
-                    ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"],
-                    capture_output=True,
-                    text=True,
-                    timeout=5,
-                ).stdout
-                self.samples.append(float(out.split()[0]))
-            except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+                self.samples.append(float((smi("utilization.gpu", timeout=5) or "").split()[0]))
+            except (ValueError, IndexError):
                 pass
             self._stop.wait(self.period)
 

@@ -212,26 +212,17 @@ def workers_trials(args, work: Path) -> list[dict]:
 
 # ------------------------------------------------------------------------------- client kills
 def _cli(mosaic: Path, out: Path, args) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "pipeline.cli",
-        "fingerprint",
-        str(mosaic),
-        "-o",
-        str(out),
-        "--size",
-        str(args.size),
-        "--stride",
-        str(args.size),
-        "--tile-size",
-        str(args.tile_size),
-        "--model",
-        MODEL,
-        "--workers",
-        str(args.workers),
-        "--no-progress",
-    ]
+    from pipeline.testing import fingerprint_command
+
+    return fingerprint_command(
+        mosaic,
+        out=out,
+        model=MODEL,
+        size=args.size,
+        stride=args.size,
+        tile_size=args.tile_size,
+        workers=args.workers,
+    )
 
 
 def _phase(out: Path) -> str:

@@ -3,18 +3,20 @@
 :func:`synthetic_mosaic` writes a FITS mosaic of sky noise and Gaussian galaxies with a
 celestial TAN WCS, strip by strip through a memory map, so a 16k x 16k mosaic never sits in
 memory; :func:`store_digest` hashes every file of a store, so "the store is unchanged" is one
-comparison.
+comparison. :func:`fingerprint_command` and :func:`error_lines` run the CLI as a user would
+and read its one-line errors.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["store_digest", "synthetic_mosaic"]
+__all__ = ["error_lines", "fingerprint_command", "store_digest", "synthetic_mosaic"]
 
 
 def synthetic_mosaic(
@@ -114,3 +116,27 @@ def store_digest(path: str | os.PathLike) -> str:
         h.update(str(f.relative_to(root)).encode())
         h.update(f.read_bytes())
     return h.hexdigest()
+
+
+def fingerprint_command(
+    *inputs: str | os.PathLike,
+    out: str | os.PathLike,
+    model: str,
+    size: int,
+    tile_size: int,
+    stride: int | None = None,
+    workers: int = 1,
+    progress: bool = False,
+    extra: tuple[str, ...] = (),
+) -> list[str]:
+    """``elodin fingerprint`` as a subprocess argument list, run by this interpreter."""
+    cmd = [sys.executable, "-m", "pipeline.cli", "fingerprint", *map(str, inputs), "-o", str(out)]
+    cmd += ["--size", str(size)]
+    cmd += ["--stride", str(stride)] if stride is not None else []
+    cmd += ["--tile-size", str(tile_size), "--model", model, "--workers", str(workers)]
+    return cmd + ([] if progress else ["--no-progress"]) + list(extra)
+
+
+def error_lines(stderr: str) -> list[str]:
+    """The ``elodin: error: ...`` lines of a command's standard error."""
+    return [line for line in stderr.splitlines() if line.startswith("elodin: error:")]

@@ -18,7 +18,7 @@ from astropy.wcs import WCS
 from pipeline.errors import StoreError
 from pipeline.fingerprint import fingerprint, gpu_share
 from pipeline.store import Store
-from pipeline.testing import store_digest, synthetic_mosaic
+from pipeline.testing import error_lines, fingerprint_command, store_digest, synthetic_mosaic
 
 MODEL = "efficientnet-lite0:native"  # 64x64 cutouts straight in: the fastest real model
 # Small tiles and chunks so that a small mosaic still makes many work units.
@@ -194,8 +194,9 @@ def _cli(*args: str, **kw) -> list[str]:
 
 def _fingerprint_cmd(*inputs: str, out: Path, model: str = MODEL, extra: tuple = ()) -> list[str]:
     """`elodin fingerprint` with the SETTINGS of this module (chunk rows come from the env)."""
-    flags = ["--size", "64", "--stride", "64", "--tile-size", "256", "--model", model]
-    return _cli("fingerprint", *inputs, "-o", str(out), *flags, "--workers", "1", *extra)
+    return fingerprint_command(
+        *inputs, out=out, model=model, size=64, stride=64, tile_size=256, progress=True, extra=extra
+    )
 
 
 def test_killed_client_resumes_to_the_same_store(tmp_path, client):
@@ -276,7 +277,7 @@ def test_cli_bad_input_is_one_line_and_the_store_is_untouched(tmp_path, clean_st
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
-    lines = [ln for ln in result.stderr.splitlines() if ln.startswith("elodin: error:")]
+    lines = error_lines(result.stderr)
     assert len(lines) == 1, result.stderr
     stem = Path(args[0].split("[")[0]).name
     assert stem in lines[0], lines[0]

@@ -290,23 +290,19 @@ def test_cli_gpu_without_cuda_is_one_line_before_anything_is_written(tmp_path):
     cluster and its tasks waited forever for a GPU no worker offered) and, finding no CUDA
     provider on them, stops with one line before the store exists."""
     import subprocess
-    import sys
 
-    from pipeline.testing import synthetic_mosaic
+    from pipeline.testing import error_lines, fingerprint_command, synthetic_mosaic
 
     if "CUDAExecutionProvider" in ort.get_available_providers():
         pytest.skip("this machine has a CUDA provider")
     mosaic = synthetic_mosaic(tmp_path / "m.fits", shape=(128, 128), seed=2, n_sources=3)
     out = tmp_path / "s.zarr"
-    cmd = [sys.executable, "-m", "pipeline.cli", "fingerprint", str(mosaic), "-o", str(out)]
-    r = subprocess.run(
-        [*cmd, "--gpu", "--model", "efficientnet-lite0:native"],
-        capture_output=True,
-        text=True,
-        timeout=300,
+    cmd = fingerprint_command(
+        mosaic, out=out, model="efficientnet-lite0:native", size=64, tile_size=128, extra=("--gpu",)
     )
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    errors = [line for line in r.stderr.splitlines() if line.startswith("elodin: error:")]
+    errors = error_lines(r.stderr)
     assert len(errors) == 1 and "has no CUDA provider" in errors[0]
     assert not out.exists()
 

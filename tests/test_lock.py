@@ -22,6 +22,7 @@ from test_fingerprint import make_mosaic, store_digest
 
 from pipeline.errors import StoreError
 from pipeline.store import LockInfo, Store
+from pipeline.testing import error_lines, fingerprint_command
 
 MODEL = "efficientnet-lite0:native"
 HOLD = (
@@ -47,26 +48,7 @@ def _cli(*args: str) -> list[str]:
 
 
 def _fingerprint_cmd(mosaic: Path, out: Path, *extra: str) -> list[str]:
-    return _cli(
-        "fingerprint",
-        str(mosaic),
-        "-o",
-        str(out),
-        "--size",
-        "32",
-        "--tile-size",
-        "128",
-        "--model",
-        MODEL,
-        "--workers",
-        "1",
-        "--no-progress",
-        *extra,
-    )
-
-
-def _errors(stderr: str) -> list[str]:
-    return [ln for ln in stderr.splitlines() if ln.startswith("elodin: error:")]
+    return fingerprint_command(mosaic, out=out, model=MODEL, size=32, tile_size=128, extra=extra)
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +111,7 @@ def test_second_run_is_refused_with_one_line_naming_the_holder(store, mosaic, tm
         other = make_mosaic(tmp_path / "other.fits", ny=128, nx=128, seed=4)
         r = subprocess.run(_fingerprint_cmd(other, store), capture_output=True, text=True)
         assert r.returncode == 2 and "Traceback" not in r.stderr
-        (line,) = _errors(r.stderr)
+        (line,) = error_lines(r.stderr)
         assert "another run is writing to this store" in line
         assert f"pid {proc.pid} on host {socket.gethostname()}" in line
         assert "elodin fingerprint (test holder)" in line
@@ -158,7 +140,7 @@ def test_elodin_run_holds_the_lock_through_its_analysis_stages(store, tmp_path):
         before = store_digest(store)
         r = subprocess.run(_cli("run", str(cfg)), capture_output=True, text=True)
         assert r.returncode == 2 and "Traceback" not in r.stderr
-        (line,) = _errors(r.stderr)
+        (line,) = error_lines(r.stderr)
         assert "another run is writing to this store" in line
         assert store_digest(store) == before
     finally:
@@ -207,7 +189,7 @@ def test_lock_from_another_host_is_refused_until_unlocked(store, mosaic):
     lock_file.write_text(json.dumps(dataclasses.asdict(info)))
     r = subprocess.run(_fingerprint_cmd(mosaic, store), capture_output=True, text=True)
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    (line,) = _errors(r.stderr)
+    (line,) = error_lines(r.stderr)
     assert "pid 4242 on host node-17.cluster" in line
     assert f"elodin unlock {store}" in line
     r = subprocess.run(_cli("unlock", str(store)), capture_output=True, text=True)
@@ -276,7 +258,7 @@ def test_two_runs_at_once_one_is_refused_or_both_safe(tmp_path, mosaic):
     codes = sorted(rc for rc, _, _ in results)
     if codes == [0, 2]:
         (refused,) = [err for rc, _, err in results if rc == 2]
-        (line,) = _errors(refused)
+        (line,) = error_lines(refused)
         assert "another run is writing to this store" in line
     else:  # the second started after the first had finished
         assert codes == [0, 0]

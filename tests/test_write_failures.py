@@ -22,6 +22,7 @@ from test_fingerprint import make_mosaic, store_digest
 from pipeline.errors import StoreError
 from pipeline.fingerprint import fingerprint
 from pipeline.store import Store, pack_units
+from pipeline.testing import error_lines, fingerprint_command
 
 MODEL = "efficientnet-lite0:native"
 SETTINGS = {
@@ -37,25 +38,9 @@ ENV = {"ELODIN__FINGERPRINT__CHUNK_ROWS": "16"}
 
 def _cli(mosaic: Path, out: Path | str, *extra: str, workers: int = 1) -> list[str]:
     """`elodin fingerprint` of the small-mosaic settings above (also used by test_chaos)."""
-    return [
-        sys.executable,
-        "-m",
-        "pipeline.cli",
-        "fingerprint",
-        str(mosaic),
-        "-o",
-        str(out),
-        "--size",
-        "32",
-        "--tile-size",
-        "64",
-        "--model",
-        MODEL,
-        "--workers",
-        str(workers),
-        "--no-progress",
-        *extra,
-    ]
+    return fingerprint_command(
+        mosaic, out=out, model=MODEL, size=32, tile_size=64, workers=workers, extra=extra
+    )
 
 
 def _run(cmd: list[str]) -> subprocess.CompletedProcess:
@@ -67,7 +52,7 @@ def _run(cmd: list[str]) -> subprocess.CompletedProcess:
 def _one_error(result: subprocess.CompletedProcess) -> str:
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr, result.stderr
-    lines = [ln for ln in result.stderr.splitlines() if ln.startswith("elodin: error:")]
+    lines = error_lines(result.stderr)
     assert len(lines) == 1, result.stderr
     return lines[0]
 
