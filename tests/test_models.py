@@ -18,6 +18,7 @@ from onnx import TensorProto, helper
 from pipeline.errors import ModelError
 from pipeline.models import get_session, resolve
 from pipeline.models.export import EXPORT_VERSION, GRAPH_TOPK, ensure_onnx, torch_module
+from pipeline.models.recorded import parse_record, record_name, recorded_model
 from pipeline.models.runtime import Session, topk
 
 CAT_CLASSES = range(281, 286)  # ImageNet: tabby, tiger cat, Persian, Siamese, Egyptian cat
@@ -346,6 +347,49 @@ def test_unknown_model_lists_the_known_ones():
         ModelError, match="efficientnet-lite0, efficientnet-lite1, efficientnet-lite2"
     ):
         resolve("resnet-9000")
+
+
+# ------------------------------------------------------------------ a store's recorded model
+@pytest.mark.parametrize(
+    ("name", "precision"),
+    [("efficientnet-lite0", "fp32"), ("efficientnet-lite0:native", "fp16"), ("my@model", "fp32")],
+)
+def test_recorded_name_round_trips(name, precision):
+    assert parse_record(record_name(name, precision)) == (name, precision)
+
+
+def test_recorded_model_finds_the_file_with_the_stores_sha(model_cache, tmp_path):
+    from pipeline.models.zoo import sha256_file
+
+    pytest.importorskip("onnxconverter_common")
+    fp16 = ensure_onnx(resolve("efficientnet-lite0"), cache=model_cache, precision="fp16")
+    got = recorded_model(
+        {"model": "efficientnet-lite0@fp16", "model_sha256": sha256_file(fp16)}, where="s.zarr"
+    )
+    assert (got.path, got.precision, got.card.name) == (fp16, "fp16", "efficientnet-lite0")
+    # A user model is found by its sha256 alone: the store knows only its card's name.
+    _tiny_onnx(tmp_path / "tiny.onnx")
+    (tmp_path / "tiny.yaml").write_text(CARD)
+    wrapped = ensure_onnx(resolve(tmp_path / "tiny.onnx"), cache=model_cache)
+    got = recorded_model({"model": "tiny", "model_sha256": sha256_file(wrapped)}, where="s.zarr")
+    assert (got.path, got.precision, got.card) == (wrapped, "fp32", None)
+
+
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [
+        ("tiny", "user model 'tiny' .* not in the model cache .*elodin models export"),
+        ("tiny@fp16", "not in the model cache .*model.precision fp16"),
+        (
+            "efficientnet-lite0",
+            "made with an export of efficientnet-lite0 with sha256 000000000000",
+        ),
+    ],
+)
+def test_recorded_model_not_here_is_one_clear_line(model, message, lite0_onnx):
+    with pytest.raises(ModelError, match=message) as err:
+        recorded_model({"model": model, "model_sha256": "0" * 64}, where="s.zarr")
+    assert str(err.value).startswith("s.zarr: ") and "\n" not in str(err.value)
 
 
 # ------------------------------------------------------------------------------------- CLI
