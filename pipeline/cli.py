@@ -332,6 +332,8 @@ def _cmd_similar(args: argparse.Namespace) -> int:
         workers=args.workers,
     )
     print(f"query: {table.meta.get('query')} ({table.meta.get('metric')})")
+    # Four significant digits on the terminal; the Table (the API's answer) keeps them all.
+    table["distance"].info.format = ".4g"
     table.pprint(max_lines=-1, max_width=-1)
     return 0
 

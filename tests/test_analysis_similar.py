@@ -1,13 +1,19 @@
-"""Similarity search streamed over real stores, against brute-force numpy and set arithmetic."""
+"""Similarity search streamed over real stores, against brute-force numpy and set arithmetic;
+queries by image file on stores fingerprinted by the real stage (fp16 and user models)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import dask.config
 import numpy as np
 import pytest
-from analysis_store import build_store, store_digest
+from analysis_store import build_store, make_labelled_sources, store_digest
 
 from pipeline import analysis
+from pipeline.cli import main
 from pipeline.errors import ConfigError, StoreError
+from pipeline.fingerprint import fingerprint
 from pipeline.store import Store
 
 N = 400
@@ -140,3 +146,88 @@ def test_empty_slot_query(store):
     valid = Store.open(st.path).dataset().valid.values
     with pytest.raises(StoreError, match=rf"row {np.flatnonzero(~valid)[0]} is an empty slot"):
         analysis.similar(st.path, cutout=int(np.flatnonzero(~valid)[0]))
+
+
+# ------------------------------------------------------------------------- the terminal
+def _printed_distances(out: str) -> list[str]:
+    lines = out.strip().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("----")) + 1
+    return [line.split()[-1] for line in lines[start:]]
+
+
+def test_cli_prints_four_significant_digits(store, capsys):
+    st, rows, _, _, _ = store
+    assert main(["similar", st.path, "--cutout", str(rows[3]), "-n", "6"]) == 0
+    printed = _printed_distances(capsys.readouterr().out)
+    table = analysis.similar(st.path, cutout=int(rows[3]), n=6)
+    assert printed == [f"{d:.4g}" for d in table["distance"]]
+    # The Table itself keeps full precision.
+    assert any(float(p) != d for p, d in zip(printed, table["distance"], strict=True))
+
+
+# ---------------------------------------------------------------------- query by image
+@pytest.fixture(scope="module")
+def client():
+    from distributed import Client, LocalCluster
+
+    with (
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+        ) as cluster,
+        Client(cluster) as c,
+    ):
+        yield c
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    return make_labelled_sources(tmp_path_factory.mktemp("images"), per_class=3, seed=8)[0]
+
+
+def _fingerprinted(path: Path, sources: list[str], client, model: str) -> str:
+    fingerprint(
+        sources, path, method="full", model=model, client=client, progress=False, chunk_rows=4
+    )
+    analysis.reduce(path, components=4, client=client)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def fp16_store(tmp_path_factory, sources, client):
+    pytest.importorskip("onnxconverter_common")
+    with dask.config.set({"elodin.model.precision": "fp16"}):
+        path = _fingerprinted(
+            tmp_path_factory.mktemp("fp16") / "s.zarr", sources, client, "efficientnet-lite0:native"
+        )
+    assert Store.open(path).attrs["model"] == "efficientnet-lite0:native@fp16"
+    return path
+
+
+@pytest.fixture(scope="module")
+def user_store(tmp_path_factory, sources, client):
+    from test_models import CARD, _tiny_onnx
+
+    work = tmp_path_factory.mktemp("user")
+    _tiny_onnx(work / "tiny.onnx")
+    (work / "tiny.yaml").write_text(CARD)
+    path = _fingerprinted(work / "s.zarr", sources, client, str(work / "tiny.onnx"))
+    assert Store.open(path).attrs["model"] == "tiny"
+    return path
+
+
+@pytest.mark.parametrize("kind", ["fp16", "user"])
+def test_query_by_image_runs_the_stores_own_model(kind, request, sources, client):
+    store = request.getfixturevalue(f"{kind}_store")
+    query = sources[4]
+    table = analysis.similar(store, image=query, n=3, client=client)
+    assert table["image"][0] == Path(query).stem
+    # Fingerprinted on the spot with the store's model file: its own cutout, at distance ~0.
+    scale = np.linalg.norm(Store.open(store).dataset().pca.values[int(table["index"][0])])
+    assert table["distance"][0] < 1e-3 * scale
+    assert table["distance"][1] > 100 * table["distance"][0]
+
+
+def test_cli_query_by_image_on_a_user_model_store(user_store, sources, capsys):
+    assert main(["similar", user_store, "--image", sources[7], "-n", "2"]) == 0
+    out = capsys.readouterr().out
+    assert f"image {sources[7]}" in out and Path(sources[7]).stem in out

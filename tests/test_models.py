@@ -17,7 +17,8 @@ from onnx import TensorProto, helper
 
 from pipeline.errors import ModelError
 from pipeline.models import get_session, resolve
-from pipeline.models.export import ensure_onnx, torch_module
+from pipeline.models.export import EXPORT_VERSION, GRAPH_TOPK, ensure_onnx, torch_module
+from pipeline.models.recorded import parse_record, record_name, recorded_model
 from pipeline.models.runtime import Session, topk
 
 CAT_CLASSES = range(281, 286)  # ImageNet: tabby, tiger cat, Persian, Siamese, Egyptian cat
@@ -188,6 +189,102 @@ def test_user_onnx_with_card_is_wrapped_to_the_contract(tmp_path, rng):
     assert out.top_class.shape == (2, 3)
 
 
+# ------------------------------------------------------------------ the file on its own
+def _plain_run(path: Path, batch: np.ndarray) -> dict[str, np.ndarray]:
+    """Run an exported file as a user's own script would: ONNX Runtime, ``input`` only."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [i.name for i in sess.get_inputs()] == ["input"]
+    names = [o.name for o in sess.get_outputs()]
+    return dict(zip(names, sess.run(None, {"input": batch}), strict=True))
+
+
+def _exported(kind: str, cache: Path, work: Path) -> Path:
+    if kind.startswith("user"):
+        # opset 13 is the oldest a user model may have (Shape has no start/end there)
+        _tiny_onnx(work / "tiny.onnx", opset=13 if kind == "user-opset13" else 17)
+        (work / "tiny.yaml").write_text(CARD)
+        return ensure_onnx(resolve(work / "tiny.onnx"), cache=cache)
+    if kind == "fp16":
+        pytest.importorskip("onnxconverter_common")
+        return ensure_onnx(resolve("efficientnet-lite0"), cache=cache, precision="fp16")
+    return ensure_onnx(resolve(kind), cache=cache)
+
+
+@pytest.mark.parametrize(
+    "kind", ["efficientnet-lite0", "efficientnet-lite0:native", "fp16", "user", "user-opset13"]
+)
+def test_exported_file_runs_on_input_alone(kind, model_cache, tmp_path, rng):
+    path = _exported(kind, model_cache, tmp_path)
+    batch = rng.random((3, 3, 64, 72), dtype=np.float32)
+    got = _plain_run(path, batch)
+    assert {"features", "logits", "top_prob", "top_class"} <= set(got)
+    ours = Session(path, threads=1, topk=5).infer(batch)
+    np.testing.assert_allclose(got["features"], ours.features, rtol=1e-5, atol=1e-6)
+    # The graph ranks GRAPH_TOPK classes (the tiny model has 10); a Session keeps its k.
+    classes = got["logits"].shape[1]
+    assert got["top_class"].shape == (3, min(GRAPH_TOPK, classes))
+    np.testing.assert_array_equal(got["top_class"][:, :5], ours.top_class)
+    # The most likely classes, descending (compared by probability: near-ties may swap; the
+    # fp16 variant hands top_prob out through a float16 Identity, three digits).
+    _, want = topk(got["logits"], GRAPH_TOPK)
+    rtol = 5e-3 if kind == "fp16" else 1e-4
+    np.testing.assert_allclose(got["top_prob"], want, rtol=rtol, atol=1e-7)
+    p = np.exp(got["logits"] - got["logits"].max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    picked = np.take_along_axis(p, got["top_class"].astype(np.int64), axis=1)
+    np.testing.assert_allclose(picked, got["top_prob"], rtol=rtol, atol=1e-7)
+
+
+def test_topk_beyond_what_the_graph_ranks_comes_from_the_logits(lite0_onnx, rng):
+    batch = rng.random((2, 3, 64, 64), dtype=np.float32)
+    k = GRAPH_TOPK + 50
+    for io_binding in (False, True):
+        out = Session(lite0_onnx, threads=1, topk=k, io_binding=io_binding).infer(batch)
+        assert out.top_class.shape == (2, k)
+        np.testing.assert_array_equal(out.top_class, topk(out.logits, k)[0])
+
+
+def test_session_still_runs_files_that_take_k(tmp_path, rng):
+    """Files of export version 3 (graph input ``k``) may still be named by an older store."""
+    _tiny_onnx(tmp_path / "tiny.onnx")
+    (tmp_path / "tiny.yaml").write_text(CARD)
+    model = onnx.load(str(ensure_onnx(resolve(tmp_path / "tiny.onnx"), cache=tmp_path / "c")))
+    inits = model.graph.initializer
+    inits.remove(next(t for t in inits if t.name == "_topk_k"))
+    for node in model.graph.node:
+        node.input[:] = ["k" if n == "_topk_k" else n for n in node.input]
+    model.graph.input.append(helper.make_tensor_value_info("k", TensorProto.INT64, [1]))
+    del model.metadata_props[:]
+    old = tmp_path / "old.onnx"
+    onnx.save(model, str(old))
+    batch = rng.random((2, 3, 40, 40), dtype=np.float32)
+    for io_binding in (False, True):
+        out = Session(old, threads=1, topk=3, io_binding=io_binding).infer(batch)
+        np.testing.assert_array_equal(out.top_class, topk(out.logits, 3)[0])
+
+
+def test_cached_file_of_an_older_export_version_is_redone(tmp_path):
+    import json
+
+    from pipeline.models.zoo import sha256_file
+
+    _tiny_onnx(tmp_path / "tiny.onnx")
+    (tmp_path / "tiny.yaml").write_text(CARD)
+    card = resolve(tmp_path / "tiny.onnx")
+    path = ensure_onnx(card, cache=tmp_path / "cache")
+    # An intact file of the previous version: its sha256 matches its sidecar.
+    path.write_bytes((tmp_path / "tiny.onnx").read_bytes())
+    path.with_suffix(".json").write_text(
+        json.dumps({"sha256": sha256_file(path), "export_version": EXPORT_VERSION - 1})
+    )
+    again = ensure_onnx(card, cache=tmp_path / "cache")
+    assert again == path
+    assert _plain_run(again, np.zeros((1, 3, 32, 32), np.float32))["features"].shape == (1, 8)
+    assert json.loads(path.with_suffix(".json").read_text())["export_version"] == EXPORT_VERSION
+
+
 @pytest.mark.parametrize(
     ("setup", "message"),
     [
@@ -250,6 +347,49 @@ def test_unknown_model_lists_the_known_ones():
         ModelError, match="efficientnet-lite0, efficientnet-lite1, efficientnet-lite2"
     ):
         resolve("resnet-9000")
+
+
+# ------------------------------------------------------------------ a store's recorded model
+@pytest.mark.parametrize(
+    ("name", "precision"),
+    [("efficientnet-lite0", "fp32"), ("efficientnet-lite0:native", "fp16"), ("my@model", "fp32")],
+)
+def test_recorded_name_round_trips(name, precision):
+    assert parse_record(record_name(name, precision)) == (name, precision)
+
+
+def test_recorded_model_finds_the_file_with_the_stores_sha(model_cache, tmp_path):
+    from pipeline.models.zoo import sha256_file
+
+    pytest.importorskip("onnxconverter_common")
+    fp16 = ensure_onnx(resolve("efficientnet-lite0"), cache=model_cache, precision="fp16")
+    got = recorded_model(
+        {"model": "efficientnet-lite0@fp16", "model_sha256": sha256_file(fp16)}, where="s.zarr"
+    )
+    assert (got.path, got.precision, got.card.name) == (fp16, "fp16", "efficientnet-lite0")
+    # A user model is found by its sha256 alone: the store knows only its card's name.
+    _tiny_onnx(tmp_path / "tiny.onnx")
+    (tmp_path / "tiny.yaml").write_text(CARD)
+    wrapped = ensure_onnx(resolve(tmp_path / "tiny.onnx"), cache=model_cache)
+    got = recorded_model({"model": "tiny", "model_sha256": sha256_file(wrapped)}, where="s.zarr")
+    assert (got.path, got.precision, got.card) == (wrapped, "fp32", None)
+
+
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [
+        ("tiny", "user model 'tiny' .* not in the model cache .*elodin models export"),
+        ("tiny@fp16", "not in the model cache .*model.precision fp16"),
+        (
+            "efficientnet-lite0",
+            "made with an export of efficientnet-lite0 with sha256 000000000000",
+        ),
+    ],
+)
+def test_recorded_model_not_here_is_one_clear_line(model, message, lite0_onnx):
+    with pytest.raises(ModelError, match=message) as err:
+        recorded_model({"model": model, "model_sha256": "0" * 64}, where="s.zarr")
+    assert str(err.value).startswith("s.zarr: ") and "\n" not in str(err.value)
 
 
 # ------------------------------------------------------------------------------------- CLI

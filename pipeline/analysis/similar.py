@@ -233,8 +233,8 @@ def fingerprint_image(
 
     Returns the features ``(D,)`` and top classes ``(k,)``.
     """
-    from ..models import get_session, resolve
-    from ..models.export import ensure_onnx
+    from ..models import get_session
+    from ..models.recorded import recorded_model
     from ..preprocess import image_limits_for, stretch_cutouts
     from ..sources import open_sources
 
@@ -256,9 +256,9 @@ def fingerprint_image(
     prep = dict(attrs.get("preprocess") or {})
     limits = image_limits_for(src, prep) if prep.get("scope") == "image" else None
     rgb, _ = stretch_cutouts(data, config=prep, image_limits=limits, image=src.id)
-    card = resolve(attrs["model"])
+    model = recorded_model(attrs, where=str(st.path))
     session = get_session(
-        ensure_onnx(card), topk=int(attrs.get("topk", 20)), sha256=attrs.get("model_sha256")
+        model.path, topk=int(attrs.get("topk", 20)), sha256=attrs.get("model_sha256")
     )
     out = session.infer(rgb)
     return out.features[0], out.top_class[0]

@@ -7,7 +7,10 @@ has the same contract:
 - input ``input``: float32 NCHW RGB in [0, 1], dynamic batch, any H, W >= 32;
 - resize to the card's resolution (unless ``native``) and mean/std normalisation inside the graph,
   so the host sends small cutouts and the accelerator does the rest;
-- outputs ``features`` (N, D), the pooled penultimate layer, and ``logits`` (N, 1000).
+- outputs ``features`` (N, D), the pooled penultimate layer, and ``logits`` (N, 1000), plus
+  ``top_prob`` and ``top_class`` (N, :data:`GRAPH_TOPK`), the most likely classes, descending.
+
+``input`` is the only input: the file runs as it is in any ONNX runtime.
 
 Files are written atomically (temp file in the cache dir, then :func:`os.replace`) with a JSON
 sidecar recording their sha256, so a killed export never leaves a half-written model and a
@@ -27,13 +30,24 @@ from .. import config
 from ..errors import ModelError
 from .zoo import ModelCard, builtin_weights, sha256_file
 
-__all__ = ["OPSET", "ensure_onnx", "load_onnx_checked"]
+__all__ = [
+    "EXPORT_VERSION",
+    "GRAPH_TOPK",
+    "OPSET",
+    "TOPK_METADATA",
+    "ensure_onnx",
+    "load_onnx_checked",
+]
 
 logger = logging.getLogger(__name__)
 
 OPSET = 17
 # Bumped whenever the exported graph changes, so stale cached files are exported again.
-EXPORT_VERSION = 3
+EXPORT_VERSION = 4
+# Classes the graph itself ranks (softmax + TopK with a constant k), recorded in the file's
+# metadata under TOPK_METADATA; a Session asked for more ranks the logits itself.
+GRAPH_TOPK = 100
+TOPK_METADATA = "elodin_topk"
 
 
 def _sidecar(path: Path) -> Path:
@@ -182,18 +196,28 @@ def _export_builtin(card: ModelCard, out: Path) -> None:
 def _add_topk(model) -> None:
     """Append softmax + top-k to a contract graph: outputs ``top_prob`` and ``top_class``.
 
-    ``k`` is a graph input (int64, shape [1]), so one file serves any k. With IO binding on a
-    GPU only the features and the top-k leave the device, not the 1000 logits.
+    The graph ranks a constant :data:`GRAPH_TOPK` classes (fewer when the model has fewer), so
+    the file runs on ``input`` alone in any runtime; :class:`~pipeline.models.runtime.Session`
+    keeps the first ``model.topk`` columns (TopK sorts them). A graph input ``k`` (export
+    version 3) broke every plain ``InferenceSession``; an initializer doubling as an optional
+    input would make ONNX Runtime warn on every load that it cannot constant-fold it. With IO
+    binding on a GPU only the features and the top-k leave the device, not the 1000 logits.
     """
     from onnx import TensorProto, helper
 
-    model.graph.input.append(helper.make_tensor_value_info("k", TensorProto.INT64, [1]))
+    model.graph.initializer.append(
+        helper.make_tensor("_topk_k", TensorProto.INT64, [1], [GRAPH_TOPK])
+    )
+    # Shape + Slice, not Shape(start=, end=) (opset 15): user models may be opset 13.
+    for name, value in (("_topk_one", 1), ("_topk_two", 2)):
+        model.graph.initializer.append(helper.make_tensor(name, TensorProto.INT64, [1], [value]))
     model.graph.node.extend(
         [
             helper.make_node("Softmax", ["logits"], ["_probs"], axis=1),
             # k never above the number of classes (a user model may have fewer than 1000)
-            helper.make_node("Shape", ["logits"], ["_n_classes"], start=1, end=2),
-            helper.make_node("Min", ["k", "_n_classes"], ["_k"]),
+            helper.make_node("Shape", ["logits"], ["_logits_shape"]),
+            helper.make_node("Slice", ["_logits_shape", "_topk_one", "_topk_two"], ["_n_classes"]),
+            helper.make_node("Min", ["_topk_k", "_n_classes"], ["_k"]),
             helper.make_node(
                 "TopK", ["_probs", "_k"], ["top_prob", "_top_index"], axis=1, largest=1, sorted=1
             ),
@@ -202,10 +226,12 @@ def _add_topk(model) -> None:
     )
     model.graph.output.extend(
         [
-            helper.make_tensor_value_info("top_prob", TensorProto.FLOAT, ["batch", "k"]),
-            helper.make_tensor_value_info("top_class", TensorProto.INT32, ["batch", "k"]),
+            helper.make_tensor_value_info("top_prob", TensorProto.FLOAT, ["batch", "topk"]),
+            helper.make_tensor_value_info("top_class", TensorProto.INT32, ["batch", "topk"]),
         ]
     )
+    entry = model.metadata_props.add()
+    entry.key, entry.value = TOPK_METADATA, str(GRAPH_TOPK)
 
 
 def _convert_fp16(src: Path, out: Path) -> None:

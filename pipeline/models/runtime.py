@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ModelError
+from .export import TOPK_METADATA
 from .zoo import MIN_SIDE, sha256_file
 
 __all__ = [
@@ -149,7 +150,11 @@ class Session:
             raise ModelError(f"{self.path}: has no 'features' output (outputs: {', '.join(outs)})")
         self._has_logits = "logits" in outs
         inputs = {i.name for i in self._sess.get_inputs()}
-        self._graph_topk = "top_class" in outs and "k" in inputs
+        # Files of export version 3 take k as a required input; later ones rank a constant
+        # number of classes, recorded in their metadata, of which the first k are kept.
+        self._feed_k = "k" in inputs
+        ranked = self._sess.get_modelmeta().custom_metadata_map.get(TOPK_METADATA, "0")
+        self._graph_topk = "top_class" in outs and (self._feed_k or self.k <= int(ranked))
         self.feature_dim = self._sess.get_outputs()[outs.index("features")].shape[1]
         used = self._sess.get_providers()
         self.on_gpu = any(p in used for p in _GPU_PROVIDERS)
@@ -202,7 +207,8 @@ class Session:
         feeds = {"input": self._pad(batch)}
         names = ["features"]
         if self._graph_topk:
-            feeds["k"] = np.array([self.k], np.int64)
+            if self._feed_k:
+                feeds["k"] = np.array([self.k], np.int64)
             names += ["top_class", "top_prob"]
         if self._has_logits and (logits or not self._graph_topk):
             names.append("logits")
@@ -215,8 +221,8 @@ class Session:
         features = np.asarray(got["features"], dtype=np.float32)
         lg = np.asarray(got["logits"], dtype=np.float32) if "logits" in got else None
         if "top_class" in got:
-            cls = got["top_class"].astype(np.int32)
-            prob = got["top_prob"].astype(np.float32)
+            cls = got["top_class"][:, : self.k].astype(np.int32)
+            prob = got["top_prob"][:, : self.k].astype(np.float32)
         elif lg is not None:
             cls, prob = topk(lg, self.k)
         else:
