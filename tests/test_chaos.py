@@ -1,6 +1,8 @@
 """Chaos: worker processes SIGKILLed as units start and finish, a unit killed half way through
-its writes, the client SIGKILLed at moments of its progress. Every time the store ends equal to a clean run's: every
-planned cutout exactly once, no row lost. (Repeated trials with figures: benchmarks/chaos.py.)
+its writes, the client SIGKILLed at moments of its progress. Every time the store ends equal to
+a clean run's: every planned cutout exactly once, no row lost. Every kill is triggered by the
+run's progress, never by the clock, so the same kills land on a fast or a slow machine.
+(Repeated trials with figures: benchmarks/chaos.py.)
 """
 
 from __future__ import annotations
