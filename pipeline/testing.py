@@ -201,7 +201,7 @@ class KillOnUnits(WorkerPlugin):
 
     @staticmethod
     def kills(log_dir: str | os.PathLike) -> list[tuple[str, int, int]]:
-        """The kills that landed: ``(event, number, pid)``, in event order."""
+        """The kills that landed: ``(event, number, pid)``, sorted by number."""
         root = Path(log_dir) / "kills"
         rows = []
         for f in root.glob("*-*") if root.is_dir() else ():

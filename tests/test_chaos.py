@@ -106,6 +106,10 @@ def test_workers_killed_again_and_again(tmp_path, mosaic, clean):
         pids = [pid for *_, pid in kills]
         assert len(set(pids)) == len(pids), "each kill hit a fresh worker process"
         assert result.units_skipped == 0 and result.n_cutouts == (SIDE // 32) ** 2
+        # A unit killed as it finished had written its rows, but Dask never heard: it ran again.
+        n_units = Store.open(out).n_units
+        assert KillOnUnits.events(log, "finish") >= n_units + len(KILL_AT_FINISH)
+        assert KillOnUnits.events(log, "start") >= n_units + len(planned)
         # The nannies brought the workers back.
         client.wait_for_workers(2, timeout=60)
         assert not set(client.run(os.getpid).values()) & set(pids)
