@@ -4,8 +4,11 @@ Two experiments, each against a clean run of the same inputs made in the same pr
 
 ``workers``  ``fingerprint()`` on a LocalCluster of worker processes with nannies, while a killer
              thread SIGKILLs a worker that is running a work unit every 1-2 s (random), for the
-             whole run. The nanny starts a new worker; the scheduler gives lost units to others;
-             a unit that Dask gives up on (``KilledWorker``) is submitted again by Elodin.
+             whole run; or, with ``--unit-kills N``, N workers die at seeded random unit starts
+             and finishes (``pipeline.testing.KillOnUnits``, as tests/test_chaos.py does: the
+             same kills on a fast or a slow machine). The nanny starts a new worker; the
+             scheduler gives lost units to others; a unit that Dask gives up on
+             (``KilledWorker``) is submitted again by Elodin.
 ``client``   ``elodin fingerprint`` (the real CLI, with its own LocalCluster) is SIGKILLed with its
              whole process group at a random moment between start and the clean run's duration,
              then the same command is run again (taking over the stale writer lock).
@@ -143,8 +146,22 @@ def local_cluster(workers: int):
     return cluster, Client(cluster)
 
 
+def unit_killer(log: Path, n: int, n_units: int, rng: random.Random):
+    """KillOnUnits dying at ``n`` distinct random unit events among the first ``n_units``
+    starts and finishes (every one of them happens in any run)."""
+    from pipeline.testing import KillOnUnits
+
+    events = rng.sample([(e, i) for e in ("start", "finish") for i in range(1, n_units + 1)], n)
+    return KillOnUnits(
+        log,
+        at_start=[i for e, i in events if e == "start"],
+        at_finish=[i for e, i in events if e == "finish"],
+    )
+
+
 def workers_trials(args, work: Path) -> list[dict]:
     from pipeline.fingerprint import fingerprint
+    from pipeline.store import Store
 
     mosaic = make_mosaic(work / "field.fits", ny=args.side, nx=args.side)
     settings = {
@@ -163,6 +180,7 @@ def workers_trials(args, work: Path) -> list[dict]:
     client.close()
     cluster.close()
     n_tiles = (args.side // args.tile_size) ** 2
+    n_units = len(Store.open(clean).done_units())
     print(f"clean run: {n_tiles} tiles, {t_clean:.1f} s on {args.workers} workers", flush=True)
     rows = []
     resubmits = _Resubmits()
@@ -179,8 +197,12 @@ def workers_trials(args, work: Path) -> list[dict]:
         killer = threading.Thread(
             target=kill_workers, args=(client, stop, kills, rng, args.interval), daemon=True
         )
+        log = work / f"kills-{trial}"
+        if args.unit_kills:
+            client.register_plugin(unit_killer(log, args.unit_kills, n_units, rng))
         t0 = time.perf_counter()
-        killer.start()
+        if not args.unit_kills:
+            killer.start()
         try:
             fingerprint([mosaic], out, client=client, progress=False, **settings)
             ok = True
@@ -189,8 +211,13 @@ def workers_trials(args, work: Path) -> list[dict]:
             print(f"trial {trial}: run stopped: {type(e).__name__}: {e}", flush=True)
         finally:
             stop.set()
-            killer.join()
+            if killer.is_alive():
+                killer.join()
         elapsed = time.perf_counter() - t0
+        if args.unit_kills:
+            from pipeline.testing import KillOnUnits
+
+            kills = KillOnUnits.kills(log)
         if not ok:
             # What a user does next: the same command again (here without the killer).
             fingerprint([mosaic], out, client=client, progress=False, **settings)
@@ -320,6 +347,12 @@ def main() -> None:
     p.add_argument("--chunk-rows", type=int, default=64)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--interval", type=float, nargs=2, default=(1.0, 2.0), metavar=("MIN", "MAX"))
+    p.add_argument(
+        "--unit-kills",
+        type=int,
+        metavar="N",
+        help="instead of the clock: N workers die at seeded random unit starts / finishes",
+    )
     p.add_argument("--keep", action="store_true", help="keep the stores (printed path)")
     p.add_argument(
         "--resubmit-killed",

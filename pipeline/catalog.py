@@ -36,7 +36,7 @@ import numpy as np
 
 from . import config as _config
 from .errors import CatalogError
-from .tiling import Plan, assign_windows, catalog_windows
+from .tiling import MAX_WINDOW_SIDE, Plan, assign_windows, catalog_windows
 
 __all__ = [
     "FORMATS",
@@ -291,13 +291,30 @@ def _image_names(source) -> set[str]:
 def _sizes_for(table, info: Mapping, source, default: int, rows: np.ndarray) -> np.ndarray:
     if not info.get("size"):
         return np.full(rows.size, default, dtype=np.int64)
-    values = np.asarray(table[info["size"]], dtype=np.float64)[rows]
+    name = info["size"]
+    values = np.asarray(table[name], dtype=np.float64)[rows]
+    given = values
     if info["size_unit"] == "arcsec":
-        unit = getattr(table[info["size"]], "unit", None)
+        unit = getattr(table[name], "unit", None)
         if unit is not None and unit.physical_type == "angle":
-            values = (values * unit).to_value("arcsec")
-        values = values / _pixel_scale_arcsec(source, info["path"])
-    return np.maximum(np.rint(values), 1).astype(np.int64)
+            given = values = (values * unit).to_value("arcsec")
+        with np.errstate(over="ignore", divide="ignore"):
+            values = values / _pixel_scale_arcsec(source, info["path"])
+    pixels = np.maximum(np.rint(values), 1)
+    # Checked before the int64 cast: 9.2e18 pixels would wrap around to a negative side.
+    bad = ~(pixels <= MAX_WINDOW_SIDE)
+    if bad.any():
+        i = int(np.argmax(bad))
+        what = (
+            f"{given[i]:.6g} arcsec ({values[i]:.6g} pixels on image {source.id})"
+            if info["size_unit"] == "arcsec"
+            else f"{values[i]:.6g} pixels"
+        )
+        raise CatalogError(
+            f"{info['path']}: row {int(rows[i])}: size column '{name}' is {what}, more than "
+            f"the largest cutout side ({MAX_WINDOW_SIDE} pixels)"
+        )
+    return pixels.astype(np.int64)
 
 
 def _pixel_scale_arcsec(source, path: str) -> float:
@@ -353,7 +370,7 @@ def catalog_to_windows(
         table = table.copy(copy_data=False)
         info = _prepare(table, str(table.meta.get("path", "<table>")), _settings(config))
     path = info["path"]
-    size = _config.get_int("cutouts.size", override=size, minimum=1)
+    size = _config.get_int("cutouts.size", override=size, minimum=1, maximum=MAX_WINDOW_SIDE)
     tile_size = _config.get_int("tiling.tile-size", override=tile_size, minimum=1)
     n = len(table)
     image_col = info.get("image")

@@ -110,7 +110,9 @@ def _add_fingerprint(sub: argparse._SubParsersAction) -> None:
 
 
 def _hdu(value: str | None) -> int | str | None:
-    return int(value) if value is not None and value.isdigit() else value
+    from .sources import _hdu_value  # the rule of file.fits[N], which str.isdigit is not ("²")
+
+    return _hdu_value(value)
 
 
 def _cmd_fingerprint(args: argparse.Namespace) -> int:

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import ast
 import logging
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import dask.config
+import numpy as np
 import yaml
 
 from .errors import ConfigError
@@ -23,9 +25,13 @@ from .errors import ConfigError
 __all__ = [
     "DEFAULTS_PATH",
     "ENV_PREFIX",
+    "INT_LIMIT",
     "cache_dir",
     "collect_env",
     "get",
+    "get_choice",
+    "get_float",
+    "get_int",
     "load_file",
     "validate",
 ]
@@ -204,20 +210,45 @@ def get(key: str, default: Any = ..., *, override: Any = None) -> Any:
     return dask.config.get(full, default)
 
 
-def get_int(key: str, *, override: Any = None, minimum: int | None = None) -> int:
-    """An integer setting, checked, with the key named when it is wrong."""
+# Past this no integer setting means anything (a tile, a batch, a sample of 2^31 rows), and
+# well below it the int64 arithmetic of planning cannot overflow.
+INT_LIMIT = 2**31 - 1
+
+
+def _plain_number(value: Any) -> bool:
+    """A real number a user can mean: int or float (numpy's too), not a bool."""
+    return isinstance(value, int | float | np.integer | np.floating) and not isinstance(
+        value, bool | np.bool_
+    )
+
+
+def get_int(
+    key: str,
+    *,
+    override: Any = None,
+    minimum: int | None = None,
+    maximum: int | None = INT_LIMIT,
+) -> int:
+    """An integer setting, checked, with the key named when it is wrong.
+
+    Floats with an integral value (``64.0``, ``1e3``) are taken; NaN, infinities, fractions,
+    bools, strings and anything beyond ``maximum`` (default :data:`INT_LIMIT`) are refused.
+    """
     value = get(key, override=override)
-    if isinstance(value, bool) or not isinstance(value, int | float) or int(value) != value:
+    if not _plain_number(value) or not math.isfinite(value) or int(value) != value:
         raise ConfigError(f"config elodin.{key}: expected an integer, got {value!r}")
     if minimum is not None and value < minimum:
         raise ConfigError(f"config elodin.{key}: must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"config elodin.{key}: must be <= {maximum}, got {value}")
     return int(value)
 
 
 def get_float(key: str, *, override: Any = None) -> float:
+    """A finite number setting (NaN and infinities are refused), with the key named."""
     value = get(key, override=override)
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ConfigError(f"config elodin.{key}: expected a number, got {value!r}")
+    if not _plain_number(value) or not math.isfinite(value):
+        raise ConfigError(f"config elodin.{key}: expected a finite number, got {value!r}")
     return float(value)
 
 

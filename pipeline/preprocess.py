@@ -25,6 +25,7 @@ through astropy itself, one by one (they have fewer samples, so the batch layout
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -72,8 +73,10 @@ def _number(settings: Mapping, key: str, *, low=None, high=None, allow_none=Fals
     value = settings[key]
     if value is None and allow_none:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ConfigError(f"config elodin.preprocess.{key}: expected a number, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ConfigError(
+            f"config elodin.preprocess.{key}: expected a finite number, got {value!r}"
+        )
     if (low is not None and value <= low) or (high is not None and value > high):
         bounds = f"in ({low}, {high}]" if high is not None else f"> {low}"
         raise ConfigError(f"config elodin.preprocess.{key}: must be {bounds}, got {value!r}")

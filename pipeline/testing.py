@@ -4,19 +4,29 @@
 celestial TAN WCS, strip by strip through a memory map, so a 16k x 16k mosaic never sits in
 memory; :func:`store_digest` hashes every file of a store, so "the store is unchanged" is one
 comparison. :func:`fingerprint_command` and :func:`error_lines` run the CLI as a user would
-and read its one-line errors.
+and read its one-line errors. :class:`KillOnUnits` SIGKILLs Dask worker processes at chosen
+work-unit starts and finishes, so chaos tests kill on progress, not on the clock.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
+from distributed.diagnostics.plugin import WorkerPlugin
 
-__all__ = ["error_lines", "fingerprint_command", "store_digest", "synthetic_mosaic"]
+__all__ = [
+    "KillOnUnits",
+    "error_lines",
+    "fingerprint_command",
+    "store_digest",
+    "synthetic_mosaic",
+]
 
 
 def synthetic_mosaic(
@@ -140,3 +150,79 @@ def fingerprint_command(
 def error_lines(stderr: str) -> list[str]:
     """The ``elodin: error: ...`` lines of a command's standard error."""
     return [line for line in stderr.splitlines() if line.startswith("elodin: error:")]
+
+
+class KillOnUnits(WorkerPlugin):
+    """A worker plugin that SIGKILLs its own worker process at chosen work-unit events.
+
+    Unit events are numbered in the order they happen over the whole cluster (restarted
+    workers included): the n-th time any worker starts executing an ``elodin-unit`` task is
+    start n, the n-th time one finishes (its rows and marker written, its result not yet
+    reported) is finish n. The worker dies at the starts in ``at_start`` and the finishes in
+    ``at_finish``, so how many kills land, and where, does not depend on the machine's speed.
+    Register it with ``client.register_plugin``; the scheduler gives it to restarted workers.
+
+    Parameters
+    ----------
+    log_dir : path-like
+        Directory (shared by the worker processes) for the event counters and the kill log.
+    at_start, at_finish : iterable of int
+        Event numbers (from 1) at which the worker kills itself.
+    """
+
+    name = "elodin-kill-on-units"
+    idempotent = False
+
+    def __init__(
+        self,
+        log_dir: str | os.PathLike,
+        *,
+        at_start: Iterable[int] = (),
+        at_finish: Iterable[int] = (),
+    ) -> None:
+        self.log_dir = str(log_dir)
+        self.at = {"start": frozenset(at_start), "finish": frozenset(at_finish)}
+
+    def transition(self, key, start: str, finish: str, **kwargs) -> None:
+        if not str(key).startswith("elodin-unit"):
+            return
+        if finish == "executing":
+            event = "start"
+        elif start == "executing" and finish == "memory":
+            event = "finish"  # the worker state machine calls us before the result is sent
+        else:
+            return
+        n = _claim_number(Path(self.log_dir) / event)
+        if n in self.at[event]:
+            kills = Path(self.log_dir) / "kills"
+            kills.mkdir(exist_ok=True)
+            (kills / f"{event}-{n}").write_text(f"{os.getpid()} {key}")
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    @staticmethod
+    def kills(log_dir: str | os.PathLike) -> list[tuple[str, int, int]]:
+        """The kills that landed: ``(event, number, pid)``, sorted by number."""
+        root = Path(log_dir) / "kills"
+        rows = []
+        for f in root.glob("*-*") if root.is_dir() else ():
+            event, number = f.name.split("-")
+            rows.append((event, int(number), int(f.read_text().split()[0])))
+        return sorted(rows, key=lambda r: (r[1], r[0]))
+
+    @staticmethod
+    def events(log_dir: str | os.PathLike, event: str) -> int:
+        """How many unit ``event`` s ("start", "finish") happened."""
+        root = Path(log_dir) / event
+        return len(os.listdir(root)) if root.is_dir() else 0
+
+
+def _claim_number(directory: Path) -> int:
+    """The next number in ``directory``, claimed atomically across processes (O_EXCL files)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    n = len(os.listdir(directory)) + 1
+    while True:
+        try:
+            os.close(os.open(directory / str(n), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            return n
+        except FileExistsError:
+            n += 1

@@ -26,10 +26,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from .config import INT_LIMIT
 from .errors import ConfigError, InputError
 
 __all__ = [
     "EDGE_POLICIES",
+    "MAX_WINDOW_SIDE",
     "METHODS",
     "TILE_DTYPE",
     "Plan",
@@ -48,6 +50,10 @@ logger = logging.getLogger(__name__)
 
 EDGE_POLICIES = ("shift", "pad", "drop")
 METHODS = ("sliding", "full", "blobs", "catalog")
+# The largest cutout side in pixels. One window of it is 16 GiB per band as float32, more than
+# a worker holds: a larger side is a typo or a catalog size in the wrong unit, refused up front
+# rather than found out as an out-of-memory worker (or an int overflow) half way through.
+MAX_WINDOW_SIDE = 2**16
 
 TILE_DTYPE = np.dtype(
     [("image", np.int32)]
@@ -59,9 +65,11 @@ _EMPTY_WINDOWS = np.zeros((0, 4), dtype=np.int64)
 # --------------------------------------------------------------------------- checks
 
 
-def _positive_int(value, key: str) -> int:
+def _positive_int(value, key: str, maximum: int = INT_LIMIT) -> int:
     if isinstance(value, bool) or not isinstance(value, int | np.integer) or value <= 0:
         raise ConfigError(f"config elodin.{key}: must be a positive integer, got {value!r}")
+    if value > maximum:
+        raise ConfigError(f"config elodin.{key}: must be at most {maximum}, got {value!r}")
     return int(value)
 
 
@@ -129,7 +137,7 @@ def sliding_count(length: int, *, size: int, stride: int, edge: str) -> int:
     - ``pad``:   ``min(ceil((L - s) / t) + 1, ceil(L / t))`` with ``L - s`` floored at 0: the
       regular grid up to the first window reaching the edge, never a window wholly outside.
     """
-    size = _positive_int(size, "cutouts.size")
+    size = _positive_int(size, "cutouts.size", MAX_WINDOW_SIDE)
     stride = _positive_int(stride, "cutouts.stride")
     edge = _check_edge(edge)
     if edge == "pad":
@@ -173,7 +181,7 @@ def sliding_windows(
         When ``size`` or ``stride`` is not a positive integer, or ``edge`` is unknown.
     """
     ny, nx = _shape(shape)
-    size = _positive_int(size, "cutouts.size")
+    size = _positive_int(size, "cutouts.size", MAX_WINDOW_SIDE)
     stride = _positive_int(stride, "cutouts.stride")
     _check_fits((ny, nx), size=size, stride=stride, edge=_check_edge(edge), name=_name(image_id, 0))
     xs = _axis_starts(nx, size=size, stride=stride, edge=edge)
@@ -212,8 +220,13 @@ def catalog_windows(x, y, sizes, shape) -> tuple[np.ndarray, np.ndarray]:
     x = np.asarray(x, dtype=np.float64).ravel()
     y = np.asarray(y, dtype=np.float64).ravel()
     sizes = np.broadcast_to(np.asarray(sizes), x.shape)
-    if sizes.size and (not np.issubdtype(sizes.dtype, np.integer) or sizes.min() <= 0):
-        raise ValueError("catalog window sizes must be positive integers")
+    if sizes.size and (
+        not np.issubdtype(sizes.dtype, np.integer)
+        or sizes.min() <= 0
+        or sizes.max() > MAX_WINDOW_SIDE
+    ):
+        # The callers check the user's sizes (one line naming the row): this is a bug.
+        raise ValueError(f"catalog window sizes must be integers in 1..{MAX_WINDOW_SIDE}")
     finite = np.isfinite(x) & np.isfinite(y)
     inside = finite & (x >= -0.5) & (x < nx - 0.5) & (y >= -0.5) & (y < ny - 0.5)
     half = (sizes - 1) / 2.0
@@ -532,7 +545,7 @@ def plan_image(
     ny, nx = _shape(shape)
     ts = _positive_int(tile_size, "tiling.tile-size")
     if method == "sliding":
-        size = _positive_int(size, "cutouts.size")
+        size = _positive_int(size, "cutouts.size", MAX_WINDOW_SIDE)
         stride = _positive_int(size if stride is None else stride, "cutouts.stride")
         _check_fits(
             (ny, nx),

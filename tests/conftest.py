@@ -4,6 +4,12 @@
   test session; set ELODIN_TEST_CACHE to reuse one across sessions).
 - ``lite0_onnx``: path of the real EfficientNet-Lite0 export (224 input).
 - ``rng``: a numpy Generator seeded per test (seed 12345).
+
+Hypothesis profiles: ``ci`` (the default) is derandomized, with no example database and 100
+examples a test, so every run, here or in CI, tries the same examples and a red test is red
+again on a rerun; ``HYPOTHESIS_PROFILE=deep`` draws 2,000 random examples a test (and saves
+failing ones in ``.hypothesis/``) for a search on demand. A failure found either way goes into
+its test as an ``@example``.
 """
 
 from __future__ import annotations
@@ -14,6 +20,25 @@ from pathlib import Path
 import dask.config
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, settings
+
+settings.register_profile(
+    "ci",
+    derandomize=True,
+    database=None,
+    max_examples=100,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+    print_blob=True,
+)
+settings.register_profile(
+    "deep",
+    max_examples=2000,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+    print_blob=True,
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.fixture(scope="session")

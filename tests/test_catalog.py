@@ -11,6 +11,8 @@ from astropy.coordinates import SkyCoord
 from astropy.io import fits
 from astropy.table import Table
 from astropy.wcs import WCS
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from pipeline.catalog import catalog_to_windows, plan_catalog, read_catalog
 from pipeline.errors import CatalogError
@@ -188,6 +190,60 @@ def test_no_coordinate_columns_lists_what_was_found(tmp_path):
     Table({"RA": [1.0], "mag": [3.0]}).write(tmp_path / "half.csv")
     with pytest.raises(CatalogError, match=r"half.csv: has a ra column 'RA' but no dec column"):
         read_catalog(tmp_path / "half.csv")
+
+
+@pytest.mark.parametrize(
+    ("column", "value", "shown"),
+    [
+        ("size", "9.2e18", "9.2e+18 pixels"),  # once cast to int64: a negative side
+        ("size", "1e300", "1e+300 pixels"),
+        ("size", "65537", "65537 pixels"),
+        ("size_arcsec", "1e300", "1e+300 arcsec (5e+300 pixels on image field)"),
+    ],
+)
+def test_absurd_sizes_name_the_file_row_and_column(tmp_path, image, column, value, shown):
+    """A size past the largest cutout side is one CatalogError line, never an int64 cast
+    that wraps around (a negative side: a bare ValueError from the planner)."""
+    path = tmp_path / "sizes.csv"
+    path.write_text(f"x,y,{column}\n10,10,20\n20,20,{value}\n")
+    table = read_catalog(path, config={"size-column": column})
+    with pytest.raises(CatalogError) as e:
+        catalog_to_windows(table, open_sources([image]), tile_size=64)
+    assert one_line(e) == (
+        f"{path}: row 1: size column '{column}' is {shown}, more than the largest cutout side "
+        "(65536 pixels)"
+    )
+
+
+def test_the_largest_cutout_side_is_accepted(tmp_path, image):
+    path = tmp_path / "sizes.csv"
+    path.write_text("x,y,size\n10,10,65536\n")
+    plans, _ = catalog_to_windows(
+        read_catalog(path, config={"size-column": "size"}), open_sources([image]), tile_size=64
+    )
+    assert plans[0].windows[:, 2:].tolist() == [[65536, 65536]]
+
+
+@settings(max_examples=60)
+@given(size=st.floats(min_value=1e-300, allow_infinity=False, allow_nan=False))
+@example(size=9.2e18)
+@example(size=2.0**63)
+@example(size=65536.5)
+def test_any_positive_size_is_placed_or_refused_with_one_line(tmp_path_factory, size):
+    from pipeline.tiling import MAX_WINDOW_SIDE
+
+    tmp = tmp_path_factory.mktemp("size")
+    img = write_image(tmp / "field.fits", None, shape=(32, 32))
+    path = tmp / "c.csv"
+    path.write_text(f"x,y,size\n10,10,{size!r}\n")
+    table = read_catalog(path, config={"size-column": "size"})
+    try:
+        plans, _ = catalog_to_windows(table, open_sources([img]), tile_size=16)
+    except CatalogError as e:
+        assert "\n" not in str(e) and "row 0: size column 'size'" in str(e)
+        assert round(size) > MAX_WINDOW_SIDE
+        return
+    assert plans[0].windows[0, 2] == max(1, round(size)) <= MAX_WINDOW_SIDE
 
 
 def test_nan_and_text_coordinates_name_the_row(tmp_path):

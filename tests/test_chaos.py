@@ -1,17 +1,17 @@
-"""Chaos: worker processes SIGKILLed mid-unit, a unit killed half way through its writes, the
-client SIGKILLed at random moments. Every time the store ends equal to a clean run's: every
-planned cutout exactly once, no row lost. (Repeated trials with figures: benchmarks/chaos.py.)
+"""Chaos: worker processes SIGKILLed as units start and finish, a unit killed half way through
+its writes, the client SIGKILLed at moments of its progress. Every time the store ends equal to
+a clean run's: every planned cutout exactly once, no row lost. Every kill is triggered by the
+run's progress, never by the clock, so the same kills land on a fast or a slow machine.
+(Repeated trials with figures: benchmarks/chaos.py.)
 """
 
 from __future__ import annotations
 
 import os
-import random
 import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -22,6 +22,7 @@ from test_write_failures import _cli as fingerprint_cli
 
 from pipeline.fingerprint import fingerprint
 from pipeline.store import Store, pack_units
+from pipeline.testing import KillOnUnits
 
 MODEL = "efficientnet-lite0:native"
 # 1024 x 1024 pixels in 32-pixel windows: 256 tiles of 64 pixels, 1024 cutouts, 16 units.
@@ -82,51 +83,36 @@ def assert_equal_to_clean(clean: Path, other: Path) -> None:
     assert Store.open(other).done_units() == set(range(Store.open(other).n_units))
 
 
-def _kill_busy_workers(client, stop: threading.Event, kills: list, *, limit: int, seed: int):
-    """Every 1-2 s, SIGKILL a worker process that is running a work unit (up to ``limit``)."""
-    rng = random.Random(seed)
-    while len(kills) < limit and not stop.wait(rng.uniform(1.0, 2.0)):
-        try:
-            busy = client.processing()
-            targets = sorted(
-                w for w, keys in busy.items() if any(str(k).startswith("elodin-unit") for k in keys)
-            )
-            if not targets:
-                continue
-            worker = rng.choice(targets)
-            pid = client.run(os.getpid, workers=[worker], on_error="return").get(worker)
-        except Exception:  # the worker went away between the calls: try at the next tick
-            continue
-        if isinstance(pid, int):
-            os.kill(pid, signal.SIGKILL)
-            kills.append(pid)
+# Unit events (over the whole cluster, in order) at which a worker dies: at starts the unit is
+# lost before it computed, at finishes after it wrote its rows and marker but before Dask heard
+# of it (so it runs again and writes the same rows twice). 16 units: every event is reached.
+KILL_AT_START = (2, 5, 9)
+KILL_AT_FINISH = (3, 7)
 
 
 def test_workers_killed_again_and_again(tmp_path, mosaic, clean):
-    """Worker processes of a LocalCluster with nannies are SIGKILLed while they run units; the
-    run completes and its store equals a clean run's."""
+    """Worker processes of a LocalCluster with nannies are SIGKILLed as they start or finish
+    units (five kills, chosen by unit progress, not by the clock); the run completes and its
+    store equals a clean run's."""
     cluster, client = _cluster()  # its own: the kills are for this run only
+    log = tmp_path / "kills"
     with cluster, client:
-        stop, kills = threading.Event(), []
-        killer = threading.Thread(
-            target=_kill_busy_workers,
-            args=(client, stop, kills),
-            kwargs={"limit": 8, "seed": 1},
-            daemon=True,
-        )
-        killer.start()
-        try:
-            out = tmp_path / "chaos.zarr"
-            result = fingerprint([mosaic], out, client=client, progress=False, **SETTINGS)
-        finally:
-            stop.set()
-            killer.join(timeout=60)
-        assert len(kills) >= 3, f"only {len(kills)} kills landed during the run"
-        assert len(set(kills)) == len(kills), "each kill hit a fresh worker process"
+        client.register_plugin(KillOnUnits(log, at_start=KILL_AT_START, at_finish=KILL_AT_FINISH))
+        out = tmp_path / "chaos.zarr"
+        result = fingerprint([mosaic], out, client=client, progress=False, **SETTINGS)
+        kills = KillOnUnits.kills(log)
+        planned = {("start", n) for n in KILL_AT_START} | {("finish", n) for n in KILL_AT_FINISH}
+        assert {(event, n) for event, n, _ in kills} == planned, kills
+        pids = [pid for *_, pid in kills]
+        assert len(set(pids)) == len(pids), "each kill hit a fresh worker process"
         assert result.units_skipped == 0 and result.n_cutouts == (SIDE // 32) ** 2
+        # A unit killed as it finished had written its rows, but Dask never heard: it ran again.
+        n_units = Store.open(out).n_units
+        assert KillOnUnits.events(log, "finish") >= n_units + len(KILL_AT_FINISH)
+        assert KillOnUnits.events(log, "start") >= n_units + len(planned)
         # The nannies brought the workers back.
         client.wait_for_workers(2, timeout=60)
-        assert not set(client.run(os.getpid).values()) & set(kills)
+        assert not set(client.run(os.getpid).values()) & set(pids)
     assert_equal_to_clean(clean, out)
 
 
@@ -218,26 +204,42 @@ def _cli(mosaic: Path, out: Path) -> list[str]:
     return fingerprint_cli(mosaic, out, workers=2)
 
 
-def test_client_killed_at_random_moments_then_rerun(tmp_path, mosaic, clean):
+def _units_done(out: Path) -> int:
+    done = out / "done"  # Store.mark_done's markers: one file per finished unit
+    return len(os.listdir(done)) if done.is_dir() else 0
+
+
+# When the client dies, by the run's own progress: as soon as it holds the writer lock (the
+# cluster starting, no store yet), and once a quarter of the 16 units are done.
+KILL_WHEN = {
+    "lock taken": lambda out: Store.lock_holder(out) is not None,
+    "4 units done": lambda out: _units_done(out) >= 4,
+}
+
+
+@pytest.mark.parametrize("moment", list(KILL_WHEN))
+def test_client_killed_then_rerun(tmp_path, mosaic, clean, moment):
     """``elodin fingerprint`` SIGKILLed with its whole process group (client, scheduler,
-    nannies, workers) at seeded random moments; the same command then resumes (taking over
+    nannies, workers) at a moment of its progress; the same command then resumes (taking over
     the stale lock) and the store equals a clean run's."""
     env = {**os.environ, "ELODIN__FINGERPRINT__CHUNK_ROWS": "64"}
-    rng = random.Random(7)
-    for trial in range(2):
-        out = tmp_path / f"killed-{trial}.zarr"
-        proc = subprocess.Popen(
-            _cli(mosaic, out),
-            env=env,
-            start_new_session=True,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        time.sleep(rng.uniform(2.0, 8.0))
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        rerun = subprocess.run(_cli(mosaic, out), env=env, capture_output=True, text=True)
-        assert rerun.returncode == 0, rerun.stderr
-        assert "Traceback" not in rerun.stderr
-        assert_equal_to_clean(clean, out)
-        assert Store.lock_holder(out) is None
+    out = tmp_path / "killed.zarr"
+    proc = subprocess.Popen(
+        _cli(mosaic, out),
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    reached = KILL_WHEN[moment]
+    while proc.poll() is None and not reached(out):
+        time.sleep(0.01)  # polling the run's progress on disk, not waiting for a time
+    assert proc.poll() is None, "the run ended before it reached the moment to kill it"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert Store.lock_holder(out) is not None, "the killed run left its (stale) lock"
+    rerun = subprocess.run(_cli(mosaic, out), env=env, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "Traceback" not in rerun.stderr
+    assert_equal_to_clean(clean, out)
+    assert Store.lock_holder(out) is None

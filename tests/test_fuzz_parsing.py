@@ -1,8 +1,10 @@
-"""Property-based fuzzing of what users hand in as text: config files and catalogs.
+"""Property-based fuzzing of what users hand in: config files, catalogs and numbers.
 
 A config file is accepted or refused with a ConfigError; a catalog is read into a table (and
-placed on an image) or refused with a CatalogError. Never any other exception: those would
-reach the user as a traceback.
+placed on an image) or refused with a CatalogError; a number (a cutout size, stride, tile size,
+HDU, preprocessing parameter) is taken or refused with one line. Never any other exception:
+those would reach the user as a traceback. Examples per test and the seed come from the
+Hypothesis profile (tests/conftest.py: ``ci`` by default, ``HYPOTHESIS_PROFILE=deep`` for more).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import pytest
 import yaml
 from astropy.io import fits
 from astropy.wcs import WCS
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import event, example, given
 from hypothesis import strategies as st
 
 from pipeline import config
@@ -27,7 +29,6 @@ from pipeline.errors import CatalogError, ConfigError
 
 # Unusual ECSV datatypes and unknown units are what astropy warns about while reading them.
 pytestmark = pytest.mark.filterwarnings("ignore::astropy.utils.exceptions.AstropyWarning")
-FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 WORK = Path(tempfile.mkdtemp(prefix="elodin-fuzz-"))
 
 
@@ -144,7 +145,6 @@ def _settings_after_load():
         assert "\n" not in str(e)
 
 
-@FUZZ
 @given(doc=config_documents())
 @_restoring_config
 def test_config_mappings_are_accepted_or_refused_with_one_line(doc):
@@ -156,7 +156,6 @@ def test_config_mappings_are_accepted_or_refused_with_one_line(doc):
         _settings_after_load()
 
 
-@FUZZ
 @given(doc=values)
 @_restoring_config
 def test_any_yaml_value_at_the_top(doc):
@@ -164,7 +163,6 @@ def test_any_yaml_value_at_the_top(doc):
         _settings_after_load()
 
 
-@FUZZ
 @given(raw=st.one_of(st.binary(max_size=200), st.text(max_size=200)))
 @_restoring_config
 def test_arbitrary_bytes_and_text(raw):
@@ -173,7 +171,6 @@ def test_arbitrary_bytes_and_text(raw):
     _load(raw)
 
 
-@FUZZ
 @given(path=st.sampled_from(LEAVES), value=values)
 def test_wrong_types_for_known_keys(path, value):
     node = _default(path)
@@ -323,14 +320,26 @@ def _read_and_place(text: str, size_column: str | None = None, *, suffix: str):
     assert sum(p.n_windows for p in plans) == report.n_placed
 
 
-@FUZZ
 @given(case=csv_texts())
 def test_csv_catalogs_are_read_or_refused_with_one_line(case):
     _read_and_place(*case, suffix=".csv")
 
 
-@FUZZ
+# Found by fuzzing: a size column of 9.2e18 pixels wrapped around to a negative int64 side.
+HUGE_SIZE_ECSV = """# %ECSV 1.0
+# ---
+# datatype:
+# - {name: 'x', datatype: float64}
+# - {name: 'y', datatype: float64}
+# - {name: 'size', datatype: float64}
+"x" "y" "size"
+10.0 10.0 9.2e18
+"""
+
+
 @given(case=ecsv_texts())
+@example(case=(HUGE_SIZE_ECSV, "size"))
+@example(case=(HUGE_SIZE_ECSV.replace("9.2e18", "1e300"), "size"))
 def test_ecsv_catalogs_are_read_or_refused_with_one_line(case):
     _read_and_place(*case, suffix=".ecsv")
 
@@ -352,3 +361,88 @@ def test_the_checks_see_both_outcomes():
         raise AssertionError("a string batch size was accepted")
     except ConfigError as e:
         assert "bad.yaml" in str(e) and "batch-size" in str(e)
+
+
+# ----------------------------------------------------------------------------------- numbers
+# What a flag, a YAML file or an ELODIN__ variable can put where an integer is wanted.
+numbers = st.one_of(
+    st.integers(1, 300),
+    st.integers(-(2**70), 2**70),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.booleans(),
+)
+
+
+@given(
+    size=numbers,
+    stride=numbers,
+    tile_size=numbers,
+    edge=st.sampled_from(["shift", "pad", "drop"]),
+)
+@example(size=64, stride=2**70, tile_size=64, edge="shift")  # OverflowError in np.arange * stride
+@example(size=2**40, stride=2**40, tile_size=64, edge="pad")  # a 2^40-pixel window planned
+@example(size=8, stride=8, tile_size=2**70, edge="shift")
+def test_sliding_numbers_are_planned_or_refused_with_one_line(size, stride, tile_size, edge):
+    from pipeline.errors import InputError
+    from pipeline.tiling import MAX_WINDOW_SIDE, plan_image
+
+    try:
+        plan = plan_image(
+            (100, 120), method="sliding", size=size, stride=stride, tile_size=tile_size, edge=edge
+        )
+    except (ConfigError, InputError) as e:
+        assert "\n" not in str(e)
+        event("refused")
+        return
+    event("planned")
+    assert plan.n_windows >= 1 and (plan.windows[:, 2:] == size).all()
+    assert size <= MAX_WINDOW_SIDE
+
+
+@given(
+    hdu=st.one_of(
+        st.integers(-(2**70), 2**70).map(str),
+        st.sampled_from(["0", "-1", "+0", "1", "²", "١", "1.5", "1e3", " 0 ", "PRIMARY", "SCI"]),
+        st.text(max_size=4),
+    ),
+    in_spec=st.booleans(),
+)
+@example(hdu="²", in_spec=False)  # str.isdigit() but not int(): a ValueError from --hdu
+@example(hdu=str(2**70), in_spec=True)
+def test_hdu_numbers_open_or_are_refused_with_one_line(hdu, in_spec):
+    """``file.fits[HDU]`` and ``--hdu HDU`` (one rule for both)."""
+    from pipeline.cli import _hdu
+    from pipeline.errors import InputError
+    from pipeline.sources import open_sources
+
+    path = _image()[0].paths[0]
+    try:
+        if in_spec:
+            sources = open_sources([f"{path}[{hdu}]"])
+        else:
+            sources = open_sources([path], hdu=_hdu(hdu))
+    except InputError as e:
+        assert "\n" not in str(e)
+        event("refused")
+        return
+    event("opened")
+    assert sources[0].shape[-2:] == (64, 64)
+
+
+@given(
+    key=st.sampled_from(["percentile", "asinh-a", "log-a", "lupton-q", "lupton-stretch"]),
+    value=numbers,
+)
+@example(key="percentile", value=float("nan"))  # passed both bound checks, then cast to int64
+@example(key="asinh-a", value=float("inf"))
+def test_preprocess_numbers_are_finite_or_refused_with_one_line(key, value):
+    import math
+
+    from pipeline.preprocess import preprocess_settings
+
+    try:
+        settings = preprocess_settings({key: value})
+    except ConfigError as e:
+        assert str(e).startswith(f"config elodin.preprocess.{key}: ") and "\n" not in str(e)
+        return
+    assert math.isfinite(settings[key])
