@@ -273,3 +273,43 @@ def test_command_line_errors_are_one_line(tmp_path, capsys, argv, words):
     assert code == 2
     assert err.startswith("elodin: error: ") and words in err and "\n" not in err
     assert store_digest(st.path) == before
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_hats_partitioning_equals_hats_generate_alignment(seed):
+    """The sparse partitioning gives hats' own partitions (its dense version loops in Python
+    over every pixel of the sky)."""
+    import hats.pixel_math.healpix_shim as hp
+    from hats.pixel_math import generate_alignment
+
+    from pipeline.analysis.hats import alignment
+
+    rng = np.random.default_rng(seed)
+    order = 6
+    n = int(rng.integers(100, 3000))
+    # Clustered fields plus a sprinkle over the whole sky.
+    ra = np.r_[
+        rng.normal(rng.uniform(0, 360), rng.uniform(0.5, 20), n) % 360, rng.uniform(0, 360, 50)
+    ]
+    dec = np.r_[rng.normal(rng.uniform(-60, 60), rng.uniform(0.5, 10), n), rng.uniform(-90, 90, 50)]
+    histogram = np.bincount(
+        hp.radec2pix(order, ra, np.clip(dec, -89.9, 89.9)), minlength=hp.order2npix(order)
+    )
+    threshold = int(rng.integers(histogram.max(), 4 * histogram.max() + 10))
+    if seed == 0:  # everything fits in one pixel: hats still stops at order 1, not 0
+        threshold = int(histogram.sum())
+    ref = generate_alignment(
+        histogram,
+        highest_order=order,
+        threshold=threshold,
+        drop_empty_siblings=True,
+        use_lower_order=True,
+    )
+    at = hp.npix2order(len(ref))  # hats answers at the order it settled on
+    pixels = np.flatnonzero(histogram)
+    orders, partition, used = alignment(pixels, histogram[pixels], order, threshold)
+    assert used == threshold
+    expected = [ref[p >> (2 * (order - at))][:2] for p in pixels]
+    assert [(int(o), int(q)) for o, q in zip(orders, partition, strict=True)] == [
+        (int(o), int(q)) for o, q in expected
+    ]

@@ -12,7 +12,7 @@ arrays, skipping rows that hold NaN (the store's empty slots).
 """
 
 from .clustering import ClusterResult, SampleClusterer, StreamingKMeans, cluster
-from .crossmatch import crossmatch
+from .crossmatch import crossmatch, crossmatch_file
 from .embed import EmbedResult, SampleEmbedding, embed
 from .export import ExportResult, export
 from .hats import export_hats
@@ -33,6 +33,7 @@ __all__ = [
     "StreamingKMeans",
     "cluster",
     "crossmatch",
+    "crossmatch_file",
     "embed",
     "export",
     "export_hats",

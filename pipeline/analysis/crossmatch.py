@@ -277,7 +277,7 @@ def _table_crossmatch(
     else:
         table = Table()
     table.meta.update(
-        {"store": st.path, "catalog": path, "radius_arcsec": radius, "nearest": bool(nearest)}
+        {"store": st.path, "catalog": path, "radius": radius, "nearest": bool(nearest)}
     )
     return table
 
@@ -316,7 +316,15 @@ def _hats_crossmatch(left, right, radius: float, nearest: bool, suffix: str, pat
             return left.crossmatch(right, n_neighbors=1, radius_arcsec=radius, **kwargs)
         return left.crossmatch(right, algorithm=radius_crossmatch(radius), **kwargs)
     except ValueError as e:  # lsdb's checks: radius, margin threshold
-        raise ConfigError(f"{path}: {' '.join(str(e).split())}") from None
+        reason = " ".join(str(e).split())
+        if right.margin is not None and "margin" in reason:
+            width = right.margin.hc_structure.catalog_info.margin_threshold
+            reason = (
+                f"radius {radius:g} arcsec is wider than its margin cache ({width:g} arcsec), "
+                "so pairs across its partition borders would be missed; use a smaller radius "
+                "or a catalog with a wider margin"
+            )
+        raise ConfigError(f"{path}: {reason}") from None
 
 
 def _as_table(df, string_len: dict[str, int]):
@@ -388,9 +396,6 @@ def crossmatch(
     *,
     radius: float,
     nearest: bool | None = None,
-    output: str | os.PathLike | None = None,
-    format: str | None = None,
-    overwrite: bool = True,
     block_rows: int | None = None,
     pca_components: int | None = None,
     workdir: str | os.PathLike | None = None,
@@ -412,17 +417,12 @@ def crossmatch(
     nearest : bool, optional
         Only the nearest catalog row of each cutout (default
         ``analysis.crossmatch.nearest``: every row within the radius).
-    output : path, optional
-        Also write the result: ``.parquet``, ``.fits``, ``.ecsv``, ``.vot`` or ``.hats``
-        (or ``format=``); it appears whole or not at all.
-    overwrite : bool
-        Replace an existing output.
     block_rows, pca_components
         As for :func:`pipeline.analysis.export.export`.
     workdir : path, optional
-        HATS input: where the store's HEALPix shards go (default: beside ``output``, else a
-        temporary directory). It is removed when Python exits, since the returned lazy
-        catalog reads it; on a cluster of several hosts it must be on a shared filesystem.
+        HATS input: where the store's HEALPix shards go (default: a temporary directory).
+        The returned lazy catalog reads them, so they stay until Python exits; on a cluster
+        of several hosts give a directory on a shared filesystem.
     client, scheduler, workers
         Where the tasks run (as for the other analysis stages).
     progress : bool
@@ -431,12 +431,12 @@ def crossmatch(
     Returns
     -------
     astropy.table.Table or lsdb.Catalog
-        A Table for a table catalog; for a HATS catalog the lazy lsdb catalog of matches.
+        A Table for a table catalog; for a HATS catalog the lazy lsdb catalog of the pairs.
 
     Raises
     ------
     ConfigError
-        Radius not positive, unknown output extension, output exists without ``overwrite``.
+        Radius not positive.
     CatalogError
         Unreadable catalog, no RA/Dec columns.
     StoreError
@@ -447,9 +447,6 @@ def crossmatch(
         catalog,
         radius=radius,
         nearest=nearest,
-        output=output,
-        format=format,
-        overwrite=overwrite,
         block_rows=block_rows,
         pca_components=pca_components,
         workdir=workdir,
@@ -466,10 +463,23 @@ def crossmatch_file(
     output: str | os.PathLike,
     *,
     radius: float,
+    format: str | None = None,
+    overwrite: bool = True,
     **options,
 ) -> ExportResult:
-    """:func:`crossmatch` written to ``output``; returns the file, its rows and columns."""
-    return _run(store, catalog, radius=radius, output=output, **options)[1]
+    """:func:`crossmatch` written to ``output`` (``.parquet``, ``.fits``, ``.ecsv``, ``.vot``
+    or ``.hats``, or ``format=``), which appears whole or not at all; ``options`` are
+    :func:`crossmatch`'s. HATS input is written partition by partition (a window at a time)
+    and its shards (beside ``output`` unless ``workdir``) are removed afterwards.
+
+    Returns
+    -------
+    ExportResult
+        The file, the number of pairs and the columns.
+    """
+    return _run(
+        store, catalog, radius=radius, output=output, format=format, overwrite=overwrite, **options
+    )[1]
 
 
 def _run(
@@ -489,6 +499,7 @@ def _run(
     workers=None,
     progress=True,
 ):
+    # Every setting and input is checked before anything is written.
     r = _radius(radius)
     nearest = bool(config.get("analysis.crossmatch.nearest", override=nearest))
     suffix = str(config.get("analysis.crossmatch.suffix"))
@@ -501,10 +512,8 @@ def _run(
     extra = catalog_columns(st, pca_components=pca_components)
     block = _base.block_rows(st, block_rows)
     path = os.fspath(catalog)
-    hats_input = is_hats(path)
-    written = None
     with _base.runner(client, scheduler=scheduler, workers=workers) as run:
-        if not hats_input:
+        if not is_hats(path):
             table = _table_crossmatch(
                 st,
                 path,
@@ -517,42 +526,46 @@ def _run(
                 progress=progress,
             )
             logger.info("%s x %s: %d pairs within %g arcsec", st.path, path, len(table), r)
-            if out is not None:
-                if fmt == "hats":
-                    _table_to_hats(table, out)
-                else:
-                    write_table(
-                        [table], out, fmt, meta=dict(table.meta), string_len=_lengths(table)
-                    )
-                written = ExportResult(str(out), len(table), list(table.colnames))
-            return table, written
+            if out is None:
+                return table, None
+            if fmt == "hats":
+                _table_to_hats(table, out)
+            else:
+                write_table([table], out, fmt, meta=dict(table.meta), string_len=_lengths(table))
+            return table, ExportResult(str(out), len(table), list(table.colnames))
 
         from .hats import store_catalog
 
         right = _open_hats(path)
-        if workdir is None:
-            workdir = (
-                out.with_name(f".{out.name}.shards")
-                if out is not None
-                else tempfile.mkdtemp(prefix="elodin-crossmatch-")
-            )
+        if workdir is None and out is None:
+            workdir = tempfile.mkdtemp(prefix="elodin-crossmatch-")
+        elif workdir is None:
+            workdir = out.with_name(f".{out.name}.shards")
+            shutil.rmtree(workdir, ignore_errors=True)  # ours, left by an interrupted run
         work = Path(workdir)
-        atexit.register(shutil.rmtree, work, ignore_errors=True)
-        sky = store_catalog(
-            st,
-            work,
-            runner=run,
-            block_rows=block_rows,
-            pca_components=pca_components,
-            progress=progress,
-        )
-        result = _hats_crossmatch(sky.catalog, right, r, nearest, suffix, path)
-        if out is not None:
+        kept = False
+        try:
+            sky = store_catalog(
+                st,
+                work,
+                runner=run,
+                block_rows=block_rows,
+                pca_components=pca_components,
+                progress=progress,
+            )
+            result = _hats_crossmatch(sky.catalog, right, r, nearest, suffix, path)
+            if out is None:
+                # The lazy result reads the shards: they stay until Python exits.
+                atexit.register(shutil.rmtree, work, ignore_errors=True)
+                kept = True
+                return result, None
             n = _write_lsdb(
                 result, out, fmt, run, string_len=string_lengths(st, extra), progress=progress
             )
-            written = ExportResult(str(out), n, [c for c in result.columns])
-        return result, written
+            return result, ExportResult(str(out), n, list(result.columns))
+        finally:
+            if not kept:
+                shutil.rmtree(work, ignore_errors=True)
 
 
 def _lengths(table) -> dict[str, int]:

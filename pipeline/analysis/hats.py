@@ -273,7 +273,7 @@ def store_catalog(
 ) -> SkyCatalog:
     """Steps 1-3: the store's sky rows as an lsdb catalog partitioned by HEALPix.
 
-    ``workdir`` (made here, emptied first) receives the shards; the returned catalog reads
+    ``workdir`` (absent or empty; made here) receives the shards; the returned catalog reads
     them whenever it is computed, so it must outlive the catalog and be visible to every
     Dask worker. Rows without sky coordinates are left out and counted in the log; a store
     with none is refused with a :class:`StoreError` before anything is written.
@@ -296,6 +296,9 @@ def store_catalog(
         raise ConfigError(
             f"config elodin.analysis.export.hats-max-order: at most 19, got {max_order}"
         )
+    work = Path(workdir)
+    if work.exists() and (not work.is_dir() or any(work.iterdir())):
+        raise ConfigError(f"{work}: the work directory for the HEALPix shards must be empty")
     st = _base.open_store(store)
     _base.valid_count(st, stage="export")
     extra = catalog_columns(st, pca_components=pca_components)
@@ -327,8 +330,6 @@ def store_catalog(
         )
     pixels, lower, upper = _partitions(counts, max_order, threshold)
 
-    work = Path(workdir)
-    shutil.rmtree(work, ignore_errors=True)
     shard_dir = work / "shards"
     shard_dir.mkdir(parents=True)
     shard = delayed(_shard_block, pure=True)
@@ -423,6 +424,7 @@ def export_hats(
         raise ConfigError(f"{out}: exists and is not a directory (a HATS catalog is one)")
     work = out.with_name(f".{out.name}.part")
     old = out.with_name(f".{out.name}.old")
+    shutil.rmtree(work, ignore_errors=True)  # ours, left by an interrupted export
     try:
         with _base.runner(client, scheduler=scheduler, workers=workers) as run:
             sky = store_catalog(
