@@ -190,7 +190,11 @@ def test_hats_crossmatch_writes_hats_and_tables(planted, hats_catalog, tmp_path,
     t = Table.read(tmp_path / "m.ecsv")
     _check(_pairs(t), expected)
     assert str(t["dec"].unit) == "deg"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.ecsv", "m.hats"]
+    assert main([*argv, str(tmp_path / "m.vot")]) == 0
+    t = Table.read(tmp_path / "m.vot")
+    _check(_pairs(t), expected)
+    assert t["ra"].meta["ucd"] == "pos.eq.ra;meta.main" and str(t["x"].unit) == "pix"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.ecsv", "m.hats", "m.vot"]
 
 
 def test_table_crossmatch_written_as_hats(planted, tmp_path):

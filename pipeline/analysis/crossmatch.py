@@ -43,8 +43,8 @@ from ..errors import CatalogError, ConfigError, StoreError
 from ..store import Store
 from . import _base
 from .export import (
-    UNITS,
     ExportResult,
+    annotate,
     block_table,
     catalog_columns,
     output_format,
@@ -334,10 +334,7 @@ def _as_table(df, string_len: dict[str, int]):
     from astropy.table import Table
 
     frame = pa.Table.from_pandas(df.reset_index(drop=True), preserve_index=False).to_pandas()
-    t = Table.from_pandas(frame)
-    for name, unit in UNITS.items():
-        if name in t.colnames:
-            t[name].unit = u.Unit(unit)
+    t = annotate(Table.from_pandas(frame))
     if DIST in t.colnames:
         t[DIST].unit = u.arcsec
     for name in list(string_len):

@@ -31,6 +31,7 @@ from . import _base
 __all__ = [
     "FORMATS",
     "ExportResult",
+    "annotate",
     "block_table",
     "catalog_columns",
     "export",
@@ -123,7 +124,6 @@ def block_table(group, start: int, stop: int, extra: dict[str, int | None], *, s
 
     ``sky``: only rows with celestial coordinates (finite ``ra`` and ``dec``).
     """
-    import astropy.units as u
     from astropy.table import Table
 
     keep = np.asarray(group["valid"][start:stop], bool)
@@ -136,7 +136,6 @@ def block_table(group, start: int, stop: int, extra: dict[str, int | None], *, s
     t["image"] = _base.to_str(group["image"][start:stop])[keep]
     for name in ("x", "y", "width", "height", "ra", "dec"):
         t[name] = np.asarray(group[name][start:stop])[keep]
-        t[name].unit = u.Unit(UNITS[name])
     for name, take in extra.items():
         values = np.asarray(group[name][start:stop])
         if values.dtype.kind not in "biuf":
@@ -147,10 +146,22 @@ def block_table(group, start: int, stop: int, extra: dict[str, int | None], *, s
                 t[f"{name}_{j}"] = values[:, j]
         else:
             t[name] = values
+    return annotate(t)
+
+
+def annotate(t):
+    """Units, UCDs and descriptions of the cutout columns of ``t`` (those it has), in place."""
+    import astropy.units as u
+
+    for name, unit in UNITS.items():
+        if name in t.colnames:
+            t[name].unit = u.Unit(unit)
     for name, ucd in UCDS.items():
-        t[name].meta["ucd"] = ucd
+        if name in t.colnames:
+            t[name].meta["ucd"] = ucd
     for name, text in DESCRIPTIONS.items():
-        t[name].description = text
+        if name in t.colnames:
+            t[name].description = text
     return t
 
 
