@@ -40,6 +40,8 @@ _API = {
     "outliers": "analysis",
     "similar": "analysis",
     "export": "analysis",
+    "export_hats": "analysis",
+    "crossmatch": "analysis",
     "get_session": "models",
     "resolve_model": "models",
 }

@@ -370,18 +370,101 @@ def _cmd_outliers(args: argparse.Namespace) -> int:
 
 @command
 def _add_export(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="catalog of the valid cutouts (Parquet, FITS or ECSV)")
+    p = sub.add_parser(
+        "export", help="catalog of the valid cutouts (Parquet, FITS, ECSV, VOTable or HATS)"
+    )
     p.add_argument("store", metavar="STORE")
     p.add_argument(
-        "-o", "--output", required=True, metavar="CATALOG", help="catalog.parquet, .fits or .ecsv"
+        "-o",
+        "--output",
+        required=True,
+        metavar="CATALOG",
+        help="catalog.parquet, .fits, .ecsv, .vot / .xml or .hats (a directory, for lsdb)",
     )
+    p.add_argument(
+        "--format",
+        choices=["parquet", "fits", "ecsv", "votable", "hats"],
+        help="instead of the extension",
+    )
+    p.add_argument("--block-rows", type=int, metavar="N", help="rows per task")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (HATS)")
+    _add_cluster_flags(p)
     p.set_defaults(func=_cmd_export)
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from .analysis import export
+    from .analysis.export import output_format
 
-    print(export(args.store, args.output))
+    hats = {}
+    if output_format(args.output, args.format) == "hats":
+        hats = {
+            "scheduler": args.scheduler,
+            "workers": args.workers,
+            "progress": not args.no_progress,
+        }
+    elif args.scheduler is not None or args.workers is not None:
+        from .errors import ConfigError
+
+        raise ConfigError("--scheduler / --workers only apply to a HATS export")
+    print(export(args.store, args.output, format=args.format, block_rows=args.block_rows, **hats))
+    return 0
+
+
+@command
+def _add_crossmatch(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "crossmatch", help="pair the cutouts with the rows of an external catalog on the sky"
+    )
+    p.add_argument("store", metavar="STORE")
+    p.add_argument(
+        "catalog",
+        metavar="CATALOG",
+        help="HATS catalog (directory or URL) or a FITS / ECSV / Parquet / CSV table with RA/Dec",
+    )
+    p.add_argument(
+        "--radius", type=float, required=True, metavar="ARCSEC", help="match radius in arcsec"
+    )
+    p.add_argument(
+        "--nearest",
+        action="store_true",
+        default=None,
+        help="only the nearest catalog row of each cutout (default: all within the radius)",
+    )
+    p.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        metavar="MATCHED",
+        help="matched.parquet, .fits, .ecsv, .vot or .hats",
+    )
+    p.add_argument(
+        "--format",
+        choices=["parquet", "fits", "ecsv", "votable", "hats"],
+        help="instead of the extension",
+    )
+    p.add_argument("--block-rows", type=int, metavar="N", help="rows per task")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_cluster_flags(p)
+    p.set_defaults(func=_cmd_crossmatch)
+
+
+def _cmd_crossmatch(args: argparse.Namespace) -> int:
+    from .analysis.crossmatch import crossmatch_file
+
+    result = crossmatch_file(
+        args.store,
+        args.catalog,
+        args.output,
+        radius=args.radius,
+        nearest=args.nearest,
+        format=args.format,
+        block_rows=args.block_rows,
+        scheduler=args.scheduler,
+        workers=args.workers,
+        progress=not args.no_progress,
+    )
+    print(f"{result.path}: {result.n_rows} pairs within {args.radius:g} arcsec")
     return 0
 
 

@@ -3,7 +3,8 @@
 ``reduce`` (exact incremental PCA) -> ``cluster`` (k-means over all rows; agglomerative,
 affinity propagation, HDBSCAN on a sample) -> ``embed`` (UMAP / t-SNE on a sample, the rest
 transformed) -> ``outliers`` (k-NN distance against a reference sample) -> ``export`` (the
-catalog); ``similar`` answers "more like this one" by streaming the store past one query.
+catalog; ``export_hats`` for lsdb) and ``crossmatch`` (with an external catalog on the sky);
+``similar`` answers "more like this one" by streaming the store past one query.
 Each function takes the store path first and everything else as keywords with defaults from
 ``elodin.analysis`` (pipeline/elodin.yaml). The estimators behind them follow scikit-learn's
 conventions (``fit`` returns ``self``, fitted state ends in ``_``) and accept numpy or dask
@@ -11,8 +12,10 @@ arrays, skipping rows that hold NaN (the store's empty slots).
 """
 
 from .clustering import ClusterResult, SampleClusterer, StreamingKMeans, cluster
+from .crossmatch import crossmatch, crossmatch_file
 from .embed import EmbedResult, SampleEmbedding, embed
 from .export import ExportResult, export
+from .hats import export_hats
 from .outliers import KNNOutlier, outliers
 from .reduce import ExactPCA, PCAResult, PixelFeatures, load_pca, reduce
 from .similar import fingerprint_image, nearest_cutout, similar
@@ -29,8 +32,11 @@ __all__ = [
     "SampleEmbedding",
     "StreamingKMeans",
     "cluster",
+    "crossmatch",
+    "crossmatch_file",
     "embed",
     "export",
+    "export_hats",
     "fingerprint_image",
     "load_pca",
     "nearest_cutout",
