@@ -40,6 +40,9 @@ _API = {
     "outliers": "analysis",
     "similar": "analysis",
     "export": "analysis",
+    "build_index": "analysis",
+    "neighbors": "analysis",
+    "NeighborIndex": "analysis",
     "get_session": "models",
     "resolve_model": "models",
 }

@@ -13,6 +13,7 @@ arrays, skipping rows that hold NaN (the store's empty slots).
 from .clustering import ClusterResult, SampleClusterer, StreamingKMeans, cluster
 from .embed import EmbedResult, SampleEmbedding, embed
 from .export import ExportResult, export
+from .index import NeighborIndex, build_index, neighbors
 from .outliers import KNNOutlier, outliers
 from .reduce import ExactPCA, PCAResult, PixelFeatures, load_pca, reduce
 from .similar import fingerprint_image, nearest_cutout, similar
@@ -23,17 +24,20 @@ __all__ = [
     "ExactPCA",
     "ExportResult",
     "KNNOutlier",
+    "NeighborIndex",
     "PCAResult",
     "PixelFeatures",
     "SampleClusterer",
     "SampleEmbedding",
     "StreamingKMeans",
+    "build_index",
     "cluster",
     "embed",
     "export",
     "fingerprint_image",
     "load_pca",
     "nearest_cutout",
+    "neighbors",
     "outliers",
     "reduce",
     "similar",
