@@ -266,3 +266,28 @@ def test_command_line_bad_input(store, tmp_path, capsys):
     assert main(["index", st.path, "--kind", "flat", "--rebuild", "--no-progress"]) == 0
     assert main(["neighbors", st.path, "-k", "3", "--no-progress"]) == 0
     assert "3 nearest neighbours of 900 rows" in capsys.readouterr().out
+
+
+def test_run_builds_then_extends_the_index(store, tmp_path):
+    import yaml
+
+    from pipeline.runner import run
+
+    st, rows = store
+    cfg = tmp_path / "run.yaml"
+    settings = {"run": {"store": st.path, "stages": ["reduce", "index", "neighbors"]}}
+    settings["analysis"] = {"reduce": {"components": D}, "index": {"kind": "flat"}}
+    cfg.write_text(yaml.safe_dump({"elodin": settings}))
+    lines = run(cfg, progress=False).lines
+    assert any("built a flat index" in line for line in lines)
+    assert Store.open(st.path).attrs["neighbors"]["k"] == 20
+    new = append_rows(Store.open(st.path, mode="r+"), blobs(60, 16, seed=12), image="img1")
+    lines = run(cfg, incremental=True, progress=False).lines
+    assert any("absorbed 60 new row(s)" in line for line in lines)
+    assert any(f"extended a flat index (l2, pca) of {len(rows) + 60} rows" in x for x in lines)
+    assert nn.index_status(st.path)[0] == "current"
+    assert nn.graph_for(Store.open(st.path), 20) is not None  # the graph was written again
+    fast = analysis.similar(st.path, cutout=int(new[3]), n=5)
+    slow = analysis.similar(st.path, cutout=int(new[3]), n=5, exact=True)
+    assert fast.meta["search"] == "index"
+    np.testing.assert_array_equal(fast["index"], slow["index"])
