@@ -42,6 +42,9 @@ _API = {
     "export": "analysis",
     "export_hats": "analysis",
     "crossmatch": "analysis",
+    "build_index": "analysis",
+    "neighbors": "analysis",
+    "NeighborIndex": "analysis",
     "get_session": "models",
     "resolve_model": "models",
 }

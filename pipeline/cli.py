@@ -313,6 +313,9 @@ def _add_similar(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="leave out windows overlapping the query window",
     )
+    p.add_argument(
+        "--exact", action="store_true", help="scan every row even when the store has an index"
+    )
     p.add_argument("--block-rows", type=int, metavar="N", help="rows per task")
     _add_cluster_flags(p)
     p.set_defaults(func=_cmd_similar)
@@ -329,6 +332,7 @@ def _cmd_similar(args: argparse.Namespace) -> int:
         n=args.n,
         metric=args.metric,
         exclude_overlaps=args.exclude_overlaps,
+        exact=args.exact,
         block_rows=args.block_rows,
         scheduler=args.scheduler,
         workers=args.workers,
@@ -337,6 +341,68 @@ def _cmd_similar(args: argparse.Namespace) -> int:
     # Four significant digits on the terminal; the Table (the API's answer) keeps them all.
     table["distance"].info.format = ".4g"
     table.pprint(max_lines=-1, max_width=-1)
+    return 0
+
+
+@command
+def _add_index(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("index", help="FAISS index of the vectors for fast similar (in the store)")
+    p.add_argument("store", metavar="STORE")
+    p.add_argument("--kind", metavar="auto|flat|ivf|ivfpq|hnsw")
+    p.add_argument("--space", metavar="pca|fingerprint", help="vectors indexed (default pca)")
+    p.add_argument("--metric", metavar="l2|cosine")
+    p.add_argument(
+        "--rebuild", action="store_true", help="build again even when it could be extended"
+    )
+    p.add_argument("--block-rows", type=int, metavar="N", help="rows per task")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_cluster_flags(p)
+    p.set_defaults(func=_cmd_index)
+
+
+def _cmd_index(args: argparse.Namespace) -> int:
+    from .analysis import build_index
+
+    print(
+        build_index(
+            args.store,
+            kind=args.kind,
+            space=args.space,
+            metric=args.metric,
+            rebuild=args.rebuild,
+            block_rows=args.block_rows,
+            scheduler=args.scheduler,
+            workers=args.workers,
+            progress=not args.no_progress,
+        )
+    )
+    return 0
+
+
+@command
+def _add_neighbors(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("neighbors", help="k-NN graph of every cutout from the index")
+    p.add_argument("store", metavar="STORE")
+    p.add_argument("-k", type=int, metavar="K", help="neighbours per row (default 20)")
+    p.add_argument("--block-rows", type=int, metavar="N", help="rows per task")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_cluster_flags(p)
+    p.set_defaults(func=_cmd_neighbors)
+
+
+def _cmd_neighbors(args: argparse.Namespace) -> int:
+    from .analysis import neighbors
+
+    print(
+        neighbors(
+            args.store,
+            k=args.k,
+            block_rows=args.block_rows,
+            scheduler=args.scheduler,
+            workers=args.workers,
+            progress=not args.no_progress,
+        )
+    )
     return 0
 
 
@@ -545,7 +611,7 @@ def _writer_lock(args: argparse.Namespace):
     takes its own), so two writers never share a store."""
     import contextlib
 
-    if args.command in ("reduce", "cluster", "embed", "outliers"):
+    if args.command in ("reduce", "cluster", "embed", "outliers", "index", "neighbors"):
         from .store import Store
 
         if Store.exists(args.store):

@@ -36,7 +36,17 @@ __all__ = ["RunResult", "run"]
 
 logger = logging.getLogger(__name__)
 
-STAGES = ("fingerprint", "reduce", "cluster", "embed", "outliers", "export", "report")
+STAGES = (
+    "fingerprint",
+    "reduce",
+    "cluster",
+    "embed",
+    "outliers",
+    "index",
+    "neighbors",
+    "export",
+    "report",
+)
 ANALYSIS = ("reduce", "cluster", "embed", "outliers")
 
 
@@ -162,6 +172,7 @@ def run(
                     "retired": _retired_count(store),
                 }
             )
+        lines += _similarity(rs, stages, client, progress)
         if "export" in stages:
             from .analysis import export
 
@@ -181,6 +192,26 @@ def _fit_all(store: str, stages: Sequence[str], client) -> list[str]:
     for name in stages:
         getattr(analysis, name)(store, client=client)
         out.append(f"{name}: fitted on every row")
+    return out
+
+
+def _similarity(rs: dict, stages: Sequence[str], client, progress: bool) -> list[str]:
+    """The neighbour index (extended after an append while the new rows stay under
+    ``refit-fraction`` of those it was built on, else built again) and the k-NN graph."""
+    from .analysis import index as nn
+
+    out = []
+    if "index" in stages:
+        result = nn.build_index(
+            rs["store"], refit_fraction=rs["refit_fraction"], client=client, progress=progress
+        )
+        out.append(str(result))
+    if "neighbors" in stages:
+        from .store import Store
+
+        k = config.get_int("analysis.neighbors.k", minimum=1)
+        if nn.graph_for(Store.open(rs["store"]), k) is None:
+            out.append(str(nn.neighbors(rs["store"], client=client, progress=progress)))
     return out
 
 

@@ -16,6 +16,7 @@ from .crossmatch import crossmatch, crossmatch_file
 from .embed import EmbedResult, SampleEmbedding, embed
 from .export import ExportResult, export
 from .hats import export_hats
+from .index import NeighborIndex, build_index, neighbors
 from .outliers import KNNOutlier, outliers
 from .reduce import ExactPCA, PCAResult, PixelFeatures, load_pca, reduce
 from .similar import fingerprint_image, nearest_cutout, similar
@@ -26,11 +27,13 @@ __all__ = [
     "ExactPCA",
     "ExportResult",
     "KNNOutlier",
+    "NeighborIndex",
     "PCAResult",
     "PixelFeatures",
     "SampleClusterer",
     "SampleEmbedding",
     "StreamingKMeans",
+    "build_index",
     "cluster",
     "crossmatch",
     "crossmatch_file",
@@ -40,6 +43,7 @@ __all__ = [
     "fingerprint_image",
     "load_pca",
     "nearest_cutout",
+    "neighbors",
     "outliers",
     "reduce",
     "similar",

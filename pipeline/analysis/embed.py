@@ -104,8 +104,16 @@ class SampleEmbedding(TransformerMixin, BaseEstimator):
         self.random_state = random_state
 
     def fit(
-        self, X, y=None, *, sample: tuple[np.ndarray, np.ndarray] | None = None
+        self,
+        X,
+        y=None,
+        *,
+        sample: tuple[np.ndarray, np.ndarray] | None = None,
+        knn: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> SampleEmbedding:
+        """Fit on a sample of ``X`` (or the given ``(index, values)``). ``knn``: UMAP's
+        precomputed k-NN of the sample rows (positions into the sample, each row itself
+        first), so UMAP does not build its own; the model then cannot place other rows."""
         from .reduce import _as_dask
 
         X = _as_dask(X)
@@ -131,12 +139,14 @@ class SampleEmbedding(TransformerMixin, BaseEstimator):
                     random_state=self.random_state,
                     n_jobs=1,
                     force_approximation_algorithm=True,
+                    **({} if knn is None else {"precomputed_knn": knn}),
                 ).fit(values)
                 embedding = model.embedding_
                 # The first transform builds the search index in place, which is not thread
                 # safe: do it here, once, before blocks are transformed in parallel (a pickled
                 # model carries the prepared index to the workers).
-                model.transform(values[:2])
+                if knn is None:
+                    model.transform(values[:2])
             elif self.method == "tsne":
                 from openTSNE import TSNE
 
@@ -263,7 +273,8 @@ def embed(
         model = SampleEmbedding(
             method, n_components=n_components, sample_size=size, random_state=seed, **params
         )
-        model.fit(X, sample=(index, values))
+        knn = _graph_knn(st, index, params["n_neighbors"], n_valid) if method == "umap" else None
+        model.fit(X, sample=(index, values), knn=knn)
         st.create_row_array(
             "embedding",
             tail=(n_components,),
@@ -278,9 +289,31 @@ def embed(
         "n_components": n_components,
         "sample_size": len(index),
         "seed": seed,
+        "precomputed_knn": knn is not None,
         **params,
     }
     st.set_attrs(embedding=info)
     result = EmbedResult(st.path, method, n_valid, len(index), info)
     logger.info("%s", result)
     return result
+
+
+def _graph_knn(st: Store, index: np.ndarray, n_neighbors: int, n_valid: int):
+    """The store's k-NN graph (``elodin neighbors``) as UMAP's precomputed k-NN of the sample
+    ``index``, when the sample is every valid row (a subsample's neighbours would lie outside
+    it) and the graph is current with at least ``n_neighbors - 1`` neighbours; else None."""
+    from .index import graph_for
+
+    m = min(n_neighbors, len(index) - 1)
+    if len(index) != n_valid or graph_for(st, m - 1) is None:
+        return None
+    ind = np.asarray(st.array("neighbors").oindex[index])[:, : m - 1]
+    dist = np.asarray(st.array("neighbor_distance").oindex[index])[:, : m - 1]
+    pos = np.searchsorted(index, ind)
+    if (ind < 0).any() or not np.array_equal(index[np.minimum(pos, len(index) - 1)], ind):
+        return None
+    own = np.arange(len(index))[:, None]
+    return (
+        np.hstack([own, pos]).astype(np.int64),
+        np.hstack([np.zeros((len(index), 1), np.float32), dist]).astype(np.float32),
+    )

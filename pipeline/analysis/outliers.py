@@ -213,18 +213,28 @@ def outliers(
     if min(ref, n_valid) <= k:
         raise ConfigError(f"reference size {ref} must exceed k = {k}")
     block = _base.block_rows(st, block_rows)
+    from .index import graph_for
+
+    # The store's k-NN graph (`elodin neighbors`), when current, gives every row's true k-NN
+    # distance among all rows instead of the reference sample's.
+    graph = graph_for(st, k)
     with _base.runner(client, scheduler=scheduler, workers=workers) as run, run.activate():
-        X = _base.rows(st, "pca", block=block)
-        index = _base.sample_valid(st, ref, seed=seed, block=block)
-        model = KNNOutlier(k, reference_size=ref, random_state=seed)._fit_reference(
-            index, _base.take_rows(X, index)
-        )
-        scores = model._scores(X)
+        if graph is not None:
+            scores = _base.rows(st, "neighbor_distance", block=block)[:, :k].mean(axis=1)
+            n_ref = n_valid
+        else:
+            X = _base.rows(st, "pca", block=block)
+            index = _base.sample_valid(st, ref, seed=seed, block=block)
+            model = KNNOutlier(k, reference_size=ref, random_state=seed)._fit_reference(
+                index, _base.take_rows(X, index)
+            )
+            scores = model._scores(X)
+            n_ref = len(index)
         st.create_row_array(
             "outlier_score",
             dtype="float32",
             fill=np.nan,
-            attrs={"k": k, "reference_size": len(index)},
+            attrs={"k": k, "reference_size": n_ref},
         )
         offsets = np.cumsum((0, *scores.chunks[0]))
 
@@ -243,14 +253,14 @@ def outliers(
         top.add(sc, idx)
     st.set_attrs(
         outlier_score={
-            "method": "knn-mean-distance",
+            "method": "knn-mean-distance" if graph is None else "knn-graph",
             "k": k,
-            "reference_size": len(index),
-            "exact": bool(len(index) == n_valid),
+            "reference_size": n_ref,
+            "exact": bool(n_ref == n_valid) and (graph is None or graph.get("kind") == "flat"),
             "seed": seed,
         }
     )
     table = _base.row_table(st, top.index, {"score": top.scores})
     table.add_column(np.arange(1, len(table) + 1), name="rank", index=0)
-    table.meta.update({"k": k, "reference_size": len(index)})
+    table.meta.update({"k": k, "reference_size": n_ref})
     return table

@@ -125,6 +125,49 @@ def _nearest_block(path: str, start: int, stop: int, ra: float, dec: float):
     return start + i, float(sep[i])
 
 
+def _at(st: Store, name: str, rows: np.ndarray) -> np.ndarray:
+    """``name`` at the sorted store ``rows`` (reads only the chunks holding them)."""
+    return np.asarray(st.array(name).oindex[rows])
+
+
+def _indexed(st: Store, query: np.ndarray, metric: str, n: int, skip: int | None, box):
+    """The best ``n`` rows from the store's neighbour index, as one block task's answer
+    (``[(rows, distances)]``), or None when the index is missing, stale or of another metric.
+
+    Candidates are asked for in growing numbers until ``n`` survive the query row and the
+    overlap filter; their distances are computed again from the stored ``pca`` rows, so they
+    are the scan's to the last bit.
+    """
+    from . import index as nn
+
+    model, why = nn.usable_index(st, metric=metric)
+    if model is None:
+        logger.info("%s: %s; scanning every row", st.path, why)
+        return None
+    k = n + 1
+    while True:
+        k = min(k, model.n_indexed)
+        _, ids = model.kneighbors(query[None], k)
+        rows = np.sort(ids[0][ids[0] >= 0])
+        keep = rows != (-1 if skip is None else skip)
+        if box is not None and len(rows):
+            image, bx0, bx1, by0, by1 = box
+            x0, x1, y0, y1 = _boxes(
+                _at(st, "x", rows),
+                _at(st, "y", rows),
+                _at(st, "width", rows),
+                _at(st, "height", rows),
+            )
+            same = _base.to_str(_at(st, "image", rows)) == image
+            keep &= ~(same & (x0 < bx1) & (bx0 < x1) & (y0 < by1) & (by0 < y1))
+        if keep.sum() >= n or k >= model.n_indexed:
+            break
+        k *= 4
+    rows = rows[keep]
+    d = distances(_at(st, "pca", rows), query, metric) if len(rows) else np.zeros(0)
+    return [(rows, d)]
+
+
 def _ranges(n_rows: int, block: int) -> list[tuple[int, int]]:
     return [(s, min(n_rows, s + block)) for s in range(0, n_rows, block)]
 
@@ -273,6 +316,7 @@ def similar(
     n: int | None = None,
     metric: str | None = None,
     exclude_overlaps: bool | None = None,
+    exact: bool = False,
     block_rows: int | None = None,
     client=None,
     scheduler: str | None = None,
@@ -294,6 +338,10 @@ def similar(
     metric : {"l2", "cosine", "jaccard"}, optional
     exclude_overlaps : bool, optional
         Leave out windows of the same image intersecting the query window.
+    exact : bool
+        Scan every row even when the store's neighbour index (``elodin index``) could answer.
+        Without it, ``l2`` and ``cosine`` queries use the index when it covers the store and
+        matches its data; a stale index is reported (a warning) and the rows are scanned.
     block_rows, client, scheduler, workers
         Rows per task and where the tasks run.
 
@@ -353,11 +401,14 @@ def similar(
                 query = load_pca(st).transform(features[None])[0]
             box = None
             meta.update(query=f"image {image}")
-        tasks = [
-            delayed(_search_block)(st.path, variable, a, b, query, metric, n, row, box)
-            for a, b in _ranges(st.n_rows, block)
-        ]
-        found = run.compute(*tasks)
+        found = None if exact or metric == "jaccard" else _indexed(st, query, metric, n, row, box)
+        meta["search"] = "exact" if found is None else "index"
+        if found is None:
+            tasks = [
+                delayed(_search_block)(st.path, variable, a, b, query, metric, n, row, box)
+                for a, b in _ranges(st.n_rows, block)
+            ]
+            found = run.compute(*tasks)
     top = _base.TopN(n)
     for idx, dist in found:
         top.add(dist, idx)
