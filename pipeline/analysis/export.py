@@ -50,11 +50,18 @@ def _format(path: Path) -> str:
     return FORMATS[suffix]
 
 
-def _block_table(group, start: int, stop: int, extra: list[str]):
+def _block_table(group, start: int, stop: int, extra: list[str], rows: np.ndarray | None = None):
     import astropy.units as u
     from astropy.table import Table
 
-    valid = np.asarray(group["valid"][start:stop], bool)
+    valid = np.ones(stop - start, bool)
+    if rows is not None:  # a selection: sorted unique store rows
+        lo, hi = np.searchsorted(rows, [start, stop])
+        if hi == lo:
+            return None
+        valid[:] = False
+        valid[rows[lo:hi] - start] = True
+    valid &= np.asarray(group["valid"][start:stop], bool)
     if not valid.any():
         return None
     t = Table()
@@ -105,6 +112,7 @@ def export(
     *,
     block_rows: int | None = None,
     overwrite: bool = True,
+    rows: np.ndarray | None = None,
 ) -> ExportResult:
     """Write the catalog of valid rows to ``path`` (format from the extension).
 
@@ -117,6 +125,9 @@ def export(
         Rows read per step.
     overwrite : bool
         Replace an existing file.
+    rows : array of int, optional
+        Only these store rows (a selection, e.g. from the explorer); empty slots among them
+        are left out. Default: every valid row.
 
     Returns
     -------
@@ -130,6 +141,12 @@ def export(
     if out.exists() and not overwrite:
         raise ConfigError(f"{out}: exists (pass overwrite=True to replace it)")
     n_valid = _base.valid_count(st, stage="export")
+    if rows is not None:
+        rows = np.unique(np.asarray(rows, dtype=np.int64))
+        if len(rows) and (rows[0] < 0 or rows[-1] >= st.n_rows):
+            raise ConfigError(f"{st.path}: selected rows must lie in 0..{st.n_rows - 1}")
+        if not len(rows):
+            raise ConfigError(f"{st.path}: the selection is empty; nothing to export")
     present = _base.names(st)
     extra = [v for v in ("cluster", "embedding", "outlier_score") if v in present]
     block = _base.block_rows(st, block_rows)
@@ -143,26 +160,32 @@ def export(
 
             image_len = max((len(i) for s in st.segments for i in s.images), default=1)
             writer = schema = None
+            n_valid = 0
             for start in range(0, st.n_rows, block):
-                t = _block_table(group, start, min(st.n_rows, start + block), extra)
+                t = _block_table(group, start, min(st.n_rows, start + block), extra, rows)
                 if t is None:
                     continue
+                n_valid += len(t)
                 if writer is None:
                     writer, schema = _parquet_writer(tmp, t, image_len)
                     columns = list(t.colnames)
                 arrays = [pa.array(np.asarray(t[c])) for c in t.colnames]
                 writer.write_table(pa.Table.from_arrays(arrays, schema=schema))
-            if writer is not None:
-                writer.close()
+            if writer is None:
+                raise ConfigError(f"{st.path}: no valid cutout among the selected rows")
+            writer.close()
         else:
             from astropy.table import vstack
 
             parts = [
                 t
                 for start in range(0, st.n_rows, block)
-                if (t := _block_table(group, start, min(st.n_rows, start + block), extra))
+                if (t := _block_table(group, start, min(st.n_rows, start + block), extra, rows))
                 is not None
             ]
+            if not parts:
+                raise ConfigError(f"{st.path}: no valid cutout among the selected rows")
+            n_valid = sum(len(t) for t in parts)
             table = vstack(parts, metadata_conflicts="silent") if len(parts) > 1 else parts[0]
             table.meta.update({"store": st.path, "model": st.attrs.get("model")})
             columns = list(table.colnames)
