@@ -111,18 +111,22 @@ class ExplorerPage:
             background_fill_color="#ffffff",
         )
         p.grid.visible = False
+        p.name = "map"
         r = renderer.render(self.by, self.view[:2], self.view[2:])
         self.image = ColumnDataSource(
             {"image": [r.image], "x": [r.x0], "y": [r.y0], "dw": [r.dw], "dh": [r.dh]}
         )
+        self.image.name = "map-image"
         p.image_rgba(image="image", x="x", y="y", dw="dw", dh="dh", source=self.image)
-        self.points = ColumnDataSource({"px": [], "py": [], "row": [], "thumb": []})
+        self.points = ColumnDataSource(
+            {"px": [], "py": [], "row": [], "thumb": []}, name="map-points"
+        )
         pts = p.scatter(
             "px", "py", source=self.points, size=9, fill_alpha=0.0, line_color="#222222",
             line_alpha=0.7, selection_line_color="#222222", nonselection_line_alpha=0.7,
         )  # fmt: skip
         p.add_tools(HoverTool(renderers=[pts], tooltips=_TOOLTIP))
-        select = BoxSelectTool(renderers=[pts])
+        select = BoxSelectTool(renderers=[pts], name="box-select")
         p.add_tools(select)
         p.on_event(RangesUpdate, self._on_ranges)
         p.on_event(Tap, self._on_tap)
@@ -159,7 +163,7 @@ class ExplorerPage:
             buttons.append(b)
         _, why = explorer.labels.writable()
         self.status = Div(css_classes=["elodin-status"], width=330, text=html.escape(why))
-        self.keys = ColumnDataSource({"key": [], "t": []})
+        self.keys = ColumnDataSource({"key": [], "t": []}, name="keys")
         self.keys.on_change("data", self._on_key)
         doc.js_on_event("document_ready", CustomJS(args={"keys": self.keys}, code=_KEYS_JS))
 
@@ -209,6 +213,7 @@ class ExplorerPage:
                 tabs,
             )
         )
+        doc.add_root(self.keys)  # not drawn; a root so that the key listener's source syncs
         doc.title = "Elodin explorer"
 
     # -- the map -------------------------------------------------------------------------
