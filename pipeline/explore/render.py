@@ -27,6 +27,12 @@ _IMAGE_COLOURS = [
 _LABEL_COLOURS = {"none": "#9a9a9a", "not_interesting": "#3b6fd6", "interesting": "#f0a020"}
 
 
+def _rgba(hex_colour: str) -> int:
+    """``#rrggbb`` as the little-endian RGBA uint32 of Bokeh's ``image_rgba`` (opaque)."""
+    r, g, b = (int(hex_colour[i : i + 2], 16) for i in (1, 3, 5))
+    return r | g << 8 | b << 16 | 255 << 24
+
+
 @dataclass
 class Rendered:
     """One rendered view: the RGBA image (rows bottom to top, as Bokeh's ``image_rgba``
@@ -72,7 +78,7 @@ class MapRenderer:
 
         ex = self.explorer
         if by == "label" and self._label_version != ex.labels.version and "label" in self.frame:
-            del self.frame["label"]  # labels changed since: rebuild the column
+            del self.frame["label"], self.frame["label_code"]  # labels changed: rebuild
         if by in self.frame:
             return by, (list(self._legend[by].values()) if by in self._legend else None)
         if by == "cluster":
@@ -82,6 +88,7 @@ class MapRenderer:
             names = ["noise" if c < 0 else f"cluster {c}" for c in ids]
             lookup = np.searchsorted(ids, codes)
             self.frame[by] = pd.Categorical.from_codes(lookup.astype(np.int32), names)
+            self.frame[f"{by}_code"] = lookup.astype(np.float32)
             self._legend[by] = {n: hex_colour(colours[c]) for n, c in zip(names, ids, strict=True)}
         elif by == "image":
             n = min(len(ex.image_names), len(_IMAGE_COLOURS))
@@ -91,10 +98,12 @@ class MapRenderer:
                 else [f"images {i} mod {n}" for i in range(n)]
             )
             self.frame[by] = pd.Categorical.from_codes((ex.image % n).astype(np.int32), names)
+            self.frame[f"{by}_code"] = (ex.image % n).astype(np.float32)
             self._legend[by] = dict(zip(names, _IMAGE_COLOURS[:n], strict=True))
         elif by == "label":
             names = list(_LABEL_COLOURS)  # none, not_interesting, interesting = codes -1, 0, 1
             self.frame[by] = pd.Categorical.from_codes(ex.labels.values.astype(np.int32) + 1, names)
+            self.frame[f"{by}_code"] = ex.labels.values.astype(np.float32) + 1
             self._legend[by] = dict(_LABEL_COLOURS)
             self._label_version = ex.labels.version
         else:
@@ -119,6 +128,9 @@ class MapRenderer:
         canvas = ds.Canvas(
             plot_width=self.width, plot_height=self.height, x_range=(x0, x1), y_range=(y0, y1)
         )
+        count = int(np.count_nonzero(self.in_view(x0, x1, y0, y1)))
+        # Lone points would be single pixels: grown while the view is sparse.
+        sparse = count < self.width * self.height // 50
         if by == "density":
             agg = canvas.points(self.frame, "x", "y", ds.count())
             img = tf.shade(agg, cmap=["#c6dbef", "#08306b"], how="log", min_alpha=90)
@@ -128,11 +140,19 @@ class MapRenderer:
                 agg = canvas.points(self.frame, "x", "y", ds.mean(column))
                 img = tf.shade(agg, cmap=["#2c7bb6", "#ffffbf", "#d7191c"], how="linear")
             else:
-                agg = canvas.points(self.frame, "x", "y", ds.count_cat(column))
-                img = tf.shade(agg, color_key=key, how="log", min_alpha=90)
-        # Lone points would be single pixels: grown while the view is sparse.
-        img = tf.dynspread(img, threshold=0.5, max_px=2)
-        count = int(np.count_nonzero(self.in_view(x0, x1, y0, y1)))
+                # One category per pixel (the largest code there), looked up in the colour key:
+                # datashader's blended categorical shading costs (height x width x categories)
+                # float arrays, seconds and hundreds of MB per render for 20 clusters.
+                agg = canvas.points(self.frame, "x", "y", ds.max(f"{column}_code"))
+                codes = np.nan_to_num(np.asarray(agg.data, np.float64), nan=-1).astype(np.int64)
+                if sparse:
+                    from scipy.ndimage import maximum_filter
+
+                    codes = np.where(codes >= 0, codes, maximum_filter(codes, size=3))
+                lut = np.array([_rgba(c) for c in key] + [0], np.uint32)
+                return Rendered(lut[codes], x0, y0, x1 - x0, y1 - y0, count)
+        if sparse:
+            img = tf.spread(img, px=1)
         return Rendered(np.asarray(img.data), x0, y0, x1 - x0, y1 - y0, count)
 
     def in_view(self, x0: float, x1: float, y0: float, y1: float) -> np.ndarray:
