@@ -157,6 +157,7 @@ def main() -> None:
         warm = [get(f"api/cutout/{int(row)}.png") for row in rows[:20]]
         out["thumb_cold_ms"] = 1000 * statistics.median(cold[1:])
         out["thumb_warm_ms"] = 1000 * statistics.median(warm)
+        print(json.dumps(out), flush=True)  # so far, in case the browser part fails
 
         from playwright.sync_api import sync_playwright
 
@@ -166,7 +167,7 @@ def main() -> None:
             )  # fmt: skip
             page = b.new_page(viewport={"width": 1400, "height": 1300})
             t = time.perf_counter()
-            page.goto(url)
+            page.goto(url, timeout=600000)
             page.wait_for_function(
                 "() => window.Bokeh && Bokeh.documents.length && "
                 "Bokeh.documents[0].get_model_by_name('map-image') && "

@@ -12,7 +12,7 @@ import collections
 import logging
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -69,7 +69,8 @@ class ThumbnailCache:
         # per-thread handles; cutouts are small, so serial reads cost little.
         self._lock = threading.Lock()
 
-    def get(self, row: int, image: str, window: np.ndarray) -> bytes:
+    def get(self, row: int, image: str, window: Callable[[], np.ndarray]) -> bytes:
+        """The PNG of ``row``; ``window()`` gives its ``(x0, y0, w, h)`` when it must be read."""
         from ..report.interactive import png_bytes
 
         with self._lock:
@@ -77,7 +78,7 @@ class ThumbnailCache:
             if png is not None:
                 self._png.move_to_end(row)
                 return png
-            thumb = self.reader.thumbnails([image], np.asarray(window)[None], size=self.size)[0]
+            thumb = self.reader.thumbnails([image], np.asarray(window())[None], size=self.size)[0]
             png = png_bytes(thumb, optimize=False)
             self._png[row] = png
             while len(self._png) > self.capacity:
@@ -152,6 +153,8 @@ class Explorer:
             float(self.xy[finite, 1].max()),
         )
         self._outlier_order: np.ndarray | None = None
+        # Opened once: each lookup through the group would read the array's metadata again.
+        self._coords = {n: st.array(n) for n in ("x", "y", "width", "height", "ra", "dec")}
         self.labels = Labels(st, self.rows, read_only=read_only)
         self.thumbs = ThumbnailCache(
             st.attrs,
@@ -181,16 +184,16 @@ class Explorer:
     def info(self, row: int) -> dict[str, Any]:
         """What the page shows about one row."""
         i = self.position(row)
-        st = self.store
+        c = self._coords
         out: dict[str, Any] = {
             "row": row,
             "image": self.image_names[int(self.image[i])],
-            "x": float(st.array("x")[row]),
-            "y": float(st.array("y")[row]),
-            "width": int(st.array("width")[row]),
-            "height": int(st.array("height")[row]),
-            "ra": _finite(st.array("ra")[row]),
-            "dec": _finite(st.array("dec")[row]),
+            "x": float(c["x"][row]),
+            "y": float(c["y"][row]),
+            "width": int(c["width"][row]),
+            "height": int(c["height"][row]),
+            "ra": _finite(c["ra"][row]),
+            "dec": _finite(c["dec"][row]),
             "map": [_finite(v) for v in self.xy[i]],
             "label": self.labels.get(row),
         }
@@ -205,13 +208,13 @@ class Explorer:
         from ..report.thumbnails import window_boxes
 
         i = self.position(row)
-        st = self.store
-        window = window_boxes(
-            [st.array("x")[row]],
-            [st.array("y")[row]],
-            [st.array("width")[row]],
-            [st.array("height")[row]],
-        )[0]
+        c = self._coords
+
+        def window() -> np.ndarray:
+            return window_boxes(
+                [c["x"][row]], [c["y"][row]], [c["width"][row]], [c["height"][row]]
+            )[0]
+
         return self.thumbs.get(row, self.image_names[int(self.image[i])], window)
 
     def summary(self) -> dict[str, Any]:
