@@ -283,14 +283,30 @@ class ExplorerPage:
             self.pick(found)
 
     def pick(self, row: int) -> None:
-        """Show ``row``'s cutout, facts and neighbours."""
+        """Show ``row``'s cutout and facts now, its neighbours when found: the query streams
+        the store (seconds at 10^6 rows) on a thread, so the page and the API stay live."""
+        import threading
+
         self.picked = row
         self._render_details()
-        try:
-            items = self.ex.similar(row, self.n_similar)
-        except ElodinError as e:
+        self.neighbours.text = '<i class="searching">finding neighbours...</i>'
+        doc = self.doc
+
+        def search() -> None:
+            try:
+                items, error = self.ex.similar(row, self.n_similar), None
+            except ElodinError as e:
+                items, error = [], str(e)
+            doc.add_next_tick_callback(lambda: self._show_neighbours(row, items, error))
+
+        threading.Thread(target=search, name=f"neighbours-{row}", daemon=True).start()
+
+    def _show_neighbours(self, row: int, items: list, error: str | None) -> None:
+        if row != self.picked:
+            return  # another cutout was picked meanwhile
+        if error is not None:
             self.neighbours.text = (
-                f'<div class="gallery" data-kind="neighbours"><i>{html.escape(str(e))}</i></div>'
+                f'<div class="gallery" data-kind="neighbours"><i>{html.escape(error)}</i></div>'
             )
             return
         self.neighbours.text = _gallery(
