@@ -534,6 +534,36 @@ def _cmd_crossmatch(args: argparse.Namespace) -> int:
     return 0
 
 
+# -------------------------------------------------------------------------------------- explore
+@command
+def _add_explore(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "explore", help="interactive explorer in the browser: map, cutouts, neighbours, labels"
+    )
+    p.add_argument("store", metavar="STORE", help="fingerprint store (after embed)")
+    p.add_argument("--port", type=int, metavar="N", help="port (default 5006; 0: any free port)")
+    p.add_argument("--host", help="address to listen on (default 127.0.0.1, this machine only)")
+    p.add_argument("--no-browser", action="store_true", help="do not open a web browser")
+    p.add_argument("--read-only", action="store_true", help="never write labels into the store")
+    p.set_defaults(func=_cmd_explore)
+
+
+def _cmd_explore(args: argparse.Namespace) -> int:
+    from .explore import explore
+
+    try:
+        explore(
+            args.store,
+            host=args.host,
+            port=args.port,
+            browser=not args.no_browser,
+            read_only=args.read_only,
+        )
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the normal way to stop a server
+        print("Explorer stopped", file=sys.stderr)
+    return 0
+
+
 # --------------------------------------------------------------------------------------- unlock
 @command
 def _add_unlock(sub: argparse._SubParsersAction) -> None:

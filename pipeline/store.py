@@ -994,6 +994,50 @@ class Store:
         for u in units:
             fs.rm(f"{self._done_dir()}/{u:010d}")
 
+    # -- a few rows at a time (the explorer's labels) --------------------------------------
+    def write_values(self, name: str, rows: Sequence[int], values: np.ndarray) -> None:
+        """Set the existing per-row variable ``name`` at ``rows`` (any order, each row once),
+        leaving every other row as it is: only the chunks holding those rows are rewritten.
+
+        For edits of a few rows (a label set in the explorer); whole results go through
+        :meth:`write_rows`.
+        """
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        if not len(rows):
+            return
+        arr = self._group[name]
+        if rows.min() < 0 or rows.max() >= arr.shape[0]:
+            raise ValueError(f"{name}: rows outside 0..{arr.shape[0] - 1}")
+        order = np.argsort(rows, kind="stable")
+        arr.oindex[rows[order]] = np.asarray(values)[order]
+
+    def append_table(self, name: str, records: Mapping[str, np.ndarray], *, dim: str) -> int:
+        """Append records to a small table kept as 1-D variables ``{name}_{column}(dim)``
+        (created on first use); returns the table's length afterwards.
+
+        Every column is grown and written before the next, so a table interrupted half way
+        has columns of unequal length; readers use the shortest.
+        """
+        n = {len(np.asarray(v).reshape(-1)) for v in records.values()}
+        if len(n) != 1:
+            raise ValueError(f"{name}: columns of unequal length")
+        (count,) = n
+        length = 0
+        for column, values in records.items():
+            values = np.asarray(values).reshape(-1)
+            key = f"{name}_{column}"
+            if key not in self._group:
+                self._group.create_array(
+                    key, shape=(0,), dtype=values.dtype, chunks=(4096,), dimension_names=(dim,)
+                )
+            arr = self._group[key]
+            start = arr.shape[0]
+            arr.resize((start + count,))
+            if count:
+                arr[start:] = values
+            length = start + count
+        return length
+
 
 _TILE_FIELDS = ("image", "ty0", "ty1", "tx0", "tx1", "ry0", "ry1", "rx0", "rx1")
 

@@ -119,14 +119,28 @@ def catalog_columns(store: Store, *, pca_components: int | None = None) -> dict[
     return extra
 
 
-def block_table(group, start: int, stop: int, extra: dict[str, int | None], *, sky: bool = False):
+def block_table(
+    group,
+    start: int,
+    stop: int,
+    extra: dict[str, int | None],
+    *,
+    sky: bool = False,
+    rows: np.ndarray | None = None,
+):
     """The catalog rows of store rows ``start:stop`` as an astropy Table (None when empty).
 
-    ``sky``: only rows with celestial coordinates (finite ``ra`` and ``dec``).
+    ``sky``: only rows with celestial coordinates (finite ``ra`` and ``dec``). ``rows``: only
+    these store rows (sorted, unique: a selection).
     """
     from astropy.table import Table
 
     keep = np.asarray(group["valid"][start:stop], bool)
+    if rows is not None:
+        lo, hi = np.searchsorted(rows, [start, stop])
+        chosen = np.zeros(stop - start, bool)
+        chosen[rows[lo:hi] - start] = True
+        keep &= chosen
     if sky:
         keep &= np.isfinite(group["ra"][start:stop]) & np.isfinite(group["dec"][start:stop])
     if not keep.any():
@@ -262,6 +276,7 @@ def export(
     block_rows: int | None = None,
     pca_components: int | None = None,
     overwrite: bool = True,
+    rows: np.ndarray | None = None,
     **hats_options,
 ) -> ExportResult:
     """Write the catalog of valid rows to ``path`` (format from the extension).
@@ -279,6 +294,9 @@ def export(
         First PCA components exported (default ``analysis.export.pca-components``).
     overwrite : bool
         Replace an existing file.
+    rows : array of int, optional
+        Only these store rows (a selection, e.g. from the explorer); empty slots among them
+        are left out. Default: every valid row. Not for HATS.
     **hats_options
         For HATS: passed to :func:`pipeline.analysis.hats.export_hats` (``client``,
         ``scheduler``, ``workers``, ``progress``, ``partition_rows``).
@@ -294,6 +312,9 @@ def export(
     if fmt == "hats":
         from .hats import export_hats
 
+        if rows is not None:
+            raise ConfigError(f"{out}: a selection of rows cannot be exported as HATS")
+
         return export_hats(
             store,
             out,
@@ -308,21 +329,30 @@ def export(
     if out.exists() and not overwrite:
         raise ConfigError(f"{out}: exists (pass overwrite=True to replace it)")
     n_valid = _base.valid_count(st, stage="export")
+    if rows is not None:
+        rows = np.unique(np.asarray(rows, dtype=np.int64))
+        if not len(rows):
+            raise ConfigError(f"{st.path}: the selection is empty; nothing to export")
+        if rows[0] < 0 or rows[-1] >= st.n_rows:
+            raise ConfigError(f"{st.path}: selected rows must lie in 0..{st.n_rows - 1}")
     extra = catalog_columns(st, pca_components=pca_components)
     block = _base.block_rows(st, block_rows)
     group = zarr.open_group(st.path, mode="r", zarr_format=3)
     pieces = (
         t
         for start in range(0, st.n_rows, block)
-        if (t := block_table(group, start, min(st.n_rows, start + block), extra)) is not None
+        if (t := block_table(group, start, min(st.n_rows, start + block), extra, rows=rows))
+        is not None
     )
-    _, columns = write_table(
+    n_valid, columns = write_table(
         pieces,
         out,
         fmt,
         meta={"store": st.path, "model": st.attrs.get("model")},
         string_len=string_lengths(st, extra) if fmt == "parquet" else None,
     )
+    if not columns:
+        raise ConfigError(f"{st.path}: no valid cutout among the selected rows")
     result = ExportResult(str(out), n_valid, columns)
     logger.info("%s", result)
     return result

@@ -15,7 +15,7 @@ import numpy as np
 
 from .figures import hex_colour
 
-__all__ = ["bokeh_resources", "embedding_plot", "png_data_uri"]
+__all__ = ["bokeh_resources", "embedding_plot", "png_bytes", "png_data_uri"]
 
 _TOOLTIP = """
 <div style="max-width: 230px">
@@ -31,8 +31,8 @@ _TOOLTIP = """
 """
 
 
-def png_data_uri(thumb: np.ndarray) -> str:
-    """A uint8 ``(h, w, 3)`` image as a ``data:image/png;base64,...`` URI."""
+def png_bytes(thumb: np.ndarray, *, optimize: bool = True) -> bytes:
+    """A uint8 ``(h, w, 3)`` image as PNG bytes (grey when the three channels are equal)."""
     from PIL import Image
 
     img = Image.fromarray(thumb)
@@ -43,8 +43,13 @@ def png_data_uri(thumb: np.ndarray) -> str:
     ):
         img = img.convert("L")  # one-band images: a third of the bytes
     buf = io.BytesIO()
-    img.save(buf, format="PNG", optimize=True)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+    img.save(buf, format="PNG", optimize=optimize)
+    return buf.getvalue()
+
+
+def png_data_uri(thumb: np.ndarray) -> str:
+    """A uint8 ``(h, w, 3)`` image as a ``data:image/png;base64,...`` URI."""
+    return "data:image/png;base64," + base64.b64encode(png_bytes(thumb)).decode("ascii")
 
 
 def embedding_plot(
