@@ -39,6 +39,7 @@ __all__ = [
     "SCOPES",
     "STRETCHES",
     "asinh_stretch",
+    "check_bands",
     "check_image_sample",
     "image_limits_for",
     "interval_limits",
@@ -72,8 +73,10 @@ def _number(settings: Mapping, key: str, *, low=None, high=None, allow_none=Fals
     value = settings[key]
     if value is None and allow_none:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ConfigError(f"config elodin.preprocess.{key}: expected a number, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int | float) or not np.isfinite(value):
+        raise ConfigError(
+            f"config elodin.preprocess.{key}: expected a finite number, got {value!r}"
+        )
     if (low is not None and value <= low) or (high is not None and value > high):
         bounds = f"in ({low}, {high}]" if high is not None else f"> {low}"
         raise ConfigError(f"config elodin.preprocess.{key}: must be {bounds}, got {value!r}")
@@ -153,6 +156,12 @@ def _band_indices(n_bands: int, settings: Mapping, image: str | None) -> list[in
             f"no band {bad[0]}"
         )
     return None if len(bands) == 1 and n_bands == 1 else list(bands) * (3 // len(bands))
+
+
+def check_bands(n_bands: int, settings: Mapping, image: str | None = None) -> None:
+    """Refuse, before anything is written, ``bands`` that an image of ``n_bands`` cannot give
+    (the same rule :func:`select_bands` applies to every batch on the workers)."""
+    _band_indices(n_bands, settings, image)
 
 
 def select_bands(

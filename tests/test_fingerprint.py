@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -282,6 +283,82 @@ def test_cli_bad_input_is_one_line_and_the_store_is_untouched(tmp_path, clean_st
     stem = Path(args[0].split("[")[0]).name
     assert stem in lines[0], lines[0]
     assert store_digest(clean_store) == before
+
+
+# Settings that only the workers (stretch, sessions), detection or the task loop read: each
+# must be refused with one line before anything is written, never after the store was made.
+BAD_SETTINGS = {
+    "invalid scope": ({"SCOPE": "everywhere"}, "preprocess.scope"),
+    "fixed without limits": ({"INTERVAL": "fixed"}, "preprocess.vmin / vmax"),
+    "cutout scope, limits reversed": (
+        {"SCOPE": "cutout", "INTERVAL": "fixed", "VMIN": "5.0", "VMAX": "1.0"},
+        "preprocess.vmin / vmax",
+    ),
+    "unknown stretch": ({"STRETCH": "cubic"}, "preprocess.stretch"),
+    "unknown interval": ({"INTERVAL": "histeq"}, "preprocess.interval"),
+    "percentile above 100": ({"PERCENTILE": "150"}, "preprocess.percentile"),
+    "negative asinh-a": ({"ASINH_A": "-1.0"}, "preprocess.asinh-a"),
+    "nan-fill above 1": ({"NAN_FILL": "2.0"}, "preprocess.nan-fill"),
+    "a band the image lacks": ({"BANDS": "[0, 1, 2]"}, "preprocess.bands"),
+    "unknown provider": ({"/MODEL__PROVIDERS": "['FooExecutionProvider']"}, "model.providers"),
+    "unknown cudnn search": (
+        {"/MODEL__CUDA__CUDNN_CONV_ALGO_SEARCH": "FAST"},
+        "cudnn-conv-algo-search",
+    ),
+    "no gpu units": ({"/FINGERPRINT__GPU_UNITS": "0"}, "fingerprint.gpu-units"),
+}
+
+
+def _bad_env(values: dict) -> dict:
+    """``ELODIN__PREPROCESS__KEY`` variables (``/SECTION__KEY`` for other sections)."""
+    env = {**os.environ, "ELODIN__FINGERPRINT__CHUNK_ROWS": "16"}
+    for key, value in values.items():
+        name = key[1:] if key.startswith("/") else f"PREPROCESS__{key}"
+        env[f"ELODIN__{name}"] = value
+    return env
+
+
+def _refused(cmd: list[str], env: dict, key: str) -> None:
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = error_lines(result.stderr)
+    assert len(lines) == 1 and key in lines[0], result.stderr
+
+
+@pytest.mark.parametrize("case", sorted(BAD_SETTINGS))
+def test_bad_setting_is_one_line_and_creates_no_store(tmp_path, mosaic, case):
+    values, key = BAD_SETTINGS[case]
+    out = tmp_path / "new.zarr"
+    _refused(
+        _fingerprint_cmd(str(mosaic), out=out, extra=("--no-progress",)), _bad_env(values), key
+    )
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("case", sorted(BAD_SETTINGS))
+def test_bad_setting_leaves_an_existing_store_byte_identical(tmp_path, clean_store, mosaic, case):
+    values, key = BAD_SETTINGS[case]
+    out = tmp_path / "copy.zarr"
+    shutil.copytree(clean_store, out)
+    before = store_digest(out)
+    other = make_mosaic(tmp_path / "other.fits", ny=256, nx=256, seed=2)  # new rows would grow it
+    cmd = _fingerprint_cmd(str(mosaic), str(other), out=out, extra=("--no-progress",))
+    _refused(cmd, _bad_env(values), key)
+    assert store_digest(out) == before
+
+
+def test_refused_settings_then_the_corrected_rerun_into_the_same_path(tmp_path, mosaic):
+    """The refused run poisons nothing: the corrected command, same path, makes the store."""
+    out = tmp_path / "fixed.zarr"
+    cmd = _fingerprint_cmd(str(mosaic), out=out, extra=("--no-progress",))
+    _refused(cmd, _bad_env({"SCOPE": "everywhere"}), "preprocess.scope")
+    good = subprocess.run(
+        cmd, env=_bad_env({"SCOPE": "cutout"}), capture_output=True, text=True, timeout=300
+    )
+    assert good.returncode == 0, good.stderr
+    assert "120 cutouts" in good.stdout
+    assert Store.open(out).attrs["preprocess"]["scope"] == "cutout"
 
 
 def test_image_smaller_than_a_cutout_under_drop_creates_nothing(tmp_path):
