@@ -34,7 +34,7 @@ import numpy as np
 from . import config
 from .errors import ConfigError, ElodinError, InputError, StoreError
 from .sources import ImageSource, open_sources
-from .store import Layout, Store, pack_units
+from .store import Layout, Store, chunk_rows_for, pack_units
 from .tiling import Plan
 
 __all__ = [
@@ -441,9 +441,12 @@ def fingerprint_settings(**flags: Any) -> dict:
         "batch_size": config.get_int(
             "fingerprint.batch-size", override=flags.get("batch_size"), minimum=1
         ),
+        # The largest chunk; a new store for a small job gets smaller ones (chunk_rows_for).
         "chunk_rows": config.get_int(
             "fingerprint.chunk-rows", override=flags.get("chunk_rows"), minimum=1
         ),
+        "min_chunk_rows": config.get_int("fingerprint.min-chunk-rows", minimum=1),
+        "units_per_thread": config.get_int("fingerprint.units-per-thread", minimum=1),
         "dtype": config.get_choice(
             "fingerprint.dtype", ("float32", "float16"), override=flags.get("dtype")
         ),
@@ -804,7 +807,7 @@ def _fingerprint_locked(
                 store_path,
                 feature_dim=card.feature_dim,
                 topk=settings["topk"],
-                chunk_rows=settings["chunk_rows"],
+                chunk_rows=_new_chunk_rows(plan, settings, client),
                 attrs=attrs,
                 dtype=settings["dtype"],
             )
@@ -845,11 +848,40 @@ def _fingerprint_locked(
                 if seg.inputs[img].get("limits") is not None:
                     base["image_limits"][img] = np.asarray(seg.inputs[img]["limits"], np.float32)
             jobs.extend(_segment_jobs(st, index, plan, all_sources, base))
+        # Largest units first (units are independent; rows are fixed by the plan): the run
+        # then ends on small ones, and no worker waits long for the last.
+        jobs.sort(key=lambda j: -sum(len(t.windows) for t in j.tiles))
         _run_jobs(client, jobs, gpu=settings["gpu"], progress=progress)
     images = tuple(s.id for s in sources)
     return FingerprintResult(
         store_path, n_windows, len(jobs), total_units - len(jobs), images, retired=len(changed)
     )
+
+
+def _cluster_threads(client) -> int:
+    """Worker threads of the compute cluster now (a cluster still growing counts low, which
+    only makes chunks smaller)."""
+    workers = client.scheduler_info(n_workers=-1)["workers"]
+    return max(1, sum(int(w.get("nthreads") or 1) for w in workers.values()))
+
+
+def _new_chunk_rows(plan: Plan | None, settings: dict, client) -> int:
+    """The chunk size of a new store: small enough that every worker thread gets several
+    units of this first job (a job of 3,465 windows at 1024 rows was 3 units for 2 workers,
+    one of them idle for a third of the run). The store records it; appends and resumes keep
+    it, so every chunk still has one writer."""
+    n = plan.n_windows if plan is not None else 0
+    threads = _cluster_threads(client)
+    rows = chunk_rows_for(
+        n,
+        threads=threads,
+        largest=settings["chunk_rows"],
+        smallest=settings["min_chunk_rows"],
+        units_per_thread=settings["units_per_thread"],
+        multiple=settings["batch_size"],
+    )
+    logger.info("new store: %d rows per chunk (%d windows, %d worker threads)", rows, n, threads)
+    return rows
 
 
 def _check_gpu_workers(client, *, need_cuda: bool) -> None:
@@ -950,7 +982,9 @@ def _run_jobs(client, jobs: list[UnitJob], *, gpu: bool, progress: bool) -> int:
     if not jobs:
         return 0
     n_workers = max(1, len(client.scheduler_info(n_workers=-1)["workers"]))
-    window = 4 * n_workers + 4  # in flight at once: scheduler memory stays bounded for 10^6 units
+    # In flight at once: scheduler memory stays bounded for 10^6 units, and every worker thread
+    # has a unit running and one queued behind it.
+    window = max(4 * n_workers, 2 * _cluster_threads(client)) + 4
     resources = {"GPU": gpu_share()} if gpu else None
     total = sum(len(t.windows) for j in jobs for t in j.tiles)
     bar = tqdm(

@@ -18,7 +18,7 @@ from astropy.wcs import WCS
 
 from pipeline.errors import StoreError
 from pipeline.fingerprint import fingerprint, gpu_share
-from pipeline.store import Store
+from pipeline.store import Store, chunk_rows_for, pack_units
 from pipeline.testing import error_lines, fingerprint_command, store_digest, synthetic_mosaic
 
 MODEL = "efficientnet-lite0:native"  # 64x64 cutouts straight in: the fastest real model
@@ -157,6 +157,59 @@ def test_a_growing_survey_appends_new_images(tmp_path, mosaic, client):
     assert sorted(set(ds.image.values[valid])) == ["field", "second"]
     assert result.units_skipped > 0  # the first image's units were not run again
     assert len(Store.open(out).segments) == 2
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_chunk_size_gives_every_thread_its_units(seed):
+    """pack_units makes at least floor(windows / chunk) units, so chunk_rows_for's chunk gives every
+    thread at least units_per_thread of them, on any split of the windows into tiles."""
+    rs = np.random.default_rng(seed)
+    for _ in range(50):
+        tile_start = np.r_[0, np.cumsum(rs.integers(1, 3000, rs.integers(1, 30)))]
+        n, threads = int(tile_start[-1]), int(rs.integers(1, 17))
+        chunk = chunk_rows_for(
+            n, threads=threads, largest=1024, smallest=8, units_per_thread=4, multiple=8
+        )
+        lay = pack_units(tile_start, chunk_rows=chunk)
+        assert n // chunk <= lay.n_units <= -(-n // chunk)
+        if chunk > 8:  # not held up by the smallest chunk
+            assert chunk % 8 == 0 and lay.n_units >= 4 * threads
+        assert chunk <= 1024 and (lay.unit_rows % chunk == 0).all()  # whole chunks per unit
+        assert (np.diff(lay.unit_rows) > 0).all()  # each chunk in one unit: one writer
+
+
+def test_a_small_job_gives_every_worker_thread_several_units(tmp_path, client):
+    """2,000 windows under the default 1024-row chunks were 2 units for 2 worker threads; the
+    store now takes smaller chunks for it: at least 4 units per thread, each chunk written by
+    one unit, and the chunk size recorded, so an append keeps it."""
+    img = make_mosaic(tmp_path / "small.fits", ny=40 * 64, nx=50 * 64, seed=6)
+    out = tmp_path / "small.zarr"
+    kw = {k: v for k, v in SETTINGS.items() if k not in ("chunk_rows", "tile_size")}
+    result = fingerprint([img], out, client=client, progress=False, **kw)
+    st = Store.open(out)
+    threads = sum(w["nthreads"] for w in client.scheduler_info()["workers"].values())
+    assert threads == 2 and result.n_cutouts == 2000
+    assert st.n_units == result.units_run >= 4 * threads
+    chunk = st.chunk_rows
+    assert 128 <= chunk < 1024 and chunk % 64 == 0  # a whole number of batches of 64
+    for name in ("fingerprint", "valid", "image", "x"):
+        assert st.array(name).chunks[0] == chunk
+    lay = pack_units(st.load_plan(0).tile_start, chunk_rows=chunk)
+    assert (lay.unit_rows % chunk == 0).all() and (np.diff(lay.unit_rows) > 0).all()
+    assert st.done_units() == set(range(st.n_units))
+    ds = st.dataset()
+    assert int(ds.valid.sum()) == 2000
+    assert (
+        len(set(zip(ds.x.values[ds.valid.values], ds.y.values[ds.valid.values], strict=True)))
+        == 2000
+    )
+
+    # A later, smaller job would pick another size; the store keeps its own.
+    other = make_mosaic(tmp_path / "tiny.fits", ny=256, nx=256, seed=7)
+    fingerprint([img, other], out, client=client, progress=False, **kw)
+    st = Store.open(out)
+    assert st.chunk_rows == chunk and st.array("fingerprint").chunks[0] == chunk
+    assert int(st.dataset().valid.sum()) == 2016
 
 
 def test_gpu_resource_restriction_reaches_the_scheduler(tmp_path, mosaic, client):
