@@ -14,14 +14,32 @@ memory of each worker for a 4k^2 and a 16k^2 mosaic (same tile and window sizes;
 tile, not the mosaic).
 
     .venv/bin/python benchmarks/bench_fingerprint.py [--side 2048] [--workers 2] [--skip-memory]
+
+``--hdf``: whole processes on a real image instead. The Hubble Deep Field that scikit-image
+ships (872 x 1000 RGB) tiled 4 x 4 into a 3488 x 4000 PNG, 3,465 windows of 64^2 (stride 64,
+default tiles and chunks), each side a fresh process timed from outside, alternating, medians:
+
+  (a) bare     one process: read the image, per-image limits, cut, stretch, one ONNX Runtime
+               session on all cores, batches of --batch (no Dask, no Zarr)
+  (b) elodin   ``elodin fingerprint`` with --workers processes (cluster, store, everything)
+  (b0)         (b) with ``fingerprint.units-per-thread: 1``: the work units as they were sized
+               before (3 units for 2 workers), the baseline of the same run
+
+and, apart, each side's fixed start-up: the same command on a 64 x 64 crop (one window):
+interpreter and imports, for (b) the cluster start, the session in a worker and the store.
+
+    .venv/bin/python benchmarks/bench_fingerprint.py --hdf [--workers 2] [--rounds 2]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -134,13 +152,143 @@ def worker_peak_mb(mosaic: Path, workers: int, workdir: Path, stride: int) -> li
         return sorted(client.run(peak).values())
 
 
+# ------------------------------------------------------------------ --hdf: whole processes
+def hdf_mosaic(directory: Path) -> tuple[Path, Path]:
+    """The HDF tiled 4 x 4 (3488 x 4000 RGB PNG) and a 64 x 64 crop of it (one window)."""
+    import skimage.data
+    from PIL import Image
+
+    hdf = skimage.data.hubble_deep_field()  # as pipeline.demo reads it
+    big, small = directory / "hdf4x4.png", directory / "hdf64.png"
+    Image.fromarray(np.tile(hdf, (4, 4, 1))).save(big)
+    Image.fromarray(np.ascontiguousarray(hdf[400:464, 400:464])).save(small)
+    return big, small
+
+
+def bare_loop(image: str, model: str, batch: int) -> None:
+    """(a), run as its own process: every window of the plan `elodin fingerprint` makes, read,
+    cut, stretched (per-image limits) and run through one session on all cores."""
+    t0 = time.perf_counter()
+    from pipeline import tiling
+    from pipeline.fingerprint import cut_windows
+    from pipeline.models import get_session, resolve
+    from pipeline.models.export import ensure_onnx
+    from pipeline.models.runtime import default_threads
+    from pipeline.preprocess import image_limits_for, stretch_cutouts
+    from pipeline.sources import open_sources
+
+    src = open_sources([image])[0]
+    plan = tiling.plan_image(
+        src.shape, image_id=src.id, method="sliding", size=64, stride=64, tile_size=2048
+    )
+    limits = image_limits_for(src)
+    data = src.read(0, src.shape[0], 0, src.shape[1])
+    t1 = time.perf_counter()
+    session = get_session(ensure_onnx(resolve(model)), threads=default_threads())
+    t2 = time.perf_counter()
+    for b in range(0, plan.n_windows, batch):
+        cut = cut_windows(
+            data, (0, src.shape[0], 0, src.shape[1]), plan.windows[b : b + batch], fill=np.nan
+        )
+        rgb, _ = stretch_cutouts(cut, image_limits=limits)
+        session.infer(rgb, logits=False)
+    t3 = time.perf_counter()
+    print(json.dumps({"n": plan.n_windows, "setup": t1 - t0, "session": t2 - t1, "loop": t3 - t2}))
+
+
+def _timed(cmd: list[str], env: dict | None = None) -> tuple[float, str]:
+    t = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
+    wall = time.perf_counter() - t
+    if done.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
+    return wall, done.stdout
+
+
+def hdf_whole_process(args) -> None:
+    from pipeline.models import resolve
+    from pipeline.models.export import ensure_onnx
+
+    model = args.models[0]
+    ensure_onnx(resolve(model))  # exported once, before any clock
+    work = Path(tempfile.mkdtemp(prefix="elodin-bench-hdf-"))
+    try:
+        big, small = hdf_mosaic(work)
+
+        def bare(image: Path) -> tuple[float, dict]:
+            cmd = [sys.executable, __file__, "--bare-loop", str(image), "--models", model]
+            wall, out = _timed([*cmd, "--batch", str(args.batch)])
+            return wall, json.loads(out.strip().splitlines()[-1])
+
+        def elodin(image: Path, env_extra: dict | None = None) -> tuple[float, str]:
+            out = work / f"s-{time.monotonic_ns()}.zarr"
+            cmd = [sys.executable, "-m", "pipeline.cli", "fingerprint", str(image), "-o", str(out)]
+            cmd += ["--size", "64", "--stride", "64", "--model", model, "--no-progress"]
+            cmd += ["--workers", str(args.workers), "--batch-size", str(args.batch)]
+            wall, text = _timed(cmd, env={**os.environ, **(env_extra or {})})
+            shutil.rmtree(out)
+            return wall, text.strip().splitlines()[-1]
+
+        print(f"# load average at start: {os.getloadavg()[0]:.1f}")
+        print(
+            f"# {platform.machine()}, {os.cpu_count()} cores; HDF 4x4 mosaic 3488x4000 RGB PNG; "
+            f"{model}; batch {args.batch}; {args.workers} worker processes; {args.rounds} rounds"
+        )
+        old = {"ELODIN__FINGERPRINT__UNITS_PER_THREAD": "1"}
+        runs: dict[str, list[float]] = {k: [] for k in ("a", "b", "b0", "a_fix", "b_fix")}
+        inner = []
+        for r in range(args.rounds):
+            wall, facts = bare(big)
+            runs["a"].append(wall)
+            inner.append(facts)
+            wall, line_b = elodin(big)
+            runs["b"].append(wall)
+            wall, line_b0 = elodin(big, old)
+            runs["b0"].append(wall)
+            runs["a_fix"].append(bare(small)[0])
+            runs["b_fix"].append(elodin(small)[0])
+            print(
+                f"# round {r + 1}: a {runs['a'][-1]:.1f} s, b {runs['b'][-1]:.1f} s, "
+                f"b0 {runs['b0'][-1]:.1f} s, start-up a {runs['a_fix'][-1]:.1f} s, "
+                f"b {runs['b_fix'][-1]:.1f} s (load {os.getloadavg()[0]:.1f})",
+                flush=True,
+            )
+        print(f"# b: {line_b}")
+        print(f"# b0: {line_b0}")
+        med = {k: float(np.median(v)) for k, v in runs.items()}
+        n = inner[0]["n"]
+        print(
+            f"# bare process inside: set-up {np.median([f['setup'] for f in inner]):.1f} s, "
+            f"session {np.median([f['session'] for f in inner]):.1f} s, "
+            f"loop {np.median([f['loop'] for f in inner]):.1f} s"
+        )
+        print(f"{'':<34} {'wall s':>7} {'cutouts/s':>10} {'/ bare':>7}")
+        for key, label in (
+            ("a", "(a) bare loop, whole process"),
+            ("b", "(b) elodin fingerprint"),
+            ("b0", "(b0) elodin, units as before"),
+        ):
+            print(f"{label:<34} {med[key]:>7.1f} {n / med[key]:>10.1f} {med['a'] / med[key]:>7.2f}")
+        print(
+            f"fixed start-up (one window): bare {med['a_fix']:.1f} s, elodin {med['b_fix']:.1f} s"
+        )
+        a_net, b_net = med["a"] - med["a_fix"], med["b"] - med["b_fix"]
+        print(
+            f"without the fixed start-up: bare {a_net:.1f} s, elodin {b_net:.1f} s, "
+            f"elodin / bare {a_net / b_net:.2f}"
+        )
+        print(f"# load average at end: {os.getloadavg()[0]:.1f}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--side", type=int, default=4096, help="mosaic side for the throughput runs")
-    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--workers", type=int, help="worker processes (all cores; --hdf: 2)")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--naive-limit", type=int, default=1000, help="cutouts timed in the naive loop")
-    ap.add_argument("--rounds", type=int, default=3, help="pipeline runs per model (median)")
+    ap.add_argument("--rounds", type=int, help="pipeline runs per model, median (3; --hdf: 2)")
     ap.add_argument(
         "--models",
         nargs="+",
@@ -148,7 +296,17 @@ def main() -> None:
         help="which of the two models to run",
     )
     ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--hdf", action="store_true", help="whole processes on the HDF mosaic")
+    ap.add_argument("--bare-loop", metavar="IMAGE", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.bare_loop:
+        return bare_loop(args.bare_loop, args.models[0], args.batch)
+    if args.hdf:
+        args.workers = args.workers or 2
+        args.rounds = args.rounds or 2
+        return hdf_whole_process(args)
+    args.workers = args.workers or os.cpu_count() or 1
+    args.rounds = args.rounds or 3
 
     from distributed import Client, LocalCluster
 

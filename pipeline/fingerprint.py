@@ -34,7 +34,7 @@ import numpy as np
 from . import config
 from .errors import ConfigError, ElodinError, InputError, StoreError
 from .sources import ImageSource, open_sources
-from .store import Layout, Store, pack_units
+from .store import Layout, Store, chunk_rows_for, pack_units
 from .tiling import Plan
 
 __all__ = [
@@ -43,6 +43,7 @@ __all__ = [
     "UnitJob",
     "cut_windows",
     "fingerprint",
+    "fingerprint_settings",
     "gpu_share",
     "run_unit",
 ]
@@ -319,15 +320,61 @@ def _unit_task(job: UnitJob) -> int | _UnitFailed:
 
 
 # ------------------------------------------------------------------------------ client side
-def _settings(**flags) -> dict:
-    """Every setting of the run, flags over config, checked once."""
-    method = config.get_choice("cutouts.method", METHODS, override=flags.get("method"))
-    size = config.get_int("cutouts.size", override=flags.get("size"), minimum=1)
-    stride = flags.get("stride") or config.get("cutouts.stride") or size
-    if not isinstance(stride, int) or stride < 1:
-        raise ConfigError(f"cutouts.stride must be a positive integer, got {stride!r}")
-    edge = config.get_choice("cutouts.edge", ("shift", "pad", "drop"), override=flags.get("edge"))
-    if config.get("model.cuda.cuda-graph") and False in (
+CUDNN_SEARCH = ("EXHAUSTIVE", "HEURISTIC", "DEFAULT")
+
+
+def _optional_bool(key: str) -> bool | None:
+    value = config.get(key)
+    if value is not None and not isinstance(value, bool):
+        raise ConfigError(f"config elodin.{key}: expected true, false or null, got {value!r}")
+    return value
+
+
+def _check_model_settings() -> None:
+    """The model settings that the workers read when they open their sessions: checked here,
+    on the client, so that a typo is one line before the store exists, not a failed task."""
+    import onnxruntime as ort
+
+    providers = config.get("model.providers")
+    if providers not in ("auto", None):
+        names = [providers] if isinstance(providers, str) else providers
+        if not isinstance(names, list | tuple) or not all(isinstance(p, str) for p in names):
+            raise ConfigError(
+                f"config elodin.model.providers: expected auto or a list of execution provider "
+                f"names, got {providers!r}"
+            )
+        # Which ones a worker's onnxruntime offers is checked there (a GPU worker's build can
+        # differ from the client's); a name that no onnxruntime knows is a typo.
+        known = ort.get_all_providers()
+        unknown = [p for p in names if p not in known]
+        if unknown:
+            raise ConfigError(
+                f"config elodin.model.providers: {unknown[0]!r} is not an ONNX Runtime "
+                "execution provider (such as CUDAExecutionProvider, CPUExecutionProvider)"
+            )
+    for key in ("model.io-binding", "model.fixed-batches"):
+        _optional_bool(key)
+    cuda = config.get("model.cuda") or {}
+    if not isinstance(cuda, dict):
+        raise ConfigError(f"config elodin.model.cuda: expected a mapping, got {cuda!r}")
+    search = cuda.get("cudnn-conv-algo-search", "EXHAUSTIVE")
+    if search not in CUDNN_SEARCH:
+        raise ConfigError(
+            f"config elodin.model.cuda.cudnn-conv-algo-search: {search!r} is not one of "
+            f"{', '.join(CUDNN_SEARCH)}"
+        )
+    device = cuda.get("device-id")
+    if device is not None and (
+        isinstance(device, bool) or not isinstance(device, int) or device < 0
+    ):
+        raise ConfigError(
+            f"config elodin.model.cuda.device-id: expected null or a device number >= 0, got {device!r}"
+        )
+    if not isinstance(cuda.get("cuda-graph", False), bool):
+        raise ConfigError(
+            f"config elodin.model.cuda.cuda-graph: expected true or false, got {cuda['cuda-graph']!r}"
+        )
+    if cuda.get("cuda-graph") and False in (
         config.get("model.fixed-batches"),
         config.get("model.io-binding"),
     ):
@@ -336,6 +383,28 @@ def _settings(**flags) -> dict:
             "(a captured graph replays one shape on the same device buffers); set them to "
             "true or null, or turn cuda-graph off"
         )
+
+
+def fingerprint_settings(**flags: Any) -> dict:
+    """Every setting of the run, flags over config, checked once, before anything is written:
+    also those that only the workers (stretch, sessions) or later steps (detection, the task
+    loop) use, so a refused run leaves no store, or the existing one as it was."""
+    from .preprocess import preprocess_settings
+
+    method = config.get_choice("cutouts.method", METHODS, override=flags.get("method"))
+    size = config.get_int("cutouts.size", override=flags.get("size"), minimum=1)
+    stride = flags.get("stride") or config.get("cutouts.stride") or size
+    if not isinstance(stride, int) or stride < 1:
+        raise ConfigError(f"cutouts.stride must be a positive integer, got {stride!r}")
+    edge = config.get_choice("cutouts.edge", ("shift", "pad", "drop"), override=flags.get("edge"))
+    _check_model_settings()
+    if method == "blobs":
+        from .detect import detection_options
+
+        detection_options()
+    # Read by the task loop, after the store has grown: checked now.
+    config.get_int("fingerprint.gpu-units", minimum=1)
+    config.get_int("fingerprint.resubmit-killed", minimum=0)
     return {
         "cutouts": {
             "method": method,
@@ -366,13 +435,18 @@ def _settings(**flags) -> dict:
                 "tiling.tile-size", override=flags.get("tile_size"), minimum=1
             )
         },
-        "preprocess": dict(config.get("preprocess")),
+        # Checked whole here (the workers only apply it): a bad scope, interval, stretch or
+        # number is refused before the store is made with it.
+        "preprocess": preprocess_settings(),
         "batch_size": config.get_int(
             "fingerprint.batch-size", override=flags.get("batch_size"), minimum=1
         ),
+        # The largest chunk; a new store for a small job gets smaller ones (chunk_rows_for).
         "chunk_rows": config.get_int(
             "fingerprint.chunk-rows", override=flags.get("chunk_rows"), minimum=1
         ),
+        "min_chunk_rows": config.get_int("fingerprint.min-chunk-rows", minimum=1),
+        "units_per_thread": config.get_int("fingerprint.units-per-thread", minimum=1),
         "dtype": config.get_choice(
             "fingerprint.dtype", ("float32", "float16"), override=flags.get("dtype")
         ),
@@ -602,7 +676,7 @@ def fingerprint(
     from .models.export import ensure_onnx
     from .models.zoo import sha256_file
 
-    settings = _settings(
+    settings = fingerprint_settings(
         method=method,
         size=size,
         stride=stride,
@@ -616,6 +690,10 @@ def fingerprint(
     sources = open_sources(inputs, hdu=hdu, variable=variable)
     if not sources:
         raise InputError("no input images")
+    from .preprocess import check_bands
+
+    for s in sources:
+        check_bands(s.n_bands, settings["preprocess"], image="+".join(s.paths))
     card = resolve(settings["model"])
     onnx_path = ensure_onnx(card, precision=settings["precision"])
     if not card.builtin:
@@ -697,11 +775,10 @@ def _fingerprint_locked(
             f"{store_path}: input {img} ({by_id[img].paths[0]}) changed since it was "
             "fingerprinted; use a new store or `elodin run --incremental`"
         )
-    for img in changed:
-        with _store_writes(store_path):
-            existing.retire_image(known.pop(img), img)
-    touched = sorted({known[s.id] for s in sources if s.id in known})
-    new = [s for s in sources if s.id not in known]
+    # A changed input is fingerprinted again as new, after its old rows are retired; that is
+    # the first write, so it waits until the new images are measured and planned.
+    touched = sorted({known[s.id] for s in sources if s.id in known and s.id not in changed})
+    new = [s for s in sources if s.id not in known or s.id in changed]
     # Measured before anything is written (an all-NaN image is refused here) and recorded, so a
     # resume and the report stretch with the same limits.
     new_limits = _image_limits(new, settings["preprocess"])
@@ -722,12 +799,15 @@ def _fingerprint_locked(
             _check_gpu_workers(client, need_cuda=settings["providers"] in ("auto", None))
         if new and on_cluster:
             plan = _plan_sources(client, new, settings, catalog, 0)
+        for img in changed:
+            with _store_writes(store_path):
+                existing.retire_image(known.pop(img), img)
         with _store_writes(store_path):
             st = existing or Store.create(
                 store_path,
                 feature_dim=card.feature_dim,
                 topk=settings["topk"],
-                chunk_rows=settings["chunk_rows"],
+                chunk_rows=_new_chunk_rows(plan, settings, client),
                 attrs=attrs,
                 dtype=settings["dtype"],
             )
@@ -768,11 +848,40 @@ def _fingerprint_locked(
                 if seg.inputs[img].get("limits") is not None:
                     base["image_limits"][img] = np.asarray(seg.inputs[img]["limits"], np.float32)
             jobs.extend(_segment_jobs(st, index, plan, all_sources, base))
+        # Largest units first (units are independent; rows are fixed by the plan): the run
+        # then ends on small ones, and no worker waits long for the last.
+        jobs.sort(key=lambda j: -sum(len(t.windows) for t in j.tiles))
         _run_jobs(client, jobs, gpu=settings["gpu"], progress=progress)
     images = tuple(s.id for s in sources)
     return FingerprintResult(
         store_path, n_windows, len(jobs), total_units - len(jobs), images, retired=len(changed)
     )
+
+
+def _cluster_threads(client) -> int:
+    """Worker threads of the compute cluster now (a cluster still growing counts low, which
+    only makes chunks smaller)."""
+    workers = client.scheduler_info(n_workers=-1)["workers"]
+    return max(1, sum(int(w.get("nthreads") or 1) for w in workers.values()))
+
+
+def _new_chunk_rows(plan: Plan | None, settings: dict, client) -> int:
+    """The chunk size of a new store: small enough that every worker thread gets several
+    units of this first job (a job of 3,465 windows at 1024 rows was 3 units for 2 workers,
+    one of them idle for a third of the run). The store records it; appends and resumes keep
+    it, so every chunk still has one writer."""
+    n = plan.n_windows if plan is not None else 0
+    threads = _cluster_threads(client)
+    rows = chunk_rows_for(
+        n,
+        threads=threads,
+        largest=settings["chunk_rows"],
+        smallest=settings["min_chunk_rows"],
+        units_per_thread=settings["units_per_thread"],
+        multiple=settings["batch_size"],
+    )
+    logger.info("new store: %d rows per chunk (%d windows, %d worker threads)", rows, n, threads)
+    return rows
 
 
 def _check_gpu_workers(client, *, need_cuda: bool) -> None:
@@ -873,7 +982,9 @@ def _run_jobs(client, jobs: list[UnitJob], *, gpu: bool, progress: bool) -> int:
     if not jobs:
         return 0
     n_workers = max(1, len(client.scheduler_info(n_workers=-1)["workers"]))
-    window = 4 * n_workers + 4  # in flight at once: scheduler memory stays bounded for 10^6 units
+    # In flight at once: scheduler memory stays bounded for 10^6 units, and every worker thread
+    # has a unit running and one queued behind it.
+    window = max(4 * n_workers, 2 * _cluster_threads(client)) + 4
     resources = {"GPU": gpu_share()} if gpu else None
     total = sum(len(t.windows) for j in jobs for t in j.tiles)
     bar = tqdm(

@@ -40,6 +40,7 @@ __all__ = [
     "SCOPES",
     "STRETCHES",
     "asinh_stretch",
+    "check_bands",
     "check_image_sample",
     "image_limits_for",
     "interval_limits",
@@ -156,6 +157,12 @@ def _band_indices(n_bands: int, settings: Mapping, image: str | None) -> list[in
             f"no band {bad[0]}"
         )
     return None if len(bands) == 1 and n_bands == 1 else list(bands) * (3 // len(bands))
+
+
+def check_bands(n_bands: int, settings: Mapping, image: str | None = None) -> None:
+    """Refuse, before anything is written, ``bands`` that an image of ``n_bands`` cannot give
+    (the same rule :func:`select_bands` applies to every batch on the workers)."""
+    _band_indices(n_bands, settings, image)
 
 
 def select_bands(

@@ -110,6 +110,10 @@ def run(
     config.load_file(config_path)
     rs = _settings(str(config_path))
     stages = rs["stages"]
+    if "fingerprint" in stages:
+        from .fingerprint import fingerprint_settings
+
+        fingerprint_settings()  # a bad setting is one line before the lock, cluster or store
     lines: list[str] = []
     # Every stage writes to the store: the whole run holds its writer lock (fingerprint() takes
     # it again inside, which a holder may), so a second run cannot refit models under this one.

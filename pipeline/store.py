@@ -40,6 +40,7 @@ __all__ = [
     "Segment",
     "Store",
     "WriterLock",
+    "chunk_rows_for",
     "pack_units",
 ]
 
@@ -117,6 +118,34 @@ def pack_units(tile_start: np.ndarray, *, chunk_rows: int) -> Layout:
     n = np.diff(unit_windows)
     unit_rows = np.r_[0, np.cumsum(-(-n // chunk_rows) * chunk_rows)].astype(np.int64)
     return Layout(chunk_rows, unit_windows, unit_rows)
+
+
+def chunk_rows_for(
+    n_windows: int,
+    *,
+    threads: int,
+    largest: int,
+    smallest: int = 1,
+    units_per_thread: int = 4,
+    multiple: int = 1,
+) -> int:
+    """Rows per Zarr chunk for a new store whose first plan holds ``n_windows`` windows.
+
+    :func:`pack_units` makes at least ``floor(n_windows / chunk_rows)`` units (a piece is at
+    most a chunk long, so every whole chunk-sized bucket of the window order holds the start of
+    a piece, and the first of them starts a unit), so a chunk of at most
+    ``n_windows // (units_per_thread * threads)`` rows gives every worker thread at least
+    ``units_per_thread`` units: the run's tail, when some threads have nothing left, is then
+    short. It is rounded down to a ``multiple`` (the batch size: full batches) and kept within
+    ``[smallest, largest]``; ``largest`` wins (a configured small chunk is kept as it is), and
+    ``smallest`` bounds the per-unit overhead (a task, a session call per batch, a tile read).
+    """
+    if largest < 1 or smallest < 1 or threads < 1 or units_per_thread < 1 or multiple < 1:
+        raise ValueError("chunk sizes, threads, units per thread and multiple must be >= 1")
+    want = int(n_windows) // (units_per_thread * threads)
+    if want >= multiple:
+        want -= want % multiple
+    return max(1, min(largest, max(smallest, want)))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from astropy.wcs import WCS
 
 from pipeline.errors import StoreError
 from pipeline.fingerprint import fingerprint, gpu_share
-from pipeline.store import Store
+from pipeline.store import Store, chunk_rows_for, pack_units
 from pipeline.testing import error_lines, fingerprint_command, store_digest, synthetic_mosaic
 
 MODEL = "efficientnet-lite0:native"  # 64x64 cutouts straight in: the fastest real model
@@ -158,6 +159,59 @@ def test_a_growing_survey_appends_new_images(tmp_path, mosaic, client):
     assert len(Store.open(out).segments) == 2
 
 
+@pytest.mark.parametrize("seed", range(5))
+def test_chunk_size_gives_every_thread_its_units(seed):
+    """pack_units makes at least floor(windows / chunk) units, so chunk_rows_for's chunk gives every
+    thread at least units_per_thread of them, on any split of the windows into tiles."""
+    rs = np.random.default_rng(seed)
+    for _ in range(50):
+        tile_start = np.r_[0, np.cumsum(rs.integers(1, 3000, rs.integers(1, 30)))]
+        n, threads = int(tile_start[-1]), int(rs.integers(1, 17))
+        chunk = chunk_rows_for(
+            n, threads=threads, largest=1024, smallest=8, units_per_thread=4, multiple=8
+        )
+        lay = pack_units(tile_start, chunk_rows=chunk)
+        assert n // chunk <= lay.n_units <= -(-n // chunk)
+        if chunk > 8:  # not held up by the smallest chunk
+            assert chunk % 8 == 0 and lay.n_units >= 4 * threads
+        assert chunk <= 1024 and (lay.unit_rows % chunk == 0).all()  # whole chunks per unit
+        assert (np.diff(lay.unit_rows) > 0).all()  # each chunk in one unit: one writer
+
+
+def test_a_small_job_gives_every_worker_thread_several_units(tmp_path, client):
+    """2,000 windows under the default 1024-row chunks were 2 units for 2 worker threads; the
+    store now takes smaller chunks for it: at least 4 units per thread, each chunk written by
+    one unit, and the chunk size recorded, so an append keeps it."""
+    img = make_mosaic(tmp_path / "small.fits", ny=40 * 64, nx=50 * 64, seed=6)
+    out = tmp_path / "small.zarr"
+    kw = {k: v for k, v in SETTINGS.items() if k not in ("chunk_rows", "tile_size")}
+    result = fingerprint([img], out, client=client, progress=False, **kw)
+    st = Store.open(out)
+    threads = sum(w["nthreads"] for w in client.scheduler_info()["workers"].values())
+    assert threads == 2 and result.n_cutouts == 2000
+    assert st.n_units == result.units_run >= 4 * threads
+    chunk = st.chunk_rows
+    assert 128 <= chunk < 1024 and chunk % 64 == 0  # a whole number of batches of 64
+    for name in ("fingerprint", "valid", "image", "x"):
+        assert st.array(name).chunks[0] == chunk
+    lay = pack_units(st.load_plan(0).tile_start, chunk_rows=chunk)
+    assert (lay.unit_rows % chunk == 0).all() and (np.diff(lay.unit_rows) > 0).all()
+    assert st.done_units() == set(range(st.n_units))
+    ds = st.dataset()
+    assert int(ds.valid.sum()) == 2000
+    assert (
+        len(set(zip(ds.x.values[ds.valid.values], ds.y.values[ds.valid.values], strict=True)))
+        == 2000
+    )
+
+    # A later, smaller job would pick another size; the store keeps its own.
+    other = make_mosaic(tmp_path / "tiny.fits", ny=256, nx=256, seed=7)
+    fingerprint([img, other], out, client=client, progress=False, **kw)
+    st = Store.open(out)
+    assert st.chunk_rows == chunk and st.array("fingerprint").chunks[0] == chunk
+    assert int(st.dataset().valid.sum()) == 2016
+
+
 def test_gpu_resource_restriction_reaches_the_scheduler(tmp_path, mosaic, client):
     def install(dask_scheduler):
         from distributed.diagnostics.plugin import SchedulerPlugin
@@ -282,6 +336,82 @@ def test_cli_bad_input_is_one_line_and_the_store_is_untouched(tmp_path, clean_st
     stem = Path(args[0].split("[")[0]).name
     assert stem in lines[0], lines[0]
     assert store_digest(clean_store) == before
+
+
+# Settings that only the workers (stretch, sessions), detection or the task loop read: each
+# must be refused with one line before anything is written, never after the store was made.
+BAD_SETTINGS = {
+    "invalid scope": ({"SCOPE": "everywhere"}, "preprocess.scope"),
+    "fixed without limits": ({"INTERVAL": "fixed"}, "preprocess.vmin / vmax"),
+    "cutout scope, limits reversed": (
+        {"SCOPE": "cutout", "INTERVAL": "fixed", "VMIN": "5.0", "VMAX": "1.0"},
+        "preprocess.vmin / vmax",
+    ),
+    "unknown stretch": ({"STRETCH": "cubic"}, "preprocess.stretch"),
+    "unknown interval": ({"INTERVAL": "histeq"}, "preprocess.interval"),
+    "percentile above 100": ({"PERCENTILE": "150"}, "preprocess.percentile"),
+    "negative asinh-a": ({"ASINH_A": "-1.0"}, "preprocess.asinh-a"),
+    "nan-fill above 1": ({"NAN_FILL": "2.0"}, "preprocess.nan-fill"),
+    "a band the image lacks": ({"BANDS": "[0, 1, 2]"}, "preprocess.bands"),
+    "unknown provider": ({"/MODEL__PROVIDERS": "['FooExecutionProvider']"}, "model.providers"),
+    "unknown cudnn search": (
+        {"/MODEL__CUDA__CUDNN_CONV_ALGO_SEARCH": "FAST"},
+        "cudnn-conv-algo-search",
+    ),
+    "no gpu units": ({"/FINGERPRINT__GPU_UNITS": "0"}, "fingerprint.gpu-units"),
+}
+
+
+def _bad_env(values: dict) -> dict:
+    """``ELODIN__PREPROCESS__KEY`` variables (``/SECTION__KEY`` for other sections)."""
+    env = {**os.environ, "ELODIN__FINGERPRINT__CHUNK_ROWS": "16"}
+    for key, value in values.items():
+        name = key[1:] if key.startswith("/") else f"PREPROCESS__{key}"
+        env[f"ELODIN__{name}"] = value
+    return env
+
+
+def _refused(cmd: list[str], env: dict, key: str) -> None:
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = error_lines(result.stderr)
+    assert len(lines) == 1 and key in lines[0], result.stderr
+
+
+@pytest.mark.parametrize("case", sorted(BAD_SETTINGS))
+def test_bad_setting_is_one_line_and_creates_no_store(tmp_path, mosaic, case):
+    values, key = BAD_SETTINGS[case]
+    out = tmp_path / "new.zarr"
+    _refused(
+        _fingerprint_cmd(str(mosaic), out=out, extra=("--no-progress",)), _bad_env(values), key
+    )
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("case", sorted(BAD_SETTINGS))
+def test_bad_setting_leaves_an_existing_store_byte_identical(tmp_path, clean_store, mosaic, case):
+    values, key = BAD_SETTINGS[case]
+    out = tmp_path / "copy.zarr"
+    shutil.copytree(clean_store, out)
+    before = store_digest(out)
+    other = make_mosaic(tmp_path / "other.fits", ny=256, nx=256, seed=2)  # new rows would grow it
+    cmd = _fingerprint_cmd(str(mosaic), str(other), out=out, extra=("--no-progress",))
+    _refused(cmd, _bad_env(values), key)
+    assert store_digest(out) == before
+
+
+def test_refused_settings_then_the_corrected_rerun_into_the_same_path(tmp_path, mosaic):
+    """The refused run poisons nothing: the corrected command, same path, makes the store."""
+    out = tmp_path / "fixed.zarr"
+    cmd = _fingerprint_cmd(str(mosaic), out=out, extra=("--no-progress",))
+    _refused(cmd, _bad_env({"SCOPE": "everywhere"}), "preprocess.scope")
+    good = subprocess.run(
+        cmd, env=_bad_env({"SCOPE": "cutout"}), capture_output=True, text=True, timeout=300
+    )
+    assert good.returncode == 0, good.stderr
+    assert "120 cutouts" in good.stdout
+    assert Store.open(out).attrs["preprocess"]["scope"] == "cutout"
 
 
 def test_image_smaller_than_a_cutout_under_drop_creates_nothing(tmp_path):

@@ -227,6 +227,9 @@ def test_bands_to_channels(rng):
         ({"nan-fill": 2.0}, "preprocess.nan-fill"),
         ({"percentile": 0}, "preprocess.percentile"),
         ({"asinh_a": -1}, "preprocess.asinh-a"),
+        ({"percentile": float("nan")}, "preprocess.percentile"),
+        ({"asinh-a": float("inf")}, "preprocess.asinh-a"),
+        ({"interval": "fixed", "vmin": 0.0, "vmax": float("inf")}, "preprocess.vmax"),
         ({"gamma": 2}, "preprocess.gamma"),
     ],
 )

@@ -147,3 +147,48 @@ def test_changed_input_is_refused_without_incremental(tmp_path):
     with pytest.raises(StoreError, match="changed since it was fingerprinted"):
         fingerprint([img], out, **kw)
     assert store_digest(out) == before
+    # With --incremental a changed input is retired, but only once the new file is known to be
+    # usable: an all-NaN replacement is refused before the old rows are touched.
+    fits.writeto(img, np.full_like(data, np.nan), overwrite=True)
+    from pipeline.errors import InputError
+
+    with pytest.raises(InputError, match="NaN"):
+        fingerprint([img], out, replace_changed=True, **kw)
+    assert store_digest(out) == before
+
+
+def _elodin_run(cfg: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "run", str(cfg), "--no-progress"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_run_with_a_bad_setting_writes_nothing(tmp_path):
+    """`elodin run` refuses a setting the workers would have refused (a bad preprocess.scope)
+    with one line, before the store exists or while an existing one stays byte-identical;
+    the corrected config then runs into the same store."""
+    images = tmp_path / "images"
+    images.mkdir()
+    make_mosaic(images / "field0.fits", ny=128, nx=128, seed=10)
+    good = _config(tmp_path, stages=("fingerprint",))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(good.read_text() + "  preprocess:\n    scope: everywhere\n")
+    store = tmp_path / "survey.zarr"
+
+    def refused() -> None:
+        result = _elodin_run(bad)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        lines = [line for line in result.stderr.splitlines() if line.startswith("elodin: error:")]
+        assert len(lines) == 1 and "preprocess.scope" in lines[0], result.stderr
+
+    refused()
+    assert not store.exists()
+    ok = _elodin_run(good)
+    assert ok.returncode == 0, ok.stderr
+    before = store_digest(store)
+    make_mosaic(images / "field1.fits", ny=128, nx=128, seed=11)  # new rows would grow it
+    refused()
+    assert store_digest(store) == before
