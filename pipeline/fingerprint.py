@@ -393,9 +393,11 @@ def fingerprint_settings(**flags: Any) -> dict:
 
     method = config.get_choice("cutouts.method", METHODS, override=flags.get("method"))
     size = config.get_int("cutouts.size", override=flags.get("size"), minimum=1)
-    stride = flags.get("stride") or config.get("cutouts.stride") or size
-    if not isinstance(stride, int) or stride < 1:
-        raise ConfigError(f"cutouts.stride must be a positive integer, got {stride!r}")
+    # null (the default) means "the cutout size"; 0 is a bad stride, not null.
+    stride = config.get("cutouts.stride", override=flags.get("stride"))
+    stride = (
+        size if stride is None else config.get_int("cutouts.stride", override=stride, minimum=1)
+    )
     edge = config.get_choice("cutouts.edge", ("shift", "pad", "drop"), override=flags.get("edge"))
     _check_model_settings()
     if method == "blobs":

@@ -269,7 +269,7 @@ def absorb_rows(store, start: int, stop: int) -> int:
     )
     has_embedding = "embedding" in names
     has_scores = "outlier_score" in names
-    seed = int(config.get("analysis.seed"))
+    seed = config.get_int("analysis.seed", minimum=0)
     k = int(config.get("analysis.outliers.k"))
     ref_size = int(
         config.get("analysis.outliers.reference-size") or config.get("analysis.sample-size")

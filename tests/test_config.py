@@ -155,3 +155,69 @@ def test_a_huge_size_flag_is_one_line_and_writes_nothing(tmp_path, capsys):
     assert code == 2
     assert err == f"elodin: error: config elodin.cutouts.size: must be <= 2147483647, got {10**20}"
     assert not Store.exists(out)
+
+
+@pytest.mark.parametrize(
+    ("setting", "expected"),
+    [
+        ({"cutouts": {"stride": 0}}, "config elodin.cutouts.stride: must be >= 1, got 0"),
+        ({"cutouts": {"stride": True}}, "config elodin.cutouts.stride: "),
+        ({"cutouts": {"stride": 2**70}}, "config elodin.cutouts.stride: must be <= "),
+    ],
+)
+def test_a_bad_stride_setting_is_one_line_and_writes_nothing(tmp_path, capsys, setting, expected):
+    # A stride of 0 used to be taken as null (the cutout size): a typo ran the wrong plan.
+    import dask.config
+
+    from pipeline.cli import main
+    from pipeline.store import Store
+    from pipeline.testing import synthetic_mosaic
+
+    image = synthetic_mosaic(tmp_path / "f.fits", shape=(64, 64))
+    out = tmp_path / "out.zarr"
+    with dask.config.set({"elodin": {**dask.config.get("elodin"), **_merged(setting)}}):
+        code = main(["fingerprint", str(image), "-o", str(out), "--size", "32", "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.startswith(f"elodin: error: {expected}") and "\n" not in err
+    assert not Store.exists(out)
+
+
+def _merged(setting: dict) -> dict:
+    import copy
+
+    import dask.config
+
+    merged = copy.deepcopy(dask.config.get("elodin"))
+    for section, values in setting.items():
+        merged[section] = {**merged[section], **values}
+    return merged
+
+
+@pytest.mark.parametrize(
+    ("stage", "key", "value"),
+    [
+        ("reduce", "analysis.reduce.variance", "most"),
+        ("cluster", "analysis.seed", -1),
+        ("outliers", "analysis.seed", -1),
+    ],
+)
+def test_bad_analysis_numbers_are_one_line_and_change_nothing(tmp_path, capsys, stage, key, value):
+    # Each reached numpy or scikit-learn as a ValueError traceback before.
+    from analysis_store import build_store, store_digest
+
+    from pipeline.cli import main
+
+    rng = np.random.default_rng(0)
+    st, _ = build_store(tmp_path / "s.zarr", rng.normal(size=(60, 8)).astype(np.float32))
+    store = st.path
+    if stage != "reduce":
+        assert main(["reduce", str(store), "--components", "3"]) == 0
+    before = store_digest(store)
+    capsys.readouterr()
+    with dask.config.set({f"elodin.{key}": value}):
+        code = main([stage, str(store)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.startswith(f"elodin: error: config elodin.{key}: ") and "\n" not in err
+    assert store_digest(store) == before

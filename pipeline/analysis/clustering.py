@@ -431,7 +431,7 @@ def cluster(
     )
     _base.require(st, features, "reduce" if features == "pca" else "reduce --features pixels")
     k = config.get_int("analysis.cluster.n-clusters", override=n_clusters, minimum=1)
-    seed = config.get_int("analysis.seed", override=seed)
+    seed = config.get_int("analysis.seed", override=seed, minimum=0)
     size = sample_size if sample_size is not None else config.get("analysis.cluster.sample-size")
     if size is None:
         size = config.get_int("analysis.sample-size", minimum=2)

@@ -252,7 +252,7 @@ def embed(
     )
     _base.require(st, "pca", "reduce")
     size = config.get_int("analysis.sample-size", override=sample_size, minimum=4)
-    seed = config.get_int("analysis.seed", override=seed)
+    seed = config.get_int("analysis.seed", override=seed, minimum=0)
     params = {
         "n_neighbors": config.get_int(
             "analysis.embed.n-neighbors", override=n_neighbors, minimum=2

@@ -735,7 +735,7 @@ def build_index(
     fraction = float(
         refit_fraction if refit_fraction is not None else config.get("run.refit-fraction", 0.25)
     )
-    seed = config.get_int("analysis.seed", override=seed)
+    seed = config.get_int("analysis.seed", override=seed, minimum=0)
     n_valid = _base.valid_count(st, stage="index")
     block = _base.block_rows(st, block_rows)
     est = _estimator(kind, metric, seed)

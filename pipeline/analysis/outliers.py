@@ -204,7 +204,7 @@ def outliers(
         else config.get("analysis.outliers.reference-size")
     )
     ref = config.get_int("analysis.sample-size", override=ref, minimum=2)
-    seed = config.get_int("analysis.seed", override=seed)
+    seed = config.get_int("analysis.seed", override=seed, minimum=0)
     n_valid = _base.valid_count(st, stage="outliers")
     if n_valid <= k:
         raise ConfigError(

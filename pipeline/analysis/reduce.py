@@ -538,7 +538,7 @@ def reduce(
         if variance is None:
             components = config.get_int("analysis.reduce.components", minimum=1)
     if variance is not None:
-        variance = float(variance)
+        variance = config.get_float("analysis.reduce.variance", override=variance)
         if not 0 < variance <= 1:
             raise ConfigError(f"--variance must be in (0, 1], got {variance}")
     elif int(components) < 1:
