@@ -10,7 +10,7 @@ conventions (``fit`` returns ``self``, fitted state ends in ``_``) and accept nu
 arrays, skipping rows that hold NaN (the store's empty slots).
 """
 
-from .clustering import ClusterResult, SampleClusterer, StreamingKMeans, cluster
+from .clustering import ClusterResult, SampleClusterer, StreamingKMeans, cluster, hdbscan_sizes
 from .embed import EmbedResult, SampleEmbedding, embed
 from .export import ExportResult, export
 from .outliers import KNNOutlier, outliers
@@ -32,6 +32,7 @@ __all__ = [
     "embed",
     "export",
     "fingerprint_image",
+    "hdbscan_sizes",
     "load_pca",
     "nearest_cutout",
     "outliers",
