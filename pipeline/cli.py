@@ -506,6 +506,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             from . import config
 
             config.load_file(args.config)
+        from . import numba_cache
+
+        numba_cache.configure()  # before anything imports numba (umap-learn, pynndescent)
         with _writer_lock(args):
             return int(args.func(args) or 0)
     except ElodinError as e:
