@@ -236,6 +236,10 @@ def _add_cluster(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--sample-size", type=int, metavar="N", help="rows the sample-fitted methods see"
     )
+    p.add_argument("--min-cluster-size", type=int, metavar="N", help="hdbscan's smallest group")
+    p.add_argument(
+        "--min-samples", type=int, metavar="N", help="hdbscan's neighbours of a core row"
+    )
     p.add_argument(
         "--on",
         default="pca",
@@ -256,6 +260,8 @@ def _cmd_cluster(args: argparse.Namespace) -> int:
         n_clusters=args.n_clusters,
         sample_size=args.sample_size,
         features=args.on,
+        min_cluster_size=args.min_cluster_size,
+        min_samples=args.min_samples,
         block_rows=args.block_rows,
         scheduler=args.scheduler,
         workers=args.workers,
@@ -683,6 +689,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             from . import config
 
             config.load_file(args.config)
+        from . import numba_cache
+
+        numba_cache.configure()  # before anything imports numba (umap-learn, pynndescent)
         with _writer_lock(args):
             return int(args.func(args) or 0)
     except ElodinError as e:

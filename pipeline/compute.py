@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Iterator, Sequence
 
-from . import config
+from . import config, numba_cache
 from .errors import ConfigError
 
 __all__ = ["connect", "dashboard_link", "gpu_devices", "local_cluster"]
@@ -47,6 +47,9 @@ def local_cluster(
             f"workers and threads per worker must be >= 1, got {workers} and {threads}"
         )
     kwargs.setdefault("dashboard_address", config.get("compute.dashboard-address"))
+    # Workers keep numba's compiled code (umap-learn, pynndescent) in the same on-disk cache as
+    # this process: set before numba is imported there, so in the environment they start with.
+    kwargs["env"] = {**numba_cache.environment(), **(kwargs.get("env") or {})}
     if not gpu:
         kwargs.setdefault("memory_limit", config.get("compute.memory-limit"))
         return LocalCluster(n_workers=workers, threads_per_worker=threads, processes=True, **kwargs)

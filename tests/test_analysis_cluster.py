@@ -137,3 +137,100 @@ def test_bad_input_one_line_and_store_unchanged(reduced, kwargs, error, words):
         analysis.cluster(st.path, **kwargs)
     assert words in str(e.value) and "\n" not in str(e.value)
     assert store_digest(st.path) == before
+
+
+# ------------------------------------------------------------------- hdbscan on a real image
+@pytest.fixture(scope="module")
+def hdf_store(tmp_path_factory, model_cache):
+    """The demo's sliding store: the real Hubble Deep Field, 64-pixel windows (224 rows)."""
+    from pipeline.demo import hubble_deep_field
+    from pipeline.fingerprint import fingerprint
+
+    work = tmp_path_factory.mktemp("hdf")
+    store = work / "hdf.zarr"
+    fingerprint(
+        [hubble_deep_field(work)],
+        store,
+        method="sliding",
+        size=64,
+        tile_size=256,
+        chunk_rows=64,
+        workers=1,
+        progress=False,
+    )
+    analysis.reduce(store)
+    return store
+
+
+def test_hdbscan_defaults_find_groups_on_the_hubble_deep_field(hdf_store):
+    # scikit-learn's defaults (min_samples = min_cluster_size = 10) call all 224 rows noise.
+    result = analysis.cluster(hdf_store, algorithm="hdbscan")
+    n = Store.open(hdf_store).dataset().valid.values.sum()
+    assert n == 224
+    assert result.n_clusters >= 2 and result.sizes.get(-1, 0) < n
+    assert result.note is None
+    # The sizes chosen from the data are recorded with the labels.
+    params = Store.open(hdf_store).attrs["cluster"]["params"]
+    assert (params["min_cluster_size"], params["min_samples"]) == analysis.hdbscan_sizes(224)
+    assert params["min_cluster_size_from"] == params["min_samples_from"] == "data"
+    assert params["cluster_selection_method"] == "eom"
+
+
+def test_hdbscan_sizes_follow_the_rows():
+    assert analysis.hdbscan_sizes(224) == (5, 2)
+    assert analysis.hdbscan_sizes(3120) == (31, 3)
+    assert analysis.hdbscan_sizes(20000) == (200, 4)
+    assert analysis.hdbscan_sizes(3) == (3, 2)  # never more than the rows
+    assert analysis.hdbscan_sizes(500, 40, 7) == (40, 7)
+
+
+def test_all_noise_is_said_in_one_line_with_what_to_change(tmp_path, rng, caplog, capsys):
+    from pipeline.cli import main
+
+    X = rng.uniform(-1, 1, size=(200, 4)).astype(np.float32)  # no structure at all
+    st, rows = build_store(tmp_path / "s.zarr", X, chunk_rows=32)
+    analysis.reduce(st.path, components=4)
+    with caplog.at_level("WARNING", logger="pipeline.analysis.clustering"):
+        code = main(
+            [
+                "cluster",
+                st.path,
+                "--algorithm",
+                "hdbscan",
+                "--min-cluster-size",
+                "60",
+                "--min-samples",
+                "30",
+            ]
+        )
+    assert code == 0
+    out = capsys.readouterr().out
+    (line,) = [x for x in out.splitlines() if "sampled rows noise" in x]
+    assert "all 200 sampled rows noise" in line and "--min-cluster-size 30" in line
+    assert "--min-samples 15" in line and "--algorithm kmeans" in line
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [line]
+    assert (Store.open(st.path).dataset().cluster.values[rows] == -1).all()
+    params = Store.open(st.path).attrs["cluster"]["params"]
+    assert (params["min_cluster_size"], params["min_samples"]) == (60, 30)
+    assert params["min_cluster_size_from"] == "set"
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "words"),
+    [
+        ("cluster-selection", "tree", "'tree' is not one of eom, leaf"),
+        ("min-samples", 0, "min-samples: must be >= 1"),
+        ("min-cluster-size", 1, "min-cluster-size: must be >= 2"),
+    ],
+)
+def test_bad_hdbscan_settings_refused_before_writing(reduced, setting, value, words):
+    import dask.config
+
+    st, _, _ = reduced
+    before = store_digest(st.path)
+    with (
+        dask.config.set({f"elodin.analysis.cluster.{setting}": value}),
+        pytest.raises(ConfigError, match=words),
+    ):
+        analysis.cluster(st.path, algorithm="hdbscan")
+    assert store_digest(st.path) == before

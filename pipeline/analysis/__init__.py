@@ -11,7 +11,7 @@ conventions (``fit`` returns ``self``, fitted state ends in ``_``) and accept nu
 arrays, skipping rows that hold NaN (the store's empty slots).
 """
 
-from .clustering import ClusterResult, SampleClusterer, StreamingKMeans, cluster
+from .clustering import ClusterResult, SampleClusterer, StreamingKMeans, cluster, hdbscan_sizes
 from .crossmatch import crossmatch, crossmatch_file
 from .embed import EmbedResult, SampleEmbedding, embed
 from .export import ExportResult, export
@@ -41,6 +41,7 @@ __all__ = [
     "export",
     "export_hats",
     "fingerprint_image",
+    "hdbscan_sizes",
     "load_pca",
     "nearest_cutout",
     "neighbors",

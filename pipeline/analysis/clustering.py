@@ -20,6 +20,17 @@ agglomerative, affinity, hdbscan
     in the fit (HDBSCAN's noise label ``-1`` included); every other row takes the label of its
     nearest centroid, so only sampled rows can be noise.
 
+hdbscan's sizes
+    Fingerprints in PCA space are one dense cloud (empty sky, faint smudges) with small, sparse
+    groups of sources around it; scikit-learn's default ``min_samples = min_cluster_size`` calls
+    all of it noise on real images (every row of the Hubble Deep Field's 224 sliding windows).
+    :func:`hdbscan_sizes` scales both with the rows HDBSCAN sees instead: ``min_cluster_size``
+    1 % of them (at least 5) and ``min_samples`` only slowly (``log10`` of the rows, at least
+    2): on sliding windows of the HDF (224 to 3120 rows) a ``min_samples`` of a fifth of
+    ``min_cluster_size`` already called 97 % of 3120 rows noise, 2 to 3 left a quarter to a
+    third noise. ``eom`` selection keeps a few large groups; ``leaf`` finds more, smaller ones
+    and calls three quarters of the rows noise.
+
 Quality is reported as the silhouette and Davies–Bouldin scores of a sample (noise left out).
 """
 
@@ -27,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import warnings
 from collections.abc import Mapping
@@ -40,13 +52,21 @@ from ..errors import ConfigError, StoreError
 from ..store import Store
 from . import _base
 
-__all__ = ["ALGORITHMS", "ClusterResult", "SampleClusterer", "StreamingKMeans", "cluster"]
+__all__ = [
+    "ALGORITHMS",
+    "ClusterResult",
+    "SampleClusterer",
+    "StreamingKMeans",
+    "cluster",
+    "hdbscan_sizes",
+]
 
 logger = logging.getLogger(__name__)
 
 ALGORITHMS = ("kmeans", "agglomerative", "affinity", "hdbscan")
 SAMPLED = ("agglomerative", "affinity", "hdbscan")
 AFFINITY_DEFAULT_SAMPLE = 5000
+HDBSCAN_SELECTIONS = ("eom", "leaf")
 # Per input space: the variables written and their dimension names.
 SPACES: Mapping[str, Mapping[str, str]] = {
     "pca": {
@@ -127,6 +147,21 @@ def _sample(X, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Uniform sample of the usable rows of a dask array: (sorted row indices, values)."""
     index = _base.sample_index(_base.usable_mask(X), size, seed=seed)
     return index, np.asarray(_base.take_rows(X, index), np.float64)
+
+
+def hdbscan_sizes(
+    n_rows: int, min_cluster_size: int | None = None, min_samples: int | None = None
+) -> tuple[int, int]:
+    """HDBSCAN's ``(min_cluster_size, min_samples)`` for a fit on ``n_rows`` rows.
+
+    Unset values follow the rule of ``analysis.cluster`` in elodin.yaml:
+    ``min_cluster_size = max(5, round(n_rows / 100))`` and
+    ``min_samples = max(2, round(log10(n_rows)))``, neither above ``n_rows``.
+    """
+    n = max(int(n_rows), 2)
+    mcs = max(5, round(n / 100)) if min_cluster_size is None else int(min_cluster_size)
+    ms = max(2, round(math.log10(n))) if min_samples is None else int(min_samples)
+    return min(mcs, n), min(ms, n)
 
 
 # ----------------------------------------------------------------------------------- k-means
@@ -234,8 +269,11 @@ class SampleClusterer(ClusterMixin, BaseEstimator):
     n_clusters : int
         Groups cut from the Ward tree (agglomerative only).
     sample_size : int
-    min_cluster_size : int
-        HDBSCAN's smallest group.
+    min_cluster_size, min_samples : int, optional
+        HDBSCAN's smallest group and the neighbours that make a row a core point; None: from
+        the rows fitted (:func:`hdbscan_sizes`).
+    cluster_selection_method : {"eom", "leaf"}
+        HDBSCAN's choice of groups from its tree.
     damping, preference, max_iter
         Affinity propagation's parameters.
     random_state : int
@@ -247,6 +285,8 @@ class SampleClusterer(ClusterMixin, BaseEstimator):
     sample_index_, sample_labels_ : ndarray
         The sampled rows and the labels the fit gave them (-1: HDBSCAN noise).
     n_clusters_ : int
+    min_cluster_size_, min_samples_ : int
+        The HDBSCAN sizes used (hdbscan only).
     """
 
     def __init__(
@@ -255,7 +295,9 @@ class SampleClusterer(ClusterMixin, BaseEstimator):
         *,
         n_clusters: int = 8,
         sample_size: int = 20000,
-        min_cluster_size: int = 10,
+        min_cluster_size: int | None = None,
+        min_samples: int | None = None,
+        cluster_selection_method: str = "eom",
         damping: float = 0.9,
         preference: float | None = None,
         max_iter: int = 1000,
@@ -265,12 +307,14 @@ class SampleClusterer(ClusterMixin, BaseEstimator):
         self.n_clusters = n_clusters
         self.sample_size = sample_size
         self.min_cluster_size = min_cluster_size
+        self.min_samples = min_samples
+        self.cluster_selection_method = cluster_selection_method
         self.damping = damping
         self.preference = preference
         self.max_iter = max_iter
         self.random_state = random_state
 
-    def _model(self):
+    def _model(self, n_rows: int):
         from sklearn.cluster import HDBSCAN, AffinityPropagation, AgglomerativeClustering
 
         if self.algorithm == "agglomerative":
@@ -283,7 +327,15 @@ class SampleClusterer(ClusterMixin, BaseEstimator):
                 random_state=self.random_state,
             )
         if self.algorithm == "hdbscan":
-            return HDBSCAN(min_cluster_size=self.min_cluster_size, copy=True)
+            self.min_cluster_size_, self.min_samples_ = hdbscan_sizes(
+                n_rows, self.min_cluster_size, self.min_samples
+            )
+            return HDBSCAN(
+                min_cluster_size=self.min_cluster_size_,
+                min_samples=self.min_samples_,
+                cluster_selection_method=self.cluster_selection_method,
+                copy=True,
+            )
         raise ValueError(f"unknown algorithm {self.algorithm!r}")
 
     def fit(
@@ -298,7 +350,7 @@ class SampleClusterer(ClusterMixin, BaseEstimator):
             raise ValueError(
                 f"n_clusters={self.n_clusters} is more than the {len(values)} sampled rows"
             )
-        model = self._model()
+        model = self._model(len(values))
         with warnings.catch_warnings():
             warnings.simplefilter("error", ConvergenceWarning)
             try:
@@ -350,6 +402,8 @@ class ClusterResult:
     davies_bouldin: float
     inertia: float | None
     params: dict[str, Any]
+    #: One line when the method found no group at all (every row noise), saying what to change.
+    note: str | None = None
 
     def lines(self) -> list[str]:
         head = f"{self.store}: {self.algorithm} -> {self.variable}: {self.n_clusters} clusters"
@@ -358,10 +412,26 @@ class ClusterResult:
             quality += f", inertia {self.inertia:.6g}"
         out = [head, quality, f"{'cluster':>8} {'rows':>10}"]
         out += [f"{label:>8} {count:>10}" for label, count in sorted(self.sizes.items())]
+        if self.note:
+            out.append(self.note)
         return out
 
     def __str__(self) -> str:
         return "\n".join(self.lines())
+
+
+def _no_group_note(path: str, model: SampleClusterer, n_rows: int, n_valid: int) -> str:
+    """The one line saying that a fit found no group, and what to change."""
+    if model.algorithm != "hdbscan":
+        return f"{path}: {model.algorithm} found no group in the sample; every row is labelled -1"
+    mcs, ms = model.min_cluster_size_, model.min_samples_
+    larger = ", a larger --sample-size" if n_rows < n_valid else ""
+    return (
+        f"{path}: hdbscan called all {n_rows} sampled rows noise (min_cluster_size {mcs}, "
+        f"min_samples {ms}, {model.cluster_selection_method}), so every row is labelled -1; "
+        f"try --min-cluster-size {max(2, mcs // 2)} --min-samples {max(1, ms // 2)}{larger} "
+        "or --algorithm kmeans"
+    )
 
 
 def _quality(
@@ -388,6 +458,8 @@ def cluster(
     n_clusters: int | None = None,
     sample_size: int | None = None,
     features: str = "pca",
+    min_cluster_size: int | None = None,
+    min_samples: int | None = None,
     seed: int | None = None,
     block_rows: int | None = None,
     client=None,
@@ -409,6 +481,9 @@ def cluster(
     features : {"pca", "pca_pixels"}
         Which reduction to cluster: the fingerprints' or the pixel baseline's. Writes
         ``cluster`` or ``cluster_pixels``.
+    min_cluster_size, min_samples : int, optional
+        HDBSCAN's; default ``analysis.cluster.min-cluster-size`` / ``min-samples``, which when
+        null are chosen from the sampled rows (:func:`hdbscan_sizes`).
     seed, block_rows, client, scheduler, workers
         Sampling seed, rows per task, where tasks run.
 
@@ -420,7 +495,8 @@ def cluster(
     -----
     Writes ``cluster(cutout)`` int32 (-1 in empty slots and for HDBSCAN's sampled noise),
     ``cluster_centers(cluster_id, component)``, ``cluster_size(cluster_id)`` and the store attr
-    ``cluster`` (algorithm, parameters, quality).
+    ``cluster`` (algorithm, parameters, quality). When HDBSCAN finds no group, every row is
+    -1 and the result's ``note`` (also logged as a warning) says which settings to change.
     """
     st = _base.open_store(store, mode="r+")
     space = SPACES[_base.choice(features, "clustering input", tuple(SPACES))]
@@ -447,8 +523,25 @@ def cluster(
         raise ConfigError(
             f"{k} clusters asked for, but {algo} starts from a sample of {min(size, n_valid)} rows; raise --sample-size"
         )
+    hdbscan_settings: dict[str, Any] = {}
+    if algo == "hdbscan":
+        # Checked before anything is written; null sizes are chosen from the sample below.
+        for key, given, low in (
+            ("min-cluster-size", min_cluster_size, 2),
+            ("min-samples", min_samples, 1),
+        ):
+            value = config.get(f"analysis.cluster.{key}", override=given)
+            hdbscan_settings[key] = (
+                None
+                if value is None
+                else config.get_int(f"analysis.cluster.{key}", override=value, minimum=low)
+            )
+        hdbscan_settings["selection"] = config.get_choice(
+            "analysis.cluster.cluster-selection", HDBSCAN_SELECTIONS
+        )
     block = _base.block_rows(st, block_rows)
     params: dict[str, Any] = {"sample_size": int(min(size, n_valid)), "seed": seed}
+    note = None
 
     with _base.runner(client, scheduler=scheduler, workers=workers) as run, run.activate():
         X = _base.rows(st, features, block=block)
@@ -473,7 +566,9 @@ def cluster(
                 algo,
                 n_clusters=k,
                 sample_size=size,
-                min_cluster_size=config.get_int("analysis.cluster.min-cluster-size", minimum=2),
+                min_cluster_size=hdbscan_settings.get("min-cluster-size"),
+                min_samples=hdbscan_settings.get("min-samples"),
+                cluster_selection_method=hdbscan_settings.get("selection", "eom"),
                 damping=config.get_float("analysis.cluster.affinity-damping"),
                 preference=config.get("analysis.cluster.affinity-preference"),
                 max_iter=config.get_int("analysis.cluster.affinity-max-iter", minimum=1),
@@ -484,9 +579,8 @@ def cluster(
             except ValueError as e:
                 raise ConfigError(f"{st.path}: {e}") from None
             if model.n_clusters_ == 0:
-                logger.warning(
-                    "%s: %s found no group in the sample; every row is labelled -1", st.path, algo
-                )
+                note = _no_group_note(st.path, model, len(values), n_valid)
+                logger.warning("%s", note)
             sample_labels = model.sample_labels_
             parts = _base.split_by_block(index, X.chunks[0])
             import dask.array as da
@@ -514,7 +608,14 @@ def cluster(
             if algo == "agglomerative":
                 params["n_clusters"] = k
             elif algo == "hdbscan":
-                params["min_cluster_size"] = model.min_cluster_size
+                params.update(
+                    min_cluster_size=model.min_cluster_size_,
+                    min_samples=model.min_samples_,
+                    cluster_selection_method=model.cluster_selection_method,
+                    # "data": chosen from the sampled rows (hdbscan_sizes), "set": given.
+                    min_cluster_size_from="data" if model.min_cluster_size is None else "set",
+                    min_samples_from="data" if model.min_samples is None else "set",
+                )
             else:
                 params.update(damping=model.damping, preference=model.preference)
         centers = model.cluster_centers_
@@ -540,7 +641,9 @@ def cluster(
         dims=(space["id"], space["component"]),
     )
     st.write_array(space["sizes"], counts.astype(np.int64), dims=(space["id"],))
-    result = ClusterResult(st.path, algo, space["out"], n_found, sizes, sil, dbi, inertia, params)
+    result = ClusterResult(
+        st.path, algo, space["out"], n_found, sizes, sil, dbi, inertia, params, note
+    )
     st.set_attrs(
         **{
             space["out"]: {

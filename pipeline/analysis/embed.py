@@ -15,8 +15,10 @@ fitting's quadratic cost grows with the survey:
   3 s per 1000 rows on one core), so for survey-sized stores UMAP is the practical map;
   t-SNE is there for sample-sized ones and comparisons with Elodin-NN.
 
-Sampled rows keep their fitted position. Compilation of umap-learn's numba kernels happens
-once per process (tens of seconds) and is not part of the per-row cost.
+Sampled rows keep their fitted position. umap-learn's numba kernels are compiled once and kept
+on disk under Elodin's cache dir (:mod:`pipeline.numba_cache`), for this process and the
+workers; pynndescent's NN-descent cannot be cached by numba and compiles again in every
+process (about half of what a small map costs, see benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import sys
 import uuid
 import warnings
 from typing import Any
@@ -31,7 +34,7 @@ from typing import Any
 import numpy as np
 from sklearn.base import BaseEstimator, TransformerMixin
 
-from .. import config
+from .. import config, numba_cache
 from ..errors import StoreError
 from ..store import Store
 from . import _base
@@ -53,6 +56,8 @@ def _transform_block(
     if len(positions):
         ok[positions] = False
     if ok.any():
+        if "umap" in sys.modules:  # on a worker: cache what the transform compiles
+            numba_cache.enable()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             out[ok] = np.asarray(model.transform(block[ok].astype(np.float32)), np.float32)
@@ -130,7 +135,10 @@ class SampleEmbedding(TransformerMixin, BaseEstimator):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if self.method == "umap":
+                numba_cache.configure()  # before numba is imported
                 import umap
+
+                numba_cache.enable()
 
                 model = umap.UMAP(
                     n_components=self.n_components,
