@@ -321,6 +321,8 @@ def _unit_task(job: UnitJob) -> int | _UnitFailed:
 # ------------------------------------------------------------------------------ client side
 def _settings(**flags) -> dict:
     """Every setting of the run, flags over config, checked once."""
+    from .models.zoo import with_invariance
+
     method = config.get_choice("cutouts.method", METHODS, override=flags.get("method"))
     size = config.get_int("cutouts.size", override=flags.get("size"), minimum=1)
     stride = flags.get("stride") or config.get("cutouts.stride") or size
@@ -377,7 +379,10 @@ def _settings(**flags) -> dict:
             "fingerprint.dtype", ("float32", "float16"), override=flags.get("dtype")
         ),
         "gpu": bool(config.get("fingerprint.gpu", override=flags.get("gpu"))),
-        "model": str(config.get("model.name", override=flags.get("model"))),
+        "model": with_invariance(
+            str(config.get("model.name", override=flags.get("model"))),
+            config.get("model.invariance"),
+        ),
         "topk": config.get_int("model.topk", minimum=1),
         "providers": config.get("model.providers"),
         "precision": config.get_choice("model.precision", ("fp32", "fp16")),

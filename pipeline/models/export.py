@@ -12,6 +12,13 @@ has the same contract:
 
 ``input`` is the only input: the file runs as it is in any ONNX runtime.
 
+Built-in variants change what ``features`` holds (docs/fingerprints.md): ``:multi`` concatenates
+the globally pooled outputs of the network's stages 2-7 with the pooled head; ``:rot4`` /
+``:rot8`` expand the batch in the graph to the 4 rotations (and their 4 mirror images) of each
+cutout and return the mean features and logits of each cutout's views, so the fingerprint does
+not depend on the orientation and the accelerator runs the views as one batch. The number of
+views is recorded in the file's metadata under :data:`ORIENTATIONS_METADATA`.
+
 Files are written atomically (temp file in the cache dir, then :func:`os.replace`) with a JSON
 sidecar recording their sha256, so a killed export never leaves a half-written model and a
 second export reuses the cache.
@@ -34,6 +41,7 @@ __all__ = [
     "EXPORT_VERSION",
     "GRAPH_TOPK",
     "OPSET",
+    "ORIENTATIONS_METADATA",
     "TOPK_METADATA",
     "ensure_onnx",
     "load_onnx_checked",
@@ -48,6 +56,8 @@ EXPORT_VERSION = 4
 # metadata under TOPK_METADATA; a Session asked for more ranks the logits itself.
 GRAPH_TOPK = 100
 TOPK_METADATA = "elodin_topk"
+# Views averaged per cutout (:rot4 / :rot8 variants; absent: 1). Inputs must then be square.
+ORIENTATIONS_METADATA = "elodin_orientations"
 
 
 def _sidecar(path: Path) -> Path:
@@ -143,6 +153,38 @@ def torch_module(card: ModelCard):
     state = torch.load(weights, map_location="cpu", weights_only=True)
     net.load_state_dict(state)
     net.eval()
+    # Last block of each stage (where the width changes), from the second stage on: the
+    # feature maps pooled by the multi-scale variant, finest first.
+    widths = [b._block_args.output_filters for b in net._blocks]
+    stage_ends = [
+        i for i in range(1, len(widths)) if i == len(widths) - 1 or widths[i] != widths[i + 1]
+    ]
+    views = card.orientations
+
+    def orientations(x):
+        # The 4 rotations by 90 degrees, then the same mirrored: the dihedral group D4.
+        # (torch.rot90 has no ONNX export; a quarter turn is a mirror then a transpose.)
+        turned = [x]
+        for _ in range(3):
+            turned.append(torch.flip(turned[-1], dims=(3,)).transpose(2, 3))
+        if views == 8:
+            turned += [torch.flip(t, dims=(3,)) for t in turned]
+        return torch.cat(turned[:views], dim=0)
+
+    def pooled(x):
+        """(features, head features): the head alone, or every stage then the head."""
+        if not card.multi:
+            # The plain graph exactly as before the variants (stores record its sha256).
+            head = net.extract_features(x).mean(dim=(2, 3))
+            return head, head
+        x = net._swish(net._bn0(net._conv_stem(x)))
+        parts = []
+        for i, block in enumerate(net._blocks):
+            x = block(x)
+            if i in stage_ends:
+                parts.append(x.mean(dim=(2, 3)))
+        head = net._swish(net._bn1(net._conv_head(x))).mean(dim=(2, 3))
+        return torch.cat([*parts, head], dim=1), head
 
     class Wrapped(torch.nn.Module):
         def __init__(self) -> None:
@@ -158,8 +200,17 @@ def torch_module(card: ModelCard):
                     x, size=(r, r), mode="bilinear", align_corners=False
                 )
             x = (x - self.mean) / self.std
-            features = self.net.extract_features(x).mean(dim=(2, 3))
-            return features, self.net._fc(features)
+            if views == 1:
+                features, head = pooled(x)
+                return features, self.net._fc(head)
+            n = x.shape[0]
+            features, head = pooled(orientations(x))
+            logits = self.net._fc(head)
+            # (views * n, D) -> (views, n, D): view v of cutout i is row v * n + i.
+            return (
+                features.reshape(views, n, -1).mean(dim=0),
+                logits.reshape(views, n, -1).mean(dim=0),
+            )
 
     return Wrapped().eval()
 
@@ -190,6 +241,9 @@ def _export_builtin(card: ModelCard, out: Path) -> None:
 
     model = onnx.load(str(out))
     _add_topk(model)
+    if card.orientations > 1:
+        entry = model.metadata_props.add()
+        entry.key, entry.value = ORIENTATIONS_METADATA, str(card.orientations)
     onnx.save(model, str(out))
 
 
