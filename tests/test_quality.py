@@ -120,3 +120,92 @@ def test_benchmark_runs_through_the_real_model(model_cache, capsys):
     for r in rows:
         assert 0.0 <= r["bacc"] <= 1.0 and -1.0 <= r["ari"] <= 1.0 and 0.0 <= r["hdf"] <= 1.0
     assert rows[1]["rate"] > 0
+
+
+# ------------------------------------------------------------------------ elodin models adapt
+def _cli(*args: str, cache: Path):
+    import os
+    import subprocess
+
+    env = {**os.environ, "ELODIN__CACHE_DIR": str(cache)}
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True, env=env
+    )
+
+
+@pytest.fixture(scope="module")
+def field(tmp_path_factory) -> Path:
+    # 256^2 in 64-pixel windows at stride 16: 13 x 13 = 169 training cutouts.
+    return synthetic_mosaic(
+        tmp_path_factory.mktemp("adapt") / "field.fits", shape=(256, 256), seed=7, n_sources=12
+    )
+
+
+def test_adapt_trains_exports_and_fingerprints_like_a_builtin(field, tmp_path, client, model_cache):
+    import onnxruntime as ort
+    import torch
+
+    from pipeline.models import get_session, resolve
+    from pipeline.models.adapt import adapt
+    from pipeline.models.export import ensure_onnx
+
+    cache = tmp_path / "cache"
+    with dask.config.set({"elodin.cutouts.stride": 16, "elodin.model.adapt.batch-size": 32}):
+        card_path = adapt(
+            "efficientnet-lite0:native", [str(field)], "mine", epochs=1, cache=cache, progress=False
+        )
+    assert card_path == cache / "adapted" / "mine.yaml"
+    assert torch.load(card_path.with_suffix(".ckpt"), weights_only=True)["epoch"] == 1
+    with dask.config.set({"elodin.cache-dir": str(cache)}):
+        card = resolve("mine")  # by its name, from the model cache
+        assert (card.name, card.builtin, card.resolution) == ("mine", False, "native")
+        path = ensure_onnx(card)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [i.name for i in sess.get_inputs()] == ["input"]
+    rng = np.random.default_rng(0)
+    batch = rng.random((4, 3, 64, 64), dtype=np.float32)
+    feats = sess.run(["features"], {"input": batch})[0]
+    base = get_session(ensure_onnx(resolve("efficientnet-lite0:native"), cache=model_cache))
+    assert feats.shape == (4, 1280)
+    assert np.abs(feats - base.infer(batch).features).max() > 1e-3  # the weights were trained
+
+    # Run again with more epochs: it resumes after the finished one.
+    with dask.config.set({"elodin.cutouts.stride": 16, "elodin.model.adapt.batch-size": 32}):
+        adapt(
+            "efficientnet-lite0:native", [str(field)], "mine", epochs=2, cache=cache, progress=False
+        )
+    assert torch.load(card_path.with_suffix(".ckpt"), weights_only=True)["epoch"] == 2
+
+    # A store made with it records it and refuses appends with another model.
+    out = tmp_path / "mine.zarr"
+    with dask.config.set({"elodin.cache-dir": str(cache)}):
+        fingerprint([field], out, client=client, progress=False, **{**SETTINGS, "model": "mine"})
+        assert Store.open(out).attrs["model"] == "mine"
+        before = store_digest(out)
+        with pytest.raises(StoreError, match="made with model"):
+            fingerprint([field], out, client=client, progress=False, **SETTINGS)
+    assert store_digest(out) == before
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["no-such-model", "{field}", "--name", "x"], "unknown model 'no-such-model'"),
+        (["efficientnet-lite0:rot8", "{field}", "--name", "x"], "adapt a plain built-in"),
+        (["efficientnet-lite0", "{field}", "--name", "x", "--epochs", "0"], "--epochs must be"),
+        (["efficientnet-lite0", "{field}", "--name", "a/b"], "--name 'a/b': use letters"),
+        (
+            ["efficientnet-lite0", "{small}", "--name", "x"],
+            "1 cutout(s) with these cutout settings",
+        ),
+    ],
+)
+def test_adapt_bad_input_is_one_line(args, message, field, tmp_path):
+    small = synthetic_mosaic(tmp_path / "small.fits", shape=(64, 64), seed=2, n_sources=1)
+    cache = tmp_path / "cache"
+    argv = [a.format(field=field, small=small) for a in args]
+    result = _cli("models", "adapt", *argv, cache=cache)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("elodin: error:") and message in lines[0]
+    assert not (cache / "adapted").exists()  # nothing written

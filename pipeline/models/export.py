@@ -45,6 +45,8 @@ __all__ = [
     "TOPK_METADATA",
     "ensure_onnx",
     "load_onnx_checked",
+    "pretrained_network",
+    "torch_module",
 ]
 
 logger = logging.getLogger(__name__)
@@ -136,8 +138,8 @@ def _ensure_fp32(card: ModelCard, *, force: bool, cache: Path | None) -> Path:
 
 
 # ----------------------------------------------------------------------------- built-in export
-def torch_module(card: ModelCard):
-    """The PyTorch module whose export is the ONNX graph (used by tests to compare outputs)."""
+def pretrained_network(card: ModelCard):
+    """The built-in's ImageNet-pretrained PyTorch network (EfficientNet-Lite), in eval mode."""
     try:
         import torch
         from efficientnet_lite_pytorch import EfficientNet
@@ -152,7 +154,17 @@ def torch_module(card: ModelCard):
     # Only tensors are loaded: never unpickle arbitrary objects from a weights file.
     state = torch.load(weights, map_location="cpu", weights_only=True)
     net.load_state_dict(state)
-    net.eval()
+    return net.eval()
+
+
+def torch_module(card: ModelCard, net=None):
+    """The PyTorch module whose export is the ONNX graph (used by tests to compare outputs).
+
+    ``net`` replaces the pretrained network (``elodin models adapt`` trains one).
+    """
+    net = pretrained_network(card) if net is None else net
+    import torch
+
     # Last block of each stage (where the width changes), from the second stage on: the
     # feature maps pooled by the multi-scale variant, finest first.
     widths = [b._block_args.output_filters for b in net._blocks]
@@ -428,12 +440,25 @@ def _wrap_user_model(card: ModelCard, model, out: Path) -> None:
     )
     pre = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     pre.ir_version = model.ir_version
-    keep = [card.features_output] + ([card.logits_output] if card.logits_output else [])
-    merged = compose.merge_models(pre, model, io_map=[("_pre_out", card.input_name)], outputs=keep)
+    # A user graph whose own tensors are called `features`, `logits`, ... (an adapted model's
+    # are) goes under a prefix, or the contract's outputs would duplicate them. Only then: the
+    # wrapped file of any other model stays byte for byte what stores recorded.
+    names = {o for n in model.graph.node for o in n.output} | {
+        i.name for i in model.graph.initializer
+    }
+    prefix = "user/" if names & {"features", "logits", "top_prob", "top_class"} else ""
+    if prefix:
+        model = compose.add_prefix(model, prefix)
+    feat_name = prefix + card.features_output
+    logit_name = prefix + card.logits_output if card.logits_output else None
+    keep = [feat_name] + ([logit_name] if logit_name else [])
+    merged = compose.merge_models(
+        pre, model, io_map=[("_pre_out", prefix + card.input_name)], outputs=keep
+    )
 
     # Rename the outputs to the contract's names, pooling a feature map (N, C, h, w) to (N, C).
     out_nodes, out_vis = [], []
-    feat = next(o for o in merged.graph.output if o.name == card.features_output)
+    feat = next(o for o in merged.graph.output if o.name == feat_name)
     rank = len(feat.type.tensor_type.shape.dim)
     if rank == 4:
         out_nodes.append(helper.make_node("GlobalAveragePool", [feat.name], ["_post_pool"]))
@@ -446,7 +471,7 @@ def _wrap_user_model(card: ModelCard, model, out: Path) -> None:
         )
     out_vis.append(helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", None]))
     if card.logits_output:
-        out_nodes.append(helper.make_node("Identity", [card.logits_output], ["logits"]))
+        out_nodes.append(helper.make_node("Identity", [logit_name], ["logits"]))
         out_vis.append(helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", None]))
     merged.graph.node.extend(out_nodes)
     del merged.graph.output[:]

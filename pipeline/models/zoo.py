@@ -355,9 +355,17 @@ def resolve(name: str | Path) -> ModelCard:
                 "resolution, mean, std and outputs)"
             )
         return load_card(card, onnx_path=path)
+    if "/" not in text and "\\" not in text:
+        # A model made by `elodin models adapt`, by its name, from the model cache.
+        from .. import config
+
+        adapted = config.cache_dir() / "adapted" / f"{text}.yaml"
+        if adapted.is_file():
+            return load_card(adapted)
     known = ", ".join(sorted(_BUILTINS))
     raise ModelError(
-        f"unknown model {text!r}; known models: {known} (or a path to an .onnx file with its card)"
+        f"unknown model {text!r}; known models: {known} (or a path to an .onnx file with its "
+        "card, or the name of a model made by `elodin models adapt`)"
     )
 
 
