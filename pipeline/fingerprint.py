@@ -389,6 +389,7 @@ def fingerprint_settings(**flags: Any) -> dict:
     """Every setting of the run, flags over config, checked once, before anything is written:
     also those that only the workers (stretch, sessions) or later steps (detection, the task
     loop) use, so a refused run leaves no store, or the existing one as it was."""
+    from .models.zoo import with_invariance
     from .preprocess import preprocess_settings
 
     method = config.get_choice("cutouts.method", METHODS, override=flags.get("method"))
@@ -453,7 +454,10 @@ def fingerprint_settings(**flags: Any) -> dict:
             "fingerprint.dtype", ("float32", "float16"), override=flags.get("dtype")
         ),
         "gpu": bool(config.get("fingerprint.gpu", override=flags.get("gpu"))),
-        "model": str(config.get("model.name", override=flags.get("model"))),
+        "model": with_invariance(
+            str(config.get("model.name", override=flags.get("model"))),
+            config.get("model.invariance"),
+        ),
         "topk": config.get_int("model.topk", minimum=1),
         "providers": config.get("model.providers"),
         "precision": config.get_choice("model.precision", ("fp32", "fp16")),

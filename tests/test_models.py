@@ -424,3 +424,110 @@ def test_cli_bad_model_is_one_line_without_traceback(args):
     assert "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("elodin: error:")
+
+
+# ------------------------------------------------------------------ variants: :multi, :rot4/:rot8
+def _dihedral(x: np.ndarray) -> list[np.ndarray]:
+    """The 8 rotations and mirror images of a (N, C, H, W) batch, numpy's own."""
+    turned = [np.rot90(x, k, axes=(2, 3)) for k in range(4)]
+    return [np.ascontiguousarray(t) for t in turned + [t[..., ::-1] for t in turned]]
+
+
+@pytest.mark.parametrize(
+    "name, canonical, dim, views",
+    [
+        ("efficientnet-lite0:rot8", "efficientnet-lite0:rot8", 1280, 8),
+        ("efficientnet-lite0:rot8:native", "efficientnet-lite0:native:rot8", 1280, 8),
+        ("efficientnet-lite0:multi:128", "efficientnet-lite0:128:multi", 2048, 1),
+        ("efficientnet-lite0:rot4:multi:native", "efficientnet-lite0:native:multi:rot4", 2048, 4),
+        ("efficientnet-lite2:multi", "efficientnet-lite2:multi", 2120, 1),
+    ],
+)
+def test_variant_names_are_canonical(name, canonical, dim, views):
+    card = resolve(name)
+    assert (card.name, card.feature_dim, card.orientations) == (canonical, dim, views)
+    assert resolve(canonical) == card
+    assert card.cache_stem != resolve("efficientnet-lite0").cache_stem
+
+
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("efficientnet-lite0:rot3", r"'rot3' is not a resolution .* or a variant"),
+        ("efficientnet-lite0:rot4:rot8", "given twice"),
+        ("efficientnet-lite0:multi:multi", "given twice"),
+        ("efficientnet-lite0:native:128", "'128' is not a resolution"),
+    ],
+)
+def test_bad_variant_is_one_clear_error(name, message):
+    with pytest.raises(ModelError, match=message):
+        resolve(name)
+
+
+def test_invariance_setting_names_the_variant(tmp_path):
+    from pipeline.errors import ConfigError
+    from pipeline.models.zoo import with_invariance
+
+    assert with_invariance("efficientnet-lite0", "none") == "efficientnet-lite0"
+    assert with_invariance("efficientnet-lite0:native", 8) == "efficientnet-lite0:native:rot8"
+    assert with_invariance("efficientnet-lite0:rot4", "4") == "efficientnet-lite0:rot4"
+    assert with_invariance("efficientnet-lite0:rot4", "none") == "efficientnet-lite0:rot4"
+    with pytest.raises(ModelError, match="rot4 disagrees with model.invariance 8"):
+        with_invariance("efficientnet-lite0:rot4", 8)
+    with pytest.raises(ConfigError, match="model.invariance: '2' is not one of none, 4, 8"):
+        with_invariance("efficientnet-lite0", "2")
+    with pytest.raises(ModelError, match="needs a built-in model"):
+        with_invariance(str(tmp_path / "mine.onnx"), 8)
+
+
+def test_rot8_features_are_equal_for_every_rotation_and_flip(model_cache):
+    import onnxruntime as ort
+
+    path = ensure_onnx(resolve("efficientnet-lite0:native:rot8"), cache=model_cache)
+    # A plain session fed only `input`: the file keeps the contract of every export.
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [i.name for i in sess.get_inputs()] == ["input"]
+    cat = _chelsea(64)
+    views = _dihedral(np.concatenate([cat, cat[:, ::-1].copy()]))  # two different cutouts
+    feats = [sess.run(["features", "logits"], {"input": v}) for v in views]
+    for f, lg in feats[1:]:
+        np.testing.assert_allclose(f, feats[0][0], atol=1e-4, rtol=0)
+        np.testing.assert_allclose(lg, feats[0][1], atol=1e-4, rtol=0)
+    assert np.abs(feats[0][0][0] - feats[0][0][1]).max() > 1e-2  # not one constant vector
+    # The plain model is not invariant: the test would fail without the rotations.
+    plain = get_session(ensure_onnx(resolve("efficientnet-lite0:native"), cache=model_cache))
+    assert np.abs(plain.infer(views[1]).features - plain.infer(views[0]).features).max() > 1e-2
+
+
+def test_rot4_is_invariant_to_rotations_only(model_cache):
+    sess = get_session(ensure_onnx(resolve("efficientnet-lite0:native:rot4"), cache=model_cache))
+    assert sess.orientations == 4
+    views = _dihedral(_chelsea(64))
+    base = sess.infer(views[0]).features
+    for v in views[1:4]:
+        np.testing.assert_allclose(sess.infer(v).features, base, atol=1e-4, rtol=0)
+    assert np.abs(sess.infer(views[4]).features - base).max() > 1e-3
+
+
+def test_rotation_models_refuse_non_square_cutouts(model_cache, rng):
+    sess = get_session(ensure_onnx(resolve("efficientnet-lite0:native:rot4"), cache=model_cache))
+    with pytest.raises(ModelError, match="needs square cutouts, got 64 x 80"):
+        sess.infer(rng.random((2, 3, 64, 80), dtype=np.float32))
+
+
+def test_multi_scale_features_have_the_documented_length(model_cache, lite0_native_onnx):
+    import onnxruntime as ort
+
+    card = resolve("efficientnet-lite0:native:multi")
+    path = ensure_onnx(card, cache=model_cache)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [i.name for i in sess.get_inputs()] == ["input"]
+    cat = _chelsea(64)
+    feats, logits, top = sess.run(["features", "logits", "top_class"], {"input": cat})
+    # Documented (docs/fingerprints.md): 24 + 40 + 80 + 112 + 192 + 320 stage widths + 1280.
+    assert feats.shape == (1, 2048) == (1, card.feature_dim)
+    # The head, last, is the plain model's fingerprint; the logits are the plain model's.
+    plain = get_session(lite0_native_onnx).infer(cat)
+    np.testing.assert_allclose(feats[:, -1280:], plain.features, atol=1e-4)
+    np.testing.assert_allclose(logits, plain.logits, atol=1e-4)
+    assert top.shape == (1, GRAPH_TOPK)

@@ -12,6 +12,13 @@ has the same contract:
 
 ``input`` is the only input: the file runs as it is in any ONNX runtime.
 
+Built-in variants change what ``features`` holds (docs/fingerprints.md): ``:multi`` concatenates
+the globally pooled outputs of the network's stages 2-7 with the pooled head; ``:rot4`` /
+``:rot8`` expand the batch in the graph to the 4 rotations (and their 4 mirror images) of each
+cutout and return the mean features and logits of each cutout's views, so the fingerprint does
+not depend on the orientation and the accelerator runs the views as one batch. The number of
+views is recorded in the file's metadata under :data:`ORIENTATIONS_METADATA`.
+
 Files are written atomically (temp file in the cache dir, then :func:`os.replace`) with a JSON
 sidecar recording their sha256, so a killed export never leaves a half-written model and a
 second export reuses the cache.
@@ -34,9 +41,12 @@ __all__ = [
     "EXPORT_VERSION",
     "GRAPH_TOPK",
     "OPSET",
+    "ORIENTATIONS_METADATA",
     "TOPK_METADATA",
     "ensure_onnx",
     "load_onnx_checked",
+    "pretrained_network",
+    "torch_module",
 ]
 
 logger = logging.getLogger(__name__)
@@ -48,6 +58,8 @@ EXPORT_VERSION = 4
 # metadata under TOPK_METADATA; a Session asked for more ranks the logits itself.
 GRAPH_TOPK = 100
 TOPK_METADATA = "elodin_topk"
+# Views averaged per cutout (:rot4 / :rot8 variants; absent: 1). Inputs must then be square.
+ORIENTATIONS_METADATA = "elodin_orientations"
 
 
 def _sidecar(path: Path) -> Path:
@@ -126,8 +138,8 @@ def _ensure_fp32(card: ModelCard, *, force: bool, cache: Path | None) -> Path:
 
 
 # ----------------------------------------------------------------------------- built-in export
-def torch_module(card: ModelCard):
-    """The PyTorch module whose export is the ONNX graph (used by tests to compare outputs)."""
+def pretrained_network(card: ModelCard):
+    """The built-in's ImageNet-pretrained PyTorch network (EfficientNet-Lite), in eval mode."""
     try:
         import torch
         from efficientnet_lite_pytorch import EfficientNet
@@ -142,7 +154,49 @@ def torch_module(card: ModelCard):
     # Only tensors are loaded: never unpickle arbitrary objects from a weights file.
     state = torch.load(weights, map_location="cpu", weights_only=True)
     net.load_state_dict(state)
-    net.eval()
+    return net.eval()
+
+
+def torch_module(card: ModelCard, net=None):
+    """The PyTorch module whose export is the ONNX graph (used by tests to compare outputs).
+
+    ``net`` replaces the pretrained network (``elodin models adapt`` trains one).
+    """
+    net = pretrained_network(card) if net is None else net
+    import torch
+
+    # Last block of each stage (where the width changes), from the second stage on: the
+    # feature maps pooled by the multi-scale variant, finest first.
+    widths = [b._block_args.output_filters for b in net._blocks]
+    stage_ends = [
+        i for i in range(1, len(widths)) if i == len(widths) - 1 or widths[i] != widths[i + 1]
+    ]
+    views = card.orientations
+
+    def orientations(x):
+        # The 4 rotations by 90 degrees, then the same mirrored: the dihedral group D4.
+        # (torch.rot90 has no ONNX export; a quarter turn is a mirror then a transpose.)
+        turned = [x]
+        for _ in range(3):
+            turned.append(torch.flip(turned[-1], dims=(3,)).transpose(2, 3))
+        if views == 8:
+            turned += [torch.flip(t, dims=(3,)) for t in turned]
+        return torch.cat(turned[:views], dim=0)
+
+    def pooled(x):
+        """(features, head features): the head alone, or every stage then the head."""
+        if not card.multi:
+            # The plain graph exactly as before the variants (stores record its sha256).
+            head = net.extract_features(x).mean(dim=(2, 3))
+            return head, head
+        x = net._swish(net._bn0(net._conv_stem(x)))
+        parts = []
+        for i, block in enumerate(net._blocks):
+            x = block(x)
+            if i in stage_ends:
+                parts.append(x.mean(dim=(2, 3)))
+        head = net._swish(net._bn1(net._conv_head(x))).mean(dim=(2, 3))
+        return torch.cat([*parts, head], dim=1), head
 
     class Wrapped(torch.nn.Module):
         def __init__(self) -> None:
@@ -158,8 +212,17 @@ def torch_module(card: ModelCard):
                     x, size=(r, r), mode="bilinear", align_corners=False
                 )
             x = (x - self.mean) / self.std
-            features = self.net.extract_features(x).mean(dim=(2, 3))
-            return features, self.net._fc(features)
+            if views == 1:
+                features, head = pooled(x)
+                return features, self.net._fc(head)
+            n = x.shape[0]
+            features, head = pooled(orientations(x))
+            logits = self.net._fc(head)
+            # (views * n, D) -> (views, n, D): view v of cutout i is row v * n + i.
+            return (
+                features.reshape(views, n, -1).mean(dim=0),
+                logits.reshape(views, n, -1).mean(dim=0),
+            )
 
     return Wrapped().eval()
 
@@ -190,6 +253,9 @@ def _export_builtin(card: ModelCard, out: Path) -> None:
 
     model = onnx.load(str(out))
     _add_topk(model)
+    if card.orientations > 1:
+        entry = model.metadata_props.add()
+        entry.key, entry.value = ORIENTATIONS_METADATA, str(card.orientations)
     onnx.save(model, str(out))
 
 
@@ -374,12 +440,25 @@ def _wrap_user_model(card: ModelCard, model, out: Path) -> None:
     )
     pre = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     pre.ir_version = model.ir_version
-    keep = [card.features_output] + ([card.logits_output] if card.logits_output else [])
-    merged = compose.merge_models(pre, model, io_map=[("_pre_out", card.input_name)], outputs=keep)
+    # A user graph whose own tensors are called `features`, `logits`, ... (an adapted model's
+    # are) goes under a prefix, or the contract's outputs would duplicate them. Only then: the
+    # wrapped file of any other model stays byte for byte what stores recorded.
+    names = {o for n in model.graph.node for o in n.output} | {
+        i.name for i in model.graph.initializer
+    }
+    prefix = "user/" if names & {"features", "logits", "top_prob", "top_class"} else ""
+    if prefix:
+        model = compose.add_prefix(model, prefix)
+    feat_name = prefix + card.features_output
+    logit_name = prefix + card.logits_output if card.logits_output else None
+    keep = [feat_name] + ([logit_name] if logit_name else [])
+    merged = compose.merge_models(
+        pre, model, io_map=[("_pre_out", prefix + card.input_name)], outputs=keep
+    )
 
     # Rename the outputs to the contract's names, pooling a feature map (N, C, h, w) to (N, C).
     out_nodes, out_vis = [], []
-    feat = next(o for o in merged.graph.output if o.name == card.features_output)
+    feat = next(o for o in merged.graph.output if o.name == feat_name)
     rank = len(feat.type.tensor_type.shape.dim)
     if rank == 4:
         out_nodes.append(helper.make_node("GlobalAveragePool", [feat.name], ["_post_pool"]))
@@ -392,7 +471,7 @@ def _wrap_user_model(card: ModelCard, model, out: Path) -> None:
         )
     out_vis.append(helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", None]))
     if card.logits_output:
-        out_nodes.append(helper.make_node("Identity", [card.logits_output], ["logits"]))
+        out_nodes.append(helper.make_node("Identity", [logit_name], ["logits"]))
         out_vis.append(helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", None]))
     merged.graph.node.extend(out_nodes)
     del merged.graph.output[:]

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ModelError
-from .export import TOPK_METADATA
+from .export import ORIENTATIONS_METADATA, TOPK_METADATA
 from .zoo import MIN_SIDE, sha256_file
 
 __all__ = [
@@ -153,7 +153,10 @@ class Session:
         # Files of export version 3 take k as a required input; later ones rank a constant
         # number of classes, recorded in their metadata, of which the first k are kept.
         self._feed_k = "k" in inputs
-        ranked = self._sess.get_modelmeta().custom_metadata_map.get(TOPK_METADATA, "0")
+        meta = self._sess.get_modelmeta().custom_metadata_map
+        ranked = meta.get(TOPK_METADATA, "0")
+        # Views the graph averages per cutout (the :rot4 / :rot8 variants): square inputs only.
+        self.orientations = int(meta.get(ORIENTATIONS_METADATA, "1"))
         self._graph_topk = "top_class" in outs and (self._feed_k or self.k <= int(ranked))
         self.feature_dim = self._sess.get_outputs()[outs.index("features")].shape[1]
         used = self._sess.get_providers()
@@ -203,6 +206,11 @@ class Session:
         the device.
         """
         batch = self.check_batch(batch)
+        if self.orientations > 1 and batch.shape[2] != batch.shape[3]:
+            raise ModelError(
+                f"{self.path.name}: a model averaged over {self.orientations} orientations needs "
+                f"square cutouts, got {batch.shape[2]} x {batch.shape[3]}"
+            )
         n = len(batch)
         feeds = {"input": self._pad(batch)}
         names = ["features"]

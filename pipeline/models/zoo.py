@@ -8,7 +8,17 @@ user cards describe any ONNX file and are validated on load.
 
 Model names may carry a resolution: ``efficientnet-lite0`` (its native training resolution,
 224), ``efficientnet-lite0:native`` (no resize: the cutout's own size) or
-``efficientnet-lite0:128``.
+``efficientnet-lite0:128``; and variants of the exported graph (docs/fingerprints.md):
+
+- ``:multi``: multi-scale features, the globally pooled output of every stage of the network
+  from the second on, then the pooled head (lite0: 24 + 40 + 80 + 112 + 192 + 320 + 1280 =
+  2048 values);
+- ``:rot4`` / ``:rot8``: orientation-invariant features and logits, the mean over the 4
+  rotations by 90 degrees (``rot4``) or those and their mirror images (``rot8``) of each cutout,
+  computed inside the graph as one batch (needs square inputs).
+
+Variants compose in any order (``efficientnet-lite0:native:multi:rot8``); the recorded name
+puts them in that canonical order.
 """
 
 from __future__ import annotations
@@ -23,17 +33,19 @@ from typing import Any
 
 import yaml
 
-from ..errors import ModelError
+from ..errors import ConfigError, ModelError
 
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "INVARIANCES",
     "ModelCard",
     "builtin_cards",
     "describe",
     "load_card",
     "resolve",
     "sha256_file",
+    "with_invariance",
 ]
 
 logger = logging.getLogger(__name__)
@@ -41,6 +53,8 @@ logger = logging.getLogger(__name__)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 MIN_SIDE = 32
+# model.invariance settings: the number of orientations averaged (none: 1).
+INVARIANCES = ("none", "4", "8")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,12 +100,23 @@ class ModelCard:
     arch: str | None = None
     source: str = ""
     native_resolution: int = 224
+    multi: bool = False
+    orientations: int = 1
 
     @property
     def cache_stem(self) -> str:
         """File stem of the exported/wrapped ONNX in the cache."""
-        return f"{self.arch or self.name}-{self.resolution}"
+        multi = "-multi" if self.multi else ""
+        rot = f"-rot{self.orientations}" if self.orientations > 1 else ""
+        return f"{self.arch or self.name}-{self.resolution}{multi}{rot}"
 
+
+# Output widths of the stages pooled by ``:multi`` (the network's stages 2-7, then the head).
+_STAGE_WIDTHS: dict[str, tuple[int, ...]] = {
+    "efficientnet-lite0": (24, 40, 80, 112, 192, 320, 1280),
+    "efficientnet-lite1": (24, 40, 80, 112, 192, 320, 1280),
+    "efficientnet-lite2": (24, 48, 88, 120, 208, 352, 1280),
+}
 
 # name -> (native resolution, weights package, module, class with get_model_file_path)
 _BUILTINS: dict[str, tuple[int, str, str, str]] = {
@@ -144,27 +169,79 @@ def builtin_cards() -> list[ModelCard]:
     return [_builtin(arch, None) for arch in _BUILTINS]
 
 
-def _builtin(arch: str, resolution: str | None) -> ModelCard:
+def _builtin(arch: str, variants: str | None) -> ModelCard:
     native, package, _, _ = _BUILTINS[arch]
+    resolution, multi, orientations = None, False, 1
+    where = f"model {arch}:{variants}"
+    for token in (variants or "").split(":") if variants else []:
+        if token in ("multi", "rot4", "rot8"):
+            seen = multi if token == "multi" else orientations > 1
+            if seen:
+                raise ModelError(f"{where}: variant {token!r} given twice or with another rot")
+            if token == "multi":
+                multi = True
+            else:
+                orientations = int(token[3:])
+        elif resolution is None and (token.isdigit() or token == "native"):
+            resolution = token
+        else:
+            raise ModelError(
+                f"{where}: {token!r} is not a resolution ('native' or an integer >= {MIN_SIDE}) "
+                "or a variant (multi, rot4, rot8)"
+            )
     res = (
         native
         if resolution is None
-        else _parse_resolution(
-            int(resolution) if str(resolution).isdigit() else resolution,
-            where=f"model {arch}:{resolution}",
-        )
+        else _parse_resolution(int(resolution) if resolution.isdigit() else resolution, where=where)
     )
-    name = arch if resolution is None else f"{arch}:{resolution}"
+    name = arch + "".join(
+        f":{t}"
+        for t in (resolution, "multi" if multi else None, f"rot{orientations}")
+        if t and t != "rot1"
+    )
     # The Lite family keeps the 1280-wide head at every width multiplier (fix_head_stem).
+    dim = sum(_STAGE_WIDTHS[arch]) if multi else 1280
     return ModelCard(
         name=name,
         resolution=res,
-        feature_dim=1280,
+        feature_dim=dim,
         builtin=True,
         arch=arch,
         source=f"PyPI {package}",
         native_resolution=native,
+        multi=multi,
+        orientations=orientations,
     )
+
+
+def with_invariance(name: str, invariance: str | int | None) -> str:
+    """The model name for the ``model.invariance`` setting (``none``, ``4`` or ``8``).
+
+    ``none`` leaves the name as it is (which may itself carry ``:rot4`` / ``:rot8``); ``4`` or
+    ``8`` adds that variant to a built-in name. A name whose own ``rot`` disagrees with the
+    setting, or a user model with invariance asked for, is a :class:`ModelError`.
+    """
+    value = "none" if invariance is None else str(invariance)
+    if value not in INVARIANCES:
+        raise ConfigError(
+            f"config elodin.model.invariance: {invariance!r} is not one of {', '.join(INVARIANCES)}"
+        )
+    if value == "none":
+        return str(name)
+    arch = str(name).partition(":")[0]
+    if arch not in _BUILTINS:
+        raise ModelError(
+            f"model {name}: model.invariance {value} needs a built-in model (the rotations are "
+            "added when it is exported); use invariance none with a user model"
+        )
+    card = resolve(name)
+    if card.orientations == int(value):
+        return card.name
+    if card.orientations > 1:
+        raise ModelError(
+            f"model {name}: its rot{card.orientations} disagrees with model.invariance {value}"
+        )
+    return resolve(f"{card.name}:rot{value}").name
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -257,7 +334,8 @@ def _card_beside(onnx_path: Path) -> Path | None:
 
 
 def resolve(name: str | Path) -> ModelCard:
-    """A card from a built-in name (``NAME[:RESOLUTION]``), an ONNX path or a card path."""
+    """A card from a built-in name (``NAME[:RESOLUTION][:multi][:rot4|:rot8]``), an ONNX path
+    or a card path."""
     text = str(name)
     arch, _, res = text.partition(":")
     if arch in _BUILTINS:
@@ -277,9 +355,17 @@ def resolve(name: str | Path) -> ModelCard:
                 "resolution, mean, std and outputs)"
             )
         return load_card(card, onnx_path=path)
+    if "/" not in text and "\\" not in text:
+        # A model made by `elodin models adapt`, by its name, from the model cache.
+        from .. import config
+
+        adapted = config.cache_dir() / "adapted" / f"{text}.yaml"
+        if adapted.is_file():
+            return load_card(adapted)
     known = ", ".join(sorted(_BUILTINS))
     raise ModelError(
-        f"unknown model {text!r}; known models: {known} (or a path to an .onnx file with its card)"
+        f"unknown model {text!r}; known models: {known} (or a path to an .onnx file with its "
+        "card, or the name of a model made by `elodin models adapt`)"
     )
 
 
@@ -290,6 +376,8 @@ def describe(card: ModelCard, onnx_path: Path | None) -> dict[str, Any]:
         "builtin": card.builtin,
         "resolution": card.resolution,
         "feature_dim": card.feature_dim,
+        "orientations": card.orientations,
+        "multi_scale": card.multi,
         "input": card.input_name,
         "outputs": ", ".join(o for o in (card.features_output, card.logits_output) if o),
         "mean": card.mean,

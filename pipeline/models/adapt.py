@@ -1,0 +1,366 @@
+"""``elodin models adapt``: fine-tune a built-in network on the user's own cutouts, no labels.
+
+SimSiam (Chen & He 2021): two augmented views of each cutout go through the network, a projector
+and a predictor; the loss pulls each view's prediction towards the other view's projection
+(negative cosine, stop-gradient on the target). The augmentations are the ones an astronomical
+cutout has no business being told apart by: rotations by 90 degrees, mirror images, shifts of a
+few pixels, Gaussian noise and a Gaussian PSF blur. The cutouts are those ``elodin fingerprint``
+would make of the same inputs (the ``cutouts``, ``tiling`` and ``preprocess`` settings, sliding or
+full windows), a random sample of at most ``model.adapt.max-cutouts`` of them, stretched as
+fingerprinting stretches them.
+
+The adapted network is exported bare (input ``input`` at the base's resolution, already
+normalised; outputs ``features`` and ``logits``) with a model card beside it into
+``<model cache>/adapted/NAME.onnx`` + ``NAME.yaml``; :func:`pipeline.models.zoo.resolve` finds it
+by its name, and it runs through the user-model path (wrapped once with the resize and the
+ImageNet normalisation), so ``--model NAME`` works like a built-in name and stores record it.
+
+A checkpoint (``NAME.ckpt``) is written after every epoch, atomically: the same command run
+again resumes after the last finished epoch (with more ``--epochs`` it trains on).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from .. import config
+from ..errors import ConfigError, InputError, ModelError
+from .zoo import ModelCard, resolve, sha256_file
+
+__all__ = ["ADAPTED_DIR", "adapt", "adapted_card_path", "training_cutouts"]
+
+logger = logging.getLogger(__name__)
+
+ADAPTED_DIR = "adapted"
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def adapted_card_path(name: str, cache: Path | None = None) -> Path:
+    """Where the card of the adapted model ``name`` lives in the model cache."""
+    cache = Path(cache) if cache is not None else config.cache_dir()
+    return cache / ADAPTED_DIR / f"{name}.yaml"
+
+
+def _check_name(name: str) -> str:
+    from .zoo import _BUILTINS
+
+    if not _NAME.fullmatch(str(name)) or str(name).endswith((".onnx", ".yaml", ".yml", ".json")):
+        raise ConfigError(
+            f"--name {name!r}: use letters, digits, '.', '_' and '-' (up to 64, no extension)"
+        )
+    if name in _BUILTINS:
+        raise ConfigError(f"--name {name!r} is a built-in model's name; choose another")
+    return str(name)
+
+
+def _base_card(base: str) -> ModelCard:
+    card = resolve(base)
+    if not card.builtin:
+        raise ModelError(f"adapt: base {base!r} is not a built-in model (elodin models list)")
+    if card.multi or card.orientations > 1:
+        raise ModelError(
+            f"adapt: base {base!r}: adapt a plain built-in (with a resolution if you like); "
+            ":multi and :rot variants are not adapted"
+        )
+    return card
+
+
+# ----------------------------------------------------------------------------- cutouts
+def training_cutouts(
+    inputs: Sequence[str],
+    *,
+    max_cutouts: int,
+    seed: int = 0,
+    hdu=None,
+    variable: str | None = None,
+) -> np.ndarray:
+    """A random sample of the cutouts ``elodin fingerprint`` would make of ``inputs``,
+    stretched: float32 (n, 3, size, size) in [0, 1], at most ``max_cutouts``.
+
+    Memory: the sample, plus one tile's read box at a time.
+    """
+    # The fingerprint stage's own settings, planning and cutting: the same windows it makes.
+    from ..fingerprint import _image_limits, _plan_sources, cut_windows, fingerprint_settings
+    from ..preprocess import stretch_cutouts
+    from ..sources import open_sources
+
+    settings = fingerprint_settings()
+    method = settings["cutouts"]["method"]
+    if method not in ("sliding", "full"):
+        raise ConfigError(
+            f"adapt: cutouts.method {method!r}: adapt samples sliding or full windows; "
+            "use --method sliding for training"
+        )
+    sources = open_sources(list(inputs), hdu=hdu, variable=variable)
+    if not sources:
+        raise InputError("adapt: no input images")
+    plan = _plan_sources(None, sources, settings, None, 0)
+    limits = _image_limits(sources, settings["preprocess"])
+    rng = np.random.default_rng(seed)
+    n = min(plan.n_windows, int(max_cutouts))
+    chosen = np.sort(rng.choice(plan.n_windows, n, replace=False)) if n else np.zeros(0, int)
+    owner = plan.window_tiles()[chosen]
+    by_id = {s.id: s for s in sources}
+    fill = settings["cutouts"]["fill"]
+    fill = np.nan if fill is None else float(fill)
+    parts = []
+    for t in np.unique(owner):
+        tile = plan.tiles[t]
+        source = by_id[plan.images[int(tile["image"])]]
+        box = (int(tile["ry0"]), int(tile["ry1"]), int(tile["rx0"]), int(tile["rx1"]))
+        data = source.read(*box)
+        wins = plan.windows[chosen[owner == t]]
+        cut = cut_windows(data, box, wins, fill=fill)
+        rgb, _ = stretch_cutouts(
+            cut,
+            config=settings["preprocess"],
+            image_limits=limits.get(source.id),
+            image=source.id,
+        )
+        parts.append(rgb)
+    if not parts:
+        return np.zeros((0, 3, 1, 1), np.float32)
+    return np.concatenate(parts)
+
+
+# ----------------------------------------------------------------------------- training
+def _augment(x, gen):
+    """Random rotations, flips, shifts of up to 3 px, noise and PSF blur, per cutout."""
+    import torch
+
+    n = x.shape[0]
+    k = torch.randint(0, 4, (n,), generator=gen)
+    flip = torch.rand(n, generator=gen) < 0.5
+    out = []
+    for i in range(n):
+        v = torch.rot90(x[i], int(k[i]), dims=(1, 2))
+        if flip[i]:
+            v = torch.flip(v, dims=(2,))
+        dy, dx = (int(t) for t in torch.randint(-3, 4, (2,), generator=gen))
+        out.append(torch.roll(v, shifts=(dy, dx), dims=(1, 2)))
+    x = torch.stack(out)
+    # PSF blur: a Gaussian of sigma 0-1.2 px per cutout, as a depthwise 5x5 convolution.
+    sigma = 0.05 + 1.15 * torch.rand(n, generator=gen)
+    r = torch.arange(-2, 3, dtype=torch.float32)
+    g = torch.exp(-(r[None, :] ** 2) / (2 * sigma[:, None] ** 2))
+    g = g / g.sum(dim=1, keepdim=True)
+    kernel = (g[:, :, None] * g[:, None, :]).repeat_interleave(3, dim=0)[:, None]
+    x = torch.nn.functional.conv2d(
+        torch.nn.functional.pad(x.reshape(1, n * 3, *x.shape[2:]), (2, 2, 2, 2), mode="reflect"),
+        kernel,
+        groups=n * 3,
+    ).reshape(x.shape)
+    noise = 0.03 * torch.rand(n, 1, 1, 1, generator=gen) * torch.randn(x.shape, generator=gen)
+    return (x + noise).clamp(0.0, 1.0)
+
+
+def _heads(dim: int):
+    import torch.nn as nn
+
+    hidden, out, bottleneck = 512, 512, 128
+    projector = nn.Sequential(
+        nn.Linear(dim, hidden, bias=False),
+        nn.BatchNorm1d(hidden),
+        nn.ReLU(inplace=True),
+        nn.Linear(hidden, out, bias=False),
+        nn.BatchNorm1d(out, affine=False),
+    )
+    predictor = nn.Sequential(
+        nn.Linear(out, bottleneck, bias=False),
+        nn.BatchNorm1d(bottleneck),
+        nn.ReLU(inplace=True),
+        nn.Linear(bottleneck, out),
+    )
+    return projector, predictor
+
+
+def _atomic_save(obj, path: Path) -> None:
+    import torch
+
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _export_bare(net, card: ModelCard, out: Path) -> None:
+    """The adapted network alone, for the user-model path (it adds resize and normalisation)."""
+    import warnings
+
+    import torch
+
+    class Bare(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            features = self.net.extract_features(x).mean(dim=(2, 3))
+            return features, self.net._fc(features)
+
+    side = 64 if card.resolution == "native" else int(card.resolution)
+    tmp = out.with_suffix(".onnx.tmp")
+    from .export import OPSET
+
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            Bare().eval(),
+            (torch.rand(2, 3, side, side),),
+            str(tmp),
+            input_names=["input"],
+            output_names=["features", "logits"],
+            dynamic_axes={
+                "input": {0: "batch", 2: "height", 3: "width"},
+                "features": {0: "batch"},
+                "logits": {0: "batch"},
+            },
+            opset_version=OPSET,
+            dynamo=False,
+        )
+    os.replace(tmp, out)
+
+
+def adapt(
+    base: str,
+    inputs: Sequence[str],
+    name: str,
+    *,
+    epochs: int | None = None,
+    batch_size: int | None = None,
+    max_cutouts: int | None = None,
+    cache: Path | None = None,
+    hdu=None,
+    variable: str | None = None,
+    progress: bool = True,
+    seed: int = 0,
+) -> Path:
+    """Fine-tune ``base`` self-supervised on cutouts of ``inputs``; returns the card's path.
+
+    Settings not given come from ``elodin.model.adapt`` (epochs, batch-size, max-cutouts,
+    min-cutouts, learning-rate). Everything is checked before anything is written.
+    """
+    import yaml
+
+    name = _check_name(name)
+    if epochs is not None and (isinstance(epochs, bool) or int(epochs) != epochs or epochs < 1):
+        raise ConfigError(f"adapt: --epochs must be an integer >= 1, got {epochs!r}")
+    epochs = config.get_int("model.adapt.epochs", override=epochs, minimum=1)
+    batch_size = config.get_int("model.adapt.batch-size", override=batch_size, minimum=2)
+    max_cutouts = config.get_int("model.adapt.max-cutouts", override=max_cutouts, minimum=2)
+    min_cutouts = config.get_int("model.adapt.min-cutouts", minimum=2)
+    lr = config.get_float("model.adapt.learning-rate")
+    card = _base_card(base)
+    card_path = adapted_card_path(name, cache)
+    ckpt_path = card_path.with_suffix(".ckpt")
+    onnx_path = card_path.with_suffix(".onnx")
+    ckpt = None
+    if ckpt_path.is_file():
+        import torch
+
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        if ckpt.get("base") != card.name:
+            raise ModelError(
+                f"{ckpt_path}: a checkpoint of {name!r} adapted from {ckpt.get('base')!r} "
+                f"exists; use another --name, or remove it to adapt {card.name} afresh"
+            )
+    images = training_cutouts(
+        inputs, max_cutouts=max_cutouts, seed=seed, hdu=hdu, variable=variable
+    )
+    if len(images) < min_cutouts:
+        raise InputError(
+            f"adapt: {', '.join(map(str, inputs))}: {len(images)} cutout(s) with these cutout "
+            f"settings; adapting needs at least {min_cutouts} (model.adapt.min-cutouts)"
+        )
+    if len(images) < batch_size:
+        batch_size = len(images)
+
+    import torch
+    from tqdm import tqdm
+
+    from .export import pretrained_network, torch_module
+
+    torch.manual_seed(seed)
+    net = pretrained_network(card)
+    encoder = torch_module(card, net)  # resize + normalisation + network, as exported
+    projector, predictor = _heads(card.feature_dim)
+    params = [*encoder.parameters(), *projector.parameters(), *predictor.parameters()]
+    optimiser = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=1e-4)
+    start = 0
+    if ckpt is not None:
+        net.load_state_dict(ckpt["net"])
+        projector.load_state_dict(ckpt["projector"])
+        predictor.load_state_dict(ckpt["predictor"])
+        optimiser.load_state_dict(ckpt["optimiser"])
+        start = int(ckpt["epoch"])
+    card_path.parent.mkdir(parents=True, exist_ok=True)
+    data = torch.from_numpy(images)
+    steps = len(images) // batch_size
+    gen = torch.Generator().manual_seed(seed + start)
+    bar = tqdm(
+        total=(epochs - start) * steps if epochs > start else 0,
+        desc=f"adapt {name}",
+        unit="step",
+        disable=not progress,
+    )
+    cos = torch.nn.functional.cosine_similarity
+    for epoch in range(start, epochs):
+        for module in (encoder, projector, predictor):
+            module.train()
+        # Cosine decay over all epochs, so a resumed run follows the same schedule.
+        for group in optimiser.param_groups:
+            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * epoch / epochs))
+        order = torch.randperm(len(images), generator=gen)
+        total = 0.0
+        for s in range(steps):
+            x = data[order[s * batch_size : (s + 1) * batch_size]]
+            z1 = projector(encoder(_augment(x, gen))[0])
+            z2 = projector(encoder(_augment(x, gen))[0])
+            p1, p2 = predictor(z1), predictor(z2)
+            loss = -(cos(p1, z2.detach()).mean() + cos(p2, z1.detach()).mean()) / 2
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+            value = float(loss.detach())
+            total += value
+            bar.update(1)
+            bar.set_postfix(epoch=epoch + 1, loss=f"{value:.3f}")
+        logger.info("adapt %s: epoch %d/%d, loss %.4f", name, epoch + 1, epochs, total / steps)
+        _atomic_save(
+            {
+                "base": card.name,
+                "epoch": epoch + 1,
+                "net": net.state_dict(),
+                "projector": projector.state_dict(),
+                "predictor": predictor.state_dict(),
+                "optimiser": optimiser.state_dict(),
+            },
+            ckpt_path,
+        )
+    bar.close()
+    net.eval()
+    _export_bare(net, card, onnx_path)
+    meta = {
+        "name": name,
+        "path": onnx_path.name,
+        "sha256": sha256_file(onnx_path),
+        "input": "input",
+        "resolution": card.resolution,
+        "mean": list(card.mean),
+        "std": list(card.std),
+        "outputs": {"features": "features", "logits": "logits"},
+        "feature_dim": card.feature_dim,
+    }
+    tmp = card_path.with_suffix(".yaml.tmp")
+    tmp.write_text(
+        f"# Adapted from {card.name} by `elodin models adapt` on {len(images)} cutouts, "
+        f"{epochs} epoch(s)\n" + yaml.safe_dump(meta, sort_keys=False)
+    )
+    os.replace(tmp, card_path)
+    return card_path

@@ -1,0 +1,211 @@
+"""Fingerprint quality: the invariance setting end to end, and the morphology benchmark's parts."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import dask.config
+import numpy as np
+import pytest
+
+from pipeline.errors import StoreError
+from pipeline.fingerprint import fingerprint
+from pipeline.store import Store
+from pipeline.testing import store_digest, synthetic_mosaic
+
+ROOT = Path(__file__).resolve().parents[1]
+SETTINGS = {
+    "method": "sliding",
+    "size": 64,
+    "stride": 64,
+    "tile_size": 256,
+    "chunk_rows": 16,
+    "model": "efficientnet-lite0:native",
+}
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location(
+        "bench_quality", ROOT / "benchmarks" / "bench_quality.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_quality"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def client():
+    from distributed import Client, LocalCluster
+
+    with (
+        LocalCluster(
+            n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None
+        ) as cluster,
+        Client(cluster) as c,
+    ):
+        yield c
+
+
+def test_invariance_is_recorded_and_a_store_refuses_another(tmp_path, client, model_cache):
+    from pipeline.models import get_session, resolve
+    from pipeline.models.export import ensure_onnx
+    from pipeline.preprocess import image_limits_for, stretch_cutouts
+    from pipeline.sources import open_sources
+
+    mosaic = synthetic_mosaic(tmp_path / "field.fits", shape=(192, 192), seed=4, n_sources=6)
+    out = tmp_path / "rot8.zarr"
+    with dask.config.set({"elodin.model.invariance": 8}):
+        fingerprint([mosaic], out, client=client, progress=False, **SETTINGS)
+    store = Store.open(out)
+    assert store.attrs["model"] == "efficientnet-lite0:native:rot8"
+    # The stored rows are the invariant model's: a cutout's fingerprint is that of its rotation.
+    ds = store.dataset().load()
+    row = int(np.flatnonzero(ds.valid.values)[4])
+    x0, y0 = int(ds.x.values[row] - 31.5), int(ds.y.values[row] - 31.5)
+    from astropy.io import fits
+
+    cut = fits.getdata(mosaic).astype(np.float32)[y0 : y0 + 64, x0 : x0 + 64]
+    src = open_sources([mosaic])[0]
+    rgb, _ = stretch_cutouts(np.rot90(cut)[None, None].copy(), image_limits=image_limits_for(src))
+    sess = get_session(ensure_onnx(resolve("efficientnet-lite0:native:rot8"), cache=model_cache))
+    np.testing.assert_allclose(ds.fingerprint.values[row], sess.infer(rgb).features[0], atol=1e-4)
+
+    before = store_digest(out)
+    other = synthetic_mosaic(tmp_path / "other.fits", shape=(192, 192), seed=5, n_sources=6)
+    with pytest.raises(StoreError, match="made with model"):
+        fingerprint([other], out, client=client, progress=False, **SETTINGS)  # invariance none
+    with (
+        dask.config.set({"elodin.model.invariance": 4}),
+        pytest.raises(StoreError, match="made with model"),
+    ):
+        fingerprint([other], out, client=client, progress=False, **SETTINGS)
+    assert store_digest(out) == before
+
+
+def test_simulated_classes_look_like_their_class():
+    bench = _bench()
+    stamps, labels = bench.simulate(4, seed=1)
+    assert stamps.shape == (4 * len(bench.CLASSES), 64, 64) and stamps.dtype == np.float32
+    assert np.bincount(labels).tolist() == [4] * len(bench.CLASSES)
+    total = stamps.sum(axis=(1, 2))
+    blank = labels == bench.CLASSES.index("blank")
+    # Blank sky is unit Gaussian noise (its sum over 64^2 pixels has sigma 64); every other
+    # stamp holds a source's flux (log-uniform from 250) above it.
+    assert np.allclose(stamps[blank].std(axis=(1, 2)), 1.0, atol=0.05)
+    assert np.abs(total[blank]).max() < 3 * 64 and total[~blank].min() > 2 * 64
+    # Same seed, same stamps: the benchmark's figures are reproducible.
+    np.testing.assert_array_equal(bench.simulate(4, seed=1)[0], stamps)
+
+
+def test_scores_rank_separable_above_random(rng):
+    bench = _bench()
+    labels = np.repeat(np.arange(3), 30)
+    separable = rng.normal(size=(90, 30)) + 8.0 * np.eye(3, 30)[labels]
+    good = bench.scores(separable, labels)
+    bad = bench.scores(rng.normal(size=(90, 30)), labels)
+    assert good[0] > 0.95 and good[1] > 0.9
+    assert bad[0] < 0.6 and bad[1] < 0.2
+
+
+def test_benchmark_runs_through_the_real_model(model_cache, capsys):
+    bench = _bench()
+    rows = bench.run(
+        ["pixels", "efficientnet-lite0:native"], per_class=6, hdf_per_class=10, threads=1
+    )
+    assert [r["recipe"] for r in rows] == ["pixels", "efficientnet-lite0:native"]
+    assert rows[0]["dim"] == 64 * 64 and rows[1]["dim"] == 1280
+    for r in rows:
+        assert 0.0 <= r["bacc"] <= 1.0 and -1.0 <= r["ari"] <= 1.0 and 0.0 <= r["hdf"] <= 1.0
+    assert rows[1]["rate"] > 0
+
+
+# ------------------------------------------------------------------------ elodin models adapt
+def _cli(*args: str, cache: Path):
+    import os
+    import subprocess
+
+    env = {**os.environ, "ELODIN__CACHE_DIR": str(cache)}
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True, env=env
+    )
+
+
+@pytest.fixture(scope="module")
+def field(tmp_path_factory) -> Path:
+    # 256^2 in 64-pixel windows at stride 16: 13 x 13 = 169 training cutouts.
+    return synthetic_mosaic(
+        tmp_path_factory.mktemp("adapt") / "field.fits", shape=(256, 256), seed=7, n_sources=12
+    )
+
+
+def test_adapt_trains_exports_and_fingerprints_like_a_builtin(field, tmp_path, client, model_cache):
+    import onnxruntime as ort
+    import torch
+
+    from pipeline.models import get_session, resolve
+    from pipeline.models.adapt import adapt
+    from pipeline.models.export import ensure_onnx
+
+    cache = tmp_path / "cache"
+    with dask.config.set({"elodin.cutouts.stride": 16, "elodin.model.adapt.batch-size": 32}):
+        card_path = adapt(
+            "efficientnet-lite0:native", [str(field)], "mine", epochs=1, cache=cache, progress=False
+        )
+    assert card_path == cache / "adapted" / "mine.yaml"
+    assert torch.load(card_path.with_suffix(".ckpt"), weights_only=True)["epoch"] == 1
+    with dask.config.set({"elodin.cache-dir": str(cache)}):
+        card = resolve("mine")  # by its name, from the model cache
+        assert (card.name, card.builtin, card.resolution) == ("mine", False, "native")
+        path = ensure_onnx(card)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [i.name for i in sess.get_inputs()] == ["input"]
+    rng = np.random.default_rng(0)
+    batch = rng.random((4, 3, 64, 64), dtype=np.float32)
+    feats = sess.run(["features"], {"input": batch})[0]
+    base = get_session(ensure_onnx(resolve("efficientnet-lite0:native"), cache=model_cache))
+    assert feats.shape == (4, 1280)
+    assert np.abs(feats - base.infer(batch).features).max() > 1e-3  # the weights were trained
+
+    # Run again with more epochs: it resumes after the finished one.
+    with dask.config.set({"elodin.cutouts.stride": 16, "elodin.model.adapt.batch-size": 32}):
+        adapt(
+            "efficientnet-lite0:native", [str(field)], "mine", epochs=2, cache=cache, progress=False
+        )
+    assert torch.load(card_path.with_suffix(".ckpt"), weights_only=True)["epoch"] == 2
+
+    # A store made with it records it and refuses appends with another model.
+    out = tmp_path / "mine.zarr"
+    with dask.config.set({"elodin.cache-dir": str(cache)}):
+        fingerprint([field], out, client=client, progress=False, **{**SETTINGS, "model": "mine"})
+        assert Store.open(out).attrs["model"] == "mine"
+        before = store_digest(out)
+        with pytest.raises(StoreError, match="made with model"):
+            fingerprint([field], out, client=client, progress=False, **SETTINGS)
+    assert store_digest(out) == before
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["no-such-model", "{field}", "--name", "x"], "unknown model 'no-such-model'"),
+        (["efficientnet-lite0:rot8", "{field}", "--name", "x"], "adapt a plain built-in"),
+        (["efficientnet-lite0", "{field}", "--name", "x", "--epochs", "0"], "--epochs must be"),
+        (["efficientnet-lite0", "{field}", "--name", "a/b"], "--name 'a/b': use letters"),
+        (
+            ["efficientnet-lite0", "{small}", "--name", "x"],
+            "1 cutout(s) with these cutout settings",
+        ),
+    ],
+)
+def test_adapt_bad_input_is_one_line(args, message, field, tmp_path):
+    small = synthetic_mosaic(tmp_path / "small.fits", shape=(64, 64), seed=2, n_sources=1)
+    cache = tmp_path / "cache"
+    argv = [a.format(field=field, small=small) for a in args]
+    result = _cli("models", "adapt", *argv, cache=cache)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("elodin: error:") and message in lines[0]
+    assert not (cache / "adapted").exists()  # nothing written
