@@ -191,7 +191,6 @@ def _atomic_save(obj, path: Path) -> None:
 
 def _export_bare(net, card: ModelCard, out: Path) -> None:
     """The adapted network alone, for the user-model path (it adds resize and normalisation)."""
-    import warnings
 
     import torch
 
@@ -206,24 +205,9 @@ def _export_bare(net, card: ModelCard, out: Path) -> None:
 
     side = 64 if card.resolution == "native" else int(card.resolution)
     tmp = out.with_suffix(".onnx.tmp")
-    from .export import OPSET
+    from .export import torch_export
 
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            Bare().eval(),
-            (torch.rand(2, 3, side, side),),
-            str(tmp),
-            input_names=["input"],
-            output_names=["features", "logits"],
-            dynamic_axes={
-                "input": {0: "batch", 2: "height", 3: "width"},
-                "features": {0: "batch"},
-                "logits": {0: "batch"},
-            },
-            opset_version=OPSET,
-            dynamo=False,
-        )
+    torch_export(Bare().eval(), torch.rand(2, 3, side, side), tmp)
     os.replace(tmp, out)
 
 

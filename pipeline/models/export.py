@@ -227,12 +227,11 @@ def torch_module(card: ModelCard, net=None):
     return Wrapped().eval()
 
 
-def _export_builtin(card: ModelCard, out: Path) -> None:
+def torch_export(module, example, out: Path) -> None:
+    """Export a PyTorch module returning ``(features, logits)`` to ONNX with Elodin's contract:
+    input ``input`` (dynamic batch, height and width), outputs ``features`` and ``logits``."""
     import torch
 
-    module = torch_module(card)
-    side = card.native_resolution if card.resolution == "native" else 64
-    example = torch.rand(2, 3, side, side)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(
@@ -249,6 +248,15 @@ def _export_builtin(card: ModelCard, out: Path) -> None:
             opset_version=OPSET,
             dynamo=False,
         )
+
+
+def _export_builtin(card: ModelCard, out: Path) -> None:
+    import torch
+
+    module = torch_module(card)
+    side = card.native_resolution if card.resolution == "native" else 64
+    example = torch.rand(2, 3, side, side)
+    torch_export(module, example, out)
     import onnx
 
     model = onnx.load(str(out))
