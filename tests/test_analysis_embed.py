@@ -121,6 +121,9 @@ def test_local_workers_cache_umap_kernels_in_the_same_directory(reduced, tmp_pat
 
     st, _, _ = reduced
     monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)  # the workers' only source: compute
+    # The workers read the cache dir from the environment too (the session's model cache, set by
+    # conftest): point it at the same place as this test's config.
+    monkeypatch.setenv("ELODIN__CACHE_DIR", str(tmp_path / "cache"))
     with (
         dask.config.set({"elodin.cache-dir": str(tmp_path / "cache")}),
         local_cluster(workers=1, dashboard_address=None) as cluster,

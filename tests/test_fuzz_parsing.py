@@ -137,10 +137,10 @@ def _load(text: str | bytes):
 
 def _settings_after_load():
     """What a run reads next: every setting of the fingerprint stage, checked."""
-    from pipeline.fingerprint import _settings
+    from pipeline.fingerprint import fingerprint_settings
 
     try:
-        _settings()
+        fingerprint_settings()
     except ConfigError as e:
         assert "\n" not in str(e)
 
