@@ -936,3 +936,31 @@ def test_record_round_trip_reopens_the_same_image(tmp_path):
         src.n_bands,
     )
     np.testing.assert_array_equal(again.read(5, 15, 10, 30), src.read(5, 15, 10, 30))
+
+
+def test_a_png_is_decoded_once_per_process_not_once_per_thread(tmp_path, rng, monkeypatch):
+    # Each work unit's prefetch runs on a new thread; with a per-thread cache every unit of a
+    # PNG mosaic decoded the whole file again (18 decodes for the 3,465-window HDF job).
+    import threading
+
+    import pipeline.sources as sources
+
+    rgb = rng.integers(0, 256, size=(40, 50, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "mosaic.png")
+    src = one([tmp_path / "mosaic.png"])
+    decodes = []
+    real = sources._decode_pil
+    monkeypatch.setattr(sources, "_decode_pil", lambda path: decodes.append(path) or real(path))
+    got = {}
+
+    def read(y: int) -> None:
+        got[y] = src.read(y, y + 10, 0, 50)
+
+    threads = [threading.Thread(target=read, args=(y,)) for y in (0, 10, 20, 30, 0, 10)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(decodes) == 1
+    whole = np.concatenate([got[y] for y in (0, 10, 20, 30)], axis=1)
+    np.testing.assert_array_equal(whole, np.moveaxis(rgb, -1, 0))
