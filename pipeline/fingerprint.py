@@ -69,8 +69,12 @@ class ModelRef:
     require_gpu: bool = False
 
     def threads(self) -> int | None:
-        host = socket.gethostname()
-        return dict(self.threads_per_host).get(host)
+        per_host = dict(self.threads_per_host)
+        return per_host.get(socket.gethostname(), per_host.get(ANY_HOST))
+
+
+# The host key of a thread count that every worker takes (config ``model.threads``).
+ANY_HOST = "*"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -354,6 +358,8 @@ def _check_model_settings() -> None:
             )
     for key in ("model.io-binding", "model.fixed-batches"):
         _optional_bool(key)
+    if config.get("model.threads") is not None:
+        config.get_int("model.threads", minimum=1)
     cuda = config.get("model.cuda") or {}
     if not isinstance(cuda, dict):
         raise ConfigError(f"config elodin.model.cuda: expected a mapping, got {cuda!r}")
@@ -577,6 +583,14 @@ def _shift_inside(windows: np.ndarray, shape) -> np.ndarray:
     out[fits_x, 0] = np.clip(out[fits_x, 0], 0, nx - out[fits_x, 2])
     out[fits_y, 1] = np.clip(out[fits_y, 1], 0, ny - out[fits_y, 3])
     return out
+
+
+def _session_threads(client) -> tuple[tuple[str, int], ...]:
+    """Intra-op threads per worker: config ``model.threads`` on every host when it is set,
+    else :func:`_threads_per_host`."""
+    if config.get("model.threads") is not None:
+        return ((ANY_HOST, config.get_int("model.threads", minimum=1)),)
+    return _threads_per_host(client)
 
 
 def _threads_per_host(client) -> tuple[tuple[str, int], ...]:
@@ -971,7 +985,7 @@ def _model_ref(card, onnx_path, sha: str, settings: dict, client) -> ModelRef:
         sha,
         settings["providers"],
         settings["topk"],
-        _threads_per_host(client),
+        _session_threads(client),
         io_binding=config.get("model.io-binding"),
         fixed_batch=settings["batch_size"] if (on_gpu if fixed is None else fixed) else None,
         require_gpu=on_gpu and settings["providers"] in ("auto", None),

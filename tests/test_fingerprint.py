@@ -359,6 +359,7 @@ BAD_SETTINGS = {
         "cudnn-conv-algo-search",
     ),
     "no gpu units": ({"/FINGERPRINT__GPU_UNITS": "0"}, "fingerprint.gpu-units"),
+    "no session threads": ({"/MODEL__THREADS": "0"}, "model.threads"),
 }
 
 
@@ -494,3 +495,16 @@ def test_user_model_without_feature_dim_in_its_card(tmp_path, client):
     assert (
         ds.fingerprint.shape[1] == 8 and np.isfinite(ds.fingerprint.values[ds.valid.values]).all()
     )
+
+
+def test_model_threads_setting_reaches_every_worker_session():
+    # config model.threads was documented but never read: sessions always took the host's share.
+    import dask.config
+
+    from pipeline.fingerprint import ModelRef, _session_threads
+
+    with dask.config.set({"elodin.model.threads": 3}):
+        per_host = _session_threads(client=None)  # set: no worker is asked
+    ref = ModelRef("m", "m.onnx", "0" * 64, "auto", 5, per_host)
+    assert ref.threads() == 3
+    assert ModelRef("m", "m.onnx", "0" * 64, "auto", 5, ()).threads() is None
