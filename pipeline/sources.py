@@ -225,8 +225,11 @@ class _Handles(OrderedDict):
                 logger.debug("closing a cached handle failed", exc_info=True)
 
     def __del__(self) -> None:
-        while self:
-            self.pop_and_close(last=True)
+        try:
+            while self:
+                self.pop_and_close(last=True)
+        except Exception:  # at interpreter exit, module globals (the logger) may be gone
+            pass
 
 
 class _ThreadLRU:
