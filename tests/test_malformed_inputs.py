@@ -397,3 +397,22 @@ def test_malformed_input_is_one_line_and_the_store_is_untouched(outcomes, name):
         assert word in lines[0], f"{word!r} not in {lines[0]!r}"
     assert out["unchanged"], "the store changed"
     assert not out["ran_code"], "a model or config file ran code"
+
+
+def test_output_into_a_closed_pipe_is_no_traceback():
+    # `elodin models list | head -c 10`: the reader is gone before elodin writes its lines.
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "pipeline.cli", "models", "list"],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        os.close(write_end)
+    assert "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.strip() == ""
+    assert done.returncode == 141
