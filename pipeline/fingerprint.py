@@ -694,6 +694,7 @@ def fingerprint(
     """
     from .models import resolve
     from .models.export import ensure_onnx
+    from .models.recorded import record_name
     from .models.zoo import sha256_file
 
     settings = fingerprint_settings(
@@ -730,7 +731,7 @@ def fingerprint(
     from . import __version__
 
     attrs = {
-        "model": card.name if settings["precision"] == "fp32" else f"{card.name}@fp16",
+        "model": record_name(card.name, settings["precision"]),
         "model_sha256": sha,
         "feature_dim": card.feature_dim,
         "topk": settings["topk"],
