@@ -281,9 +281,19 @@ def sample_index(mask, size: int, *, seed: int) -> np.ndarray:
     return np.concatenate(found).astype(np.int64) if found else np.zeros(0, np.int64)
 
 
-def sample_valid(store: Store, size: int, *, seed: int, block: int) -> np.ndarray:
-    """Sorted indices of a uniform sample of the store's valid rows."""
-    return sample_index(valid_array(store, block=block), size, seed=seed)
+def sample_valid(
+    store: Store, size: int, *, seed: int, block: int, stop: int | None = None
+) -> np.ndarray:
+    """Sorted indices of a uniform sample of the store's valid rows (of rows ``[:stop]``).
+
+    The sample depends only on the valid rows, ``size`` and ``seed``, not on ``block``, so a
+    stage's sample is drawn again from the rows it saw: what the ``load_*`` functions do to
+    restore a fitted estimator after rows were appended.
+    """
+    valid = valid_array(store, block=block)
+    if stop is not None:
+        valid = valid[: max(0, min(int(stop), store.n_rows))]
+    return sample_index(valid, size, seed=seed)
 
 
 def usable_mask(x):

@@ -59,6 +59,7 @@ __all__ = [
     "StreamingKMeans",
     "cluster",
     "hdbscan_sizes",
+    "load_kmeans",
 ]
 
 logger = logging.getLogger(__name__)
@@ -660,3 +661,45 @@ def cluster(
     )
     logger.info("%s", result.lines()[0])
     return result
+
+
+def load_kmeans(store: Store, *, features: str = "pca") -> StreamingKMeans:
+    """The clustering saved in a store, ready to ``predict`` new rows (like dask-ml's
+    ``KMeans.predict``, it needs only the centres).
+
+    Parameters
+    ----------
+    store : Store
+    features : {"pca", "pca_pixels"}
+        The space the clustering was fitted in.
+
+    Returns
+    -------
+    StreamingKMeans
+        ``cluster_centers_`` (and ``counts_``) as stored, the settings the stage recorded.
+        For the sample-fitted algorithms the centres are their groups' centroids, and
+        ``predict`` gives a new row the label of the nearest one: what :func:`cluster` did
+        for every row outside its sample. ``algorithm_`` says which algorithm it was.
+    """
+    space = SPACES[_base.choice(features, "clustering input", tuple(SPACES))]
+    _base.require(
+        store, space["centers"], "cluster" if features == "pca" else "cluster --on pca_pixels"
+    )
+    info = dict(store.attrs.get(space["out"]) or {})
+    params = dict(info.get("params") or {})
+    centers = np.asarray(store.array(space["centers"])[...], np.float64)
+    model = StreamingKMeans(
+        n_clusters=int(info.get("n_clusters", len(centers))),
+        n_init=int(params.get("n_init", 10)),
+        tol=float(params.get("tol", 1e-4)),
+    )
+    model.cluster_centers_ = centers
+    model.n_features_in_ = centers.shape[1] if centers.ndim == 2 else 0
+    model.n_iter_ = int(params.get("n_iter", 0))
+    model.inertia_ = info.get("inertia")
+    model.algorithm_ = str(info.get("algorithm", "kmeans"))
+    try:
+        model.counts_ = np.asarray(store.array(space["sizes"])[...], np.int64)
+    except KeyError:
+        model.counts_ = None
+    return model
