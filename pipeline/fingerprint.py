@@ -530,7 +530,7 @@ def _plan_blobs(
     client, sources: Sequence[ImageSource], *, tile_size: int, first_index: int
 ) -> Plan:
     """Blob plan: :func:`pipeline.detect.detect_plan` (one detection task per tile on the
-    cluster, windows shifted inside the image, ownership on the client)."""
+    Dask workers, windows shifted inside the image, ownership on the client)."""
     from .detect import detect_plan
 
     return detect_plan(sources, client=client, tile_size=tile_size, image_index=first_index)

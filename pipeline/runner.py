@@ -116,7 +116,7 @@ def run(
     if "fingerprint" in stages:
         from .fingerprint import fingerprint_settings
 
-        fingerprint_settings()  # a bad setting is one line before the lock, cluster or store
+        fingerprint_settings()  # a bad setting is one line before the lock, workers or store
     lines: list[str] = []
     # Every stage writes to the store: the whole run holds its writer lock (fingerprint() takes
     # it again inside, which a holder may), so a second run cannot refit models under this one.

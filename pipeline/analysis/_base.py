@@ -200,11 +200,11 @@ def runner(
 ) -> Iterator[Runner]:
     """Where block tasks run.
 
-    ``client`` given: that client. ``scheduler`` or ``workers`` given: a cluster from
+    ``client`` given: that client. ``scheduler`` or ``workers`` given: Dask workers from
     :func:`pipeline.compute.connect` (closed afterwards). Otherwise the current default
     :class:`distributed.Client` when there is one (e.g. inside ``elodin demo``), else local
     threads: on one machine the blocks are BLAS-heavy numpy that releases the GIL, so a
-    process cluster would only add start-up and serialisation.
+    pool of worker processes would only add start-up and serialisation.
     """
     if client is not None:
         yield Runner(client)
