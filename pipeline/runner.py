@@ -236,10 +236,13 @@ def _valid_rows_after(store, covered: int) -> int:
     if covered >= len(segs):
         return 0
     start = segs[covered].row_start
+    from .analysis import _base
+
     total = 0
     valid = store.array("valid")
-    for b in range(start, store.n_rows, 64 * store.chunk_rows):
-        total += int(np.count_nonzero(valid[b : b + 64 * store.chunk_rows]))
+    step = _base.block_rows(store, None)  # the analysis stages' block rule
+    for b in range(start, store.n_rows, step):
+        total += int(np.count_nonzero(valid[b : b + step]))
     return total
 
 

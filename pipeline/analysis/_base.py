@@ -51,9 +51,7 @@ def open_store(store: str | os.PathLike | Store, *, mode: str = "r") -> Store:
 
 
 def names(store: Store) -> set[str]:
-    import zarr
-
-    return set(zarr.open_group(store.path, mode="r", zarr_format=3).array_keys())
+    return set(Store.zarr(store.path).array_keys())
 
 
 def require(store: Store, name: str, stage: str) -> None:
@@ -66,9 +64,7 @@ def require(store: Store, name: str, stage: str) -> None:
 
 def drop_variables(store: Store, variables: Sequence[str]) -> list[str]:
     """Delete variables that a new result makes stale; returns the names removed."""
-    import zarr
-
-    group = zarr.open_group(store.path, mode="r+", zarr_format=3)
+    group = Store.zarr(store.path, mode="r+")
     present = set(group.array_keys())
     gone = [v for v in variables if v in present]
     for v in gone:
@@ -92,9 +88,7 @@ def block_rows(store: Store, value: int | None) -> int:
 
 # ------------------------------------------------------------------------------ lazy arrays
 def _zarr_array(store: Store, name: str):
-    import zarr
-
-    return zarr.open_array(f"{store.path.rstrip('/')}/{name}", mode="r", zarr_format=3)
+    return Store.zarr(store.path, name)
 
 
 def rows(store: Store, name: str, *, block: int, dtype: str | None = "float32"):
@@ -157,9 +151,8 @@ def write_rows(
     Returns the delayed store (``compute=False``) to compute together with other results.
     """
     import dask.array as da
-    import zarr
 
-    target = zarr.open_array(f"{store.path.rstrip('/')}/{name}", mode="r+", zarr_format=3)
+    target = Store.zarr(store.path, name, mode="r+")
     out = da.store(data, target, lock=False, compute=False)
     if compute:
         (runner or Runner(None)).compute(out)
