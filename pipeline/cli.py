@@ -85,12 +85,46 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-# ---------------------------------------------------------------------------------- fingerprint
-def _add_cluster_flags(p: argparse.ArgumentParser) -> None:
+# ------------------------------------------------------------------------ flags many share
+# One declaration each, so a flag reads and behaves the same in every subcommand.
+def _add_compute_flags(p: argparse.ArgumentParser) -> None:
+    """Where the tasks run: a Dask scheduler (see :mod:`pipeline.compute`)."""
     p.add_argument("--scheduler", help="local (default), slurm, kubernetes or a scheduler ADDRESS")
     p.add_argument(
         "--workers", type=int, help="worker processes (local) or jobs/pods (slurm, kubernetes)"
     )
+
+
+def _compute(args: argparse.Namespace) -> dict:
+    """The ``scheduler`` / ``workers`` keywords of the Python API, from the compute flags."""
+    return {"scheduler": args.scheduler, "workers": args.workers}
+
+
+def _add_store(p: argparse.ArgumentParser, help: str | None = None) -> None:
+    p.add_argument("store", metavar="STORE", help=help)
+
+
+def _add_block_rows(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--block-rows", type=int, metavar="N", help="rows per task")
+
+
+def _add_progress(p: argparse.ArgumentParser, help: str = "no progress bar") -> None:
+    p.add_argument("--no-progress", action="store_true", help=help)
+
+
+def _add_output(p: argparse.ArgumentParser, metavar: str, help: str) -> None:
+    p.add_argument("-o", "--output", required=True, metavar=metavar, help=help)
+
+
+def _add_format(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--format",
+        choices=["parquet", "fits", "ecsv", "votable", "hats"],
+        help="instead of the extension",
+    )
+
+
+# ---------------------------------------------------------------------------------- fingerprint
 
 
 @command
@@ -104,9 +138,7 @@ def _add_fingerprint(sub: argparse._SubParsersAction) -> None:
         metavar="INPUT",
         help="FITS, Zarr, PNG/JPEG/TIFF files, globs, directories or @list.txt",
     )
-    p.add_argument(
-        "-o", "--output", required=True, metavar="STORE", help="Zarr store to create or add to"
-    )
+    _add_output(p, "STORE", "Zarr store to create or add to")
     p.add_argument("--method", choices=["sliding", "full", "blobs", "catalog"])
     p.add_argument("--size", type=int, help="cutout side in pixels")
     p.add_argument("--stride", type=int, help="step between sliding windows in pixels")
@@ -127,8 +159,8 @@ def _add_fingerprint(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="inference tasks ask for the GPU=1 resource",
     )
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    _add_cluster_flags(p)
+    _add_progress(p)
+    _add_compute_flags(p)
     p.set_defaults(func=_cmd_fingerprint)
 
 
@@ -155,8 +187,7 @@ def _cmd_fingerprint(args: argparse.Namespace) -> int:
         hdu=_hdu(args.hdu),
         variable=args.variable,
         gpu=args.gpu,
-        scheduler=args.scheduler,
-        workers=args.workers,
+        **_compute(args),
         progress=not args.no_progress,
     )
     print(result)
@@ -170,14 +201,14 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
         "demo", help="the main job on the Hubble Deep Field image scikit-image ships"
     )
     p.add_argument("-o", "--output", default="elodin-demo", metavar="DIR")
-    _add_cluster_flags(p)
+    _add_compute_flags(p)
     p.set_defaults(func=_cmd_demo)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    for line in run_demo(args.output, scheduler=args.scheduler, workers=args.workers):
+    for line in run_demo(args.output, **_compute(args)):
         print(line)
     return 0
 
@@ -186,8 +217,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 @command
 def _add_report(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("report", help="PNG figures and an index.html that opens from disk")
-    p.add_argument("store", metavar="STORE", help="fingerprint store (after the analysis stages)")
-    p.add_argument("-o", "--output", required=True, metavar="DIR", help="directory for the report")
+    _add_store(p, "fingerprint store (after the analysis stages)")
+    _add_output(p, "DIR", "directory for the report")
     p.add_argument(
         "--query", type=int, metavar="INDEX", help="cutout whose similar cutouts are shown"
     )
@@ -210,7 +241,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 @command
 def _add_reduce(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("reduce", help="exact incremental PCA of the fingerprints (writes pca)")
-    p.add_argument("store", metavar="STORE")
+    _add_store(p)
     g = p.add_mutually_exclusive_group()
     g.add_argument("--components", type=int, metavar="N", help="components kept (default 20)")
     g.add_argument(
@@ -227,8 +258,8 @@ def _add_reduce(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--refit", action="store_true", help="ignore the saved sums and read every row again"
     )
-    p.add_argument("--block-rows", type=int, metavar="N", help="rows per task")
-    _add_cluster_flags(p)
+    _add_block_rows(p)
+    _add_compute_flags(p)
     p.set_defaults(func=_cmd_reduce)
 
 
@@ -243,8 +274,7 @@ def _cmd_reduce(args: argparse.Namespace) -> int:
             features=args.features,
             refit=args.refit,
             block_rows=args.block_rows,
-            scheduler=args.scheduler,
-            workers=args.workers,
+            **_compute(args),
         )
     )
     return 0
@@ -253,7 +283,7 @@ def _cmd_reduce(args: argparse.Namespace) -> int:
 @command
 def _add_cluster(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("cluster", help="group the cutouts in PCA space (writes cluster)")
-    p.add_argument("store", metavar="STORE")
+    _add_store(p)
     p.add_argument("--algorithm", metavar="kmeans|agglomerative|affinity|hdbscan")
     p.add_argument("--n-clusters", type=int, metavar="K", help="kmeans and agglomerative")
     p.add_argument(
@@ -264,14 +294,35 @@ def _add_cluster(sub: argparse._SubParsersAction) -> None:
         "--min-samples", type=int, metavar="N", help="hdbscan's neighbours of a core row"
     )
     p.add_argument(
-        "--on",
-        default="pca",
-        metavar="pca|pca_pixels",
-        help="which reduction to group (default pca)",
+        "--features",
+        metavar="fingerprint|pixels",
+        help="feature space whose PCA is grouped, as for reduce (default fingerprint)",
     )
-    p.add_argument("--block-rows", type=int, metavar="N", help="rows per task")
-    _add_cluster_flags(p)
+    # The old flag and values (the reduction's variable name): still work, warn once.
+    p.add_argument("--on", metavar="pca|pca_pixels", help=argparse.SUPPRESS)
+    _add_block_rows(p)
+    _add_compute_flags(p)
     p.set_defaults(func=_cmd_cluster)
+
+
+def _cluster_features(args: argparse.Namespace) -> str | None:
+    """``--features``, or the deprecated ``--on pca|pca_pixels`` it replaced (warned once)."""
+    from .errors import ConfigError
+
+    if args.on is None:
+        return args.features
+    if args.features is not None:
+        raise ConfigError("give --features (or the deprecated --on), not both")
+    import warnings
+
+    from .analysis.clustering import DEPRECATED_FEATURES, feature_space
+
+    new = DEPRECATED_FEATURES.get(args.on, args.on)
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("ignore")
+        value = feature_space(args.on)
+    logger.warning("--on %s is deprecated: use --features %s", args.on, new)
+    return value
 
 
 def _cmd_cluster(args: argparse.Namespace) -> int:
@@ -282,12 +333,11 @@ def _cmd_cluster(args: argparse.Namespace) -> int:
         algorithm=args.algorithm,
         n_clusters=args.n_clusters,
         sample_size=args.sample_size,
-        features=args.on,
+        features=_cluster_features(args),
         min_cluster_size=args.min_cluster_size,
         min_samples=args.min_samples,
         block_rows=args.block_rows,
-        scheduler=args.scheduler,
-        workers=args.workers,
+        **_compute(args),
     )
     print(result)
     return 0
@@ -296,11 +346,11 @@ def _cmd_cluster(args: argparse.Namespace) -> int:
 @command
 def _add_embed(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("embed", help="2-D map of the cutouts, UMAP or t-SNE (writes embedding)")
-    p.add_argument("store", metavar="STORE")
+    _add_store(p)
     p.add_argument("--method", metavar="umap|tsne")
     p.add_argument("--sample-size", type=int, metavar="N", help="rows the map is fitted on")
-    p.add_argument("--block-rows", type=int, metavar="N", help="rows per task")
-    _add_cluster_flags(p)
+    _add_block_rows(p)
+    _add_compute_flags(p)
     p.set_defaults(func=_cmd_embed)
 
 
@@ -313,8 +363,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
             method=args.method,
             sample_size=args.sample_size,
             block_rows=args.block_rows,
-            scheduler=args.scheduler,
-            workers=args.workers,
+            **_compute(args),
         )
     )
     return 0
@@ -323,7 +372,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
 @command
 def _add_similar(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("similar", help="the cutouts most similar to a query")
-    p.add_argument("store", metavar="STORE")
+    _add_store(p)
     q = p.add_mutually_exclusive_group(required=True)
     q.add_argument("--cutout", type=int, metavar="INDEX", help="query by row index")
     q.add_argument("--image", metavar="FILE", help="query by an image file (fingerprinted now)")
@@ -345,8 +394,8 @@ def _add_similar(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--exact", action="store_true", help="scan every row even when the store has an index"
     )
-    p.add_argument("--block-rows", type=int, metavar="N", help="rows per task")
-    _add_cluster_flags(p)
+    _add_block_rows(p)
+    _add_compute_flags(p)
     p.set_defaults(func=_cmd_similar)
 
 
@@ -363,8 +412,7 @@ def _cmd_similar(args: argparse.Namespace) -> int:
         exclude_overlaps=args.exclude_overlaps,
         exact=args.exact,
         block_rows=args.block_rows,
-        scheduler=args.scheduler,
-        workers=args.workers,
+        **_compute(args),
     )
     print(f"query: {table.meta.get('query')} ({table.meta.get('metric')})")
     # Four significant digits on the terminal; the Table (the API's answer) keeps them all.
@@ -376,16 +424,16 @@ def _cmd_similar(args: argparse.Namespace) -> int:
 @command
 def _add_index(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("index", help="FAISS index of the vectors for fast similar (in the store)")
-    p.add_argument("store", metavar="STORE")
+    _add_store(p)
     p.add_argument("--kind", metavar="auto|flat|ivf|ivfpq|hnsw")
     p.add_argument("--space", metavar="pca|fingerprint", help="vectors indexed (default pca)")
     p.add_argument("--metric", metavar="l2|cosine")
     p.add_argument(
         "--rebuild", action="store_true", help="build again even when it could be extended"
     )
-    p.add_argument("--block-rows", type=int, metavar="N", help="rows per task")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    _add_cluster_flags(p)
+    _add_block_rows(p)
+    _add_progress(p)
+    _add_compute_flags(p)
     p.set_defaults(func=_cmd_index)
 
 
@@ -400,8 +448,7 @@ def _cmd_index(args: argparse.Namespace) -> int:
             metric=args.metric,
             rebuild=args.rebuild,
             block_rows=args.block_rows,
-            scheduler=args.scheduler,
-            workers=args.workers,
+            **_compute(args),
             progress=not args.no_progress,
         )
     )
@@ -411,11 +458,11 @@ def _cmd_index(args: argparse.Namespace) -> int:
 @command
 def _add_neighbors(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("neighbors", help="k-NN graph of every cutout from the index")
-    p.add_argument("store", metavar="STORE")
+    _add_store(p)
     p.add_argument("-k", type=int, metavar="K", help="neighbours per row (default 20)")
-    p.add_argument("--block-rows", type=int, metavar="N", help="rows per task")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    _add_cluster_flags(p)
+    _add_block_rows(p)
+    _add_progress(p)
+    _add_compute_flags(p)
     p.set_defaults(func=_cmd_neighbors)
 
 
@@ -427,8 +474,7 @@ def _cmd_neighbors(args: argparse.Namespace) -> int:
             args.store,
             k=args.k,
             block_rows=args.block_rows,
-            scheduler=args.scheduler,
-            workers=args.workers,
+            **_compute(args),
             progress=not args.no_progress,
         )
     )
@@ -438,12 +484,12 @@ def _cmd_neighbors(args: argparse.Namespace) -> int:
 @command
 def _add_outliers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("outliers", help="k-NN distance outlier scores (writes outlier_score)")
-    p.add_argument("store", metavar="STORE")
+    _add_store(p)
     p.add_argument("-n", type=int, metavar="N", help="rows listed (default 50)")
     p.add_argument("-k", type=int, metavar="K", help="neighbours averaged (default 10)")
     p.add_argument("--reference-size", type=int, metavar="N", help="rows in the reference sample")
-    p.add_argument("--block-rows", type=int, metavar="N", help="rows per task")
-    _add_cluster_flags(p)
+    _add_block_rows(p)
+    _add_compute_flags(p)
     p.set_defaults(func=_cmd_outliers)
 
 
@@ -456,8 +502,7 @@ def _cmd_outliers(args: argparse.Namespace) -> int:
         k=args.k,
         reference_size=args.reference_size,
         block_rows=args.block_rows,
-        scheduler=args.scheduler,
-        workers=args.workers,
+        **_compute(args),
     )
     table.pprint(max_lines=-1, max_width=-1)
     return 0
@@ -468,22 +513,14 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "export", help="catalog of the valid cutouts (Parquet, FITS, ECSV, VOTable or HATS)"
     )
-    p.add_argument("store", metavar="STORE")
-    p.add_argument(
-        "-o",
-        "--output",
-        required=True,
-        metavar="CATALOG",
-        help="catalog.parquet, .fits, .ecsv, .vot / .xml or .hats (a directory, for lsdb)",
+    _add_store(p)
+    _add_output(
+        p, "CATALOG", "catalog.parquet, .fits, .ecsv, .vot / .xml or .hats (a directory, for lsdb)"
     )
-    p.add_argument(
-        "--format",
-        choices=["parquet", "fits", "ecsv", "votable", "hats"],
-        help="instead of the extension",
-    )
-    p.add_argument("--block-rows", type=int, metavar="N", help="rows per task")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (HATS)")
-    _add_cluster_flags(p)
+    _add_format(p)
+    _add_block_rows(p)
+    _add_progress(p, "no progress bar (HATS)")
+    _add_compute_flags(p)
     p.set_defaults(func=_cmd_export)
 
 
@@ -511,7 +548,7 @@ def _add_crossmatch(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "crossmatch", help="pair the cutouts with the rows of an external catalog on the sky"
     )
-    p.add_argument("store", metavar="STORE")
+    _add_store(p)
     p.add_argument(
         "catalog",
         metavar="CATALOG",
@@ -526,21 +563,11 @@ def _add_crossmatch(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="only the nearest catalog row of each cutout (default: all within the radius)",
     )
-    p.add_argument(
-        "-o",
-        "--output",
-        required=True,
-        metavar="MATCHED",
-        help="matched.parquet, .fits, .ecsv, .vot or .hats",
-    )
-    p.add_argument(
-        "--format",
-        choices=["parquet", "fits", "ecsv", "votable", "hats"],
-        help="instead of the extension",
-    )
-    p.add_argument("--block-rows", type=int, metavar="N", help="rows per task")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    _add_cluster_flags(p)
+    _add_output(p, "MATCHED", "matched.parquet, .fits, .ecsv, .vot or .hats")
+    _add_format(p)
+    _add_block_rows(p)
+    _add_progress(p)
+    _add_compute_flags(p)
     p.set_defaults(func=_cmd_crossmatch)
 
 
@@ -555,8 +582,7 @@ def _cmd_crossmatch(args: argparse.Namespace) -> int:
         nearest=args.nearest,
         format=args.format,
         block_rows=args.block_rows,
-        scheduler=args.scheduler,
-        workers=args.workers,
+        **_compute(args),
         progress=not args.no_progress,
     )
     print(f"{result.path}: {result.n_rows} pairs within {args.radius:g} arcsec")
@@ -569,7 +595,7 @@ def _add_explore(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "explore", help="interactive explorer in the browser: map, cutouts, neighbours, labels"
     )
-    p.add_argument("store", metavar="STORE", help="fingerprint store (after embed)")
+    _add_store(p, "fingerprint store (after embed)")
     p.add_argument("--port", type=int, metavar="N", help="port (default 5006; 0: any free port)")
     p.add_argument("--host", help="address to listen on (default 127.0.0.1, this machine only)")
     p.add_argument("--no-browser", action="store_true", help="do not open a web browser")
@@ -599,7 +625,7 @@ def _add_unlock(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "unlock", help="remove a store's writer lock left by a run that is over (another host)"
     )
-    p.add_argument("store", metavar="STORE")
+    _add_store(p)
     p.add_argument(
         "--force",
         action="store_true",
@@ -629,8 +655,8 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="only new or changed inputs; update the analysis by the refit policy",
     )
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    _add_cluster_flags(p)
+    _add_progress(p)
+    _add_compute_flags(p)
     p.set_defaults(func=_cmd_run)
 
 
@@ -640,8 +666,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     result = run(
         args.config_file,
         incremental=args.incremental,
-        scheduler=args.scheduler,
-        workers=args.workers,
+        **_compute(args),
         progress=not args.no_progress,
     )
     for line in result.lines:
@@ -680,7 +705,7 @@ def _writer_lock(args: argparse.Namespace):
 
 def _terminate_like_ctrl_c():
     """SIGTERM (scancel, kubectl delete, a job timeout) unwinds like Ctrl-C, so the store's
-    writer lock is given back and the clusters this process started are closed. Returns the
+    writer lock is given back and the Dask workers this process started are closed. Returns the
     handler it replaced (None outside the main thread)."""
     import signal
     import threading

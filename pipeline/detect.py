@@ -262,27 +262,77 @@ def detection_tiles(shape, *, tile_size: int, halo: int) -> tuple[np.ndarray, np
     return cores, reads
 
 
+def shift_inside(windows: np.ndarray, shape) -> np.ndarray:
+    """Move windows that pass the image edge inward (where they fit), so a source near the
+    edge is cut from real pixels: padded cutouts cluster by their padding, not their content.
+
+    ``windows`` is ``(N, 4)`` ``x0, y0, w, h``; a window larger than the image along an axis
+    stays where it is along that axis (the reader pads it)."""
+    ny, nx = (int(v) for v in tuple(shape)[-2:])
+    out = np.array(windows, dtype=np.int64, copy=True).reshape(-1, 4)
+    fits_x, fits_y = out[:, 2] <= nx, out[:, 3] <= ny
+    out[fits_x, 0] = np.clip(out[fits_x, 0], 0, nx - out[fits_x, 2])
+    out[fits_y, 1] = np.clip(out[fits_y, 1], 0, ny - out[fits_y, 3])
+    return out
+
+
 def detect_plan(
-    source,
+    sources,
     *,
+    client=None,
     image_index: int = 0,
     tile_size: int | None = None,
     halo: int | None = None,
     **opts,
 ) -> Plan:
-    """Blob plan of one image, detecting tile by tile (serially; see :func:`detect_tile`).
+    """Blob plan of one image or several: the planner the fingerprint stage runs.
 
-    ``halo`` defaults to ``max_size`` (so a source whose window fits is seen whole); smaller
-    values are raised to it.
+    One detection task per tile (:func:`detect_tile`; on ``client``'s workers when given,
+    serially otherwise), then, on the caller, windows passing the image edge are shifted
+    inward (:func:`shift_inside`) and each window is given to the tile that owns its centre
+    (:func:`pipeline.tiling.assign_windows`).
+
+    Parameters
+    ----------
+    sources : ImageSource or sequence of ImageSource
+    client : distributed.Client, optional
+        Where the detection tasks run; ``None`` runs them here, one after another.
+    image_index : int
+        Plan index of the first source (the next ones follow).
+    tile_size : int, optional
+        Default ``elodin.tiling.tile-size``.
+    halo : int, optional
+        Defaults to ``max_size`` (so a source whose window fits is seen whole); smaller values
+        are raised to it.
+    **opts
+        Detection settings (:func:`detection_options`).
     """
+    import functools
+
+    if not isinstance(sources, Sequence):
+        sources = [sources]
     tile_size = config.get_int("tiling.tile-size", override=tile_size, minimum=1)
     resolved = detection_options(**opts)
     halo = max(int(halo or 0), resolved["max_size"])
-    cores, reads = detection_tiles(source.shape, tile_size=tile_size, halo=halo)
-    found = [detect_tile(source, c, r, **resolved) for c, r in zip(cores, reads, strict=True)]
-    windows = np.concatenate(found) if found else _EMPTY
-    logger.info("image %s: %d sources detected in %d tiles", source.id, len(windows), len(cores))
-    plan = assign_windows(
-        windows, source.shape, tile_size=tile_size, image_index=image_index, image_id=source.id
-    )
-    return plan
+    detect = functools.partial(detect_tile, **resolved)
+    boxes = [detection_tiles(s.shape, tile_size=tile_size, halo=halo) for s in sources]
+    if client is not None:
+        # Every image's tasks are submitted before any is gathered, so they all run at once.
+        pending = [
+            client.map(detect, [s] * len(c), list(map(tuple, c)), list(map(tuple, r)), pure=False)
+            for s, (c, r) in zip(sources, boxes, strict=True)
+        ]
+    plans = []
+    for i, (s, (cores, reads)) in enumerate(zip(sources, boxes, strict=True)):
+        if client is not None:
+            found = client.gather(pending[i])
+        else:
+            found = [detect(s, c, r) for c, r in zip(cores, reads, strict=True)]
+        windows = shift_inside(np.concatenate(found) if found else _EMPTY, s.shape)
+        logger.info("image %s: %d sources detected in %d tiles", s.id, len(windows), len(cores))
+        plans.append(
+            assign_windows(
+                windows, s.shape, tile_size=tile_size, image_index=image_index + i, image_id=s.id
+            )
+        )
+    return Plan.concat(plans)

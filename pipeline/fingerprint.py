@@ -535,54 +535,11 @@ def _plan_sources(
 def _plan_blobs(
     client, sources: Sequence[ImageSource], *, tile_size: int, first_index: int
 ) -> Plan:
-    """Blob plan: one detection task per tile on the cluster, then ownership on the client.
+    """Blob plan: :func:`pipeline.detect.detect_plan` (one detection task per tile on the
+    Dask workers, windows shifted inside the image, ownership on the client)."""
+    from .detect import detect_plan
 
-    Detection reads each tile with a halo of the largest window, and a tile keeps only the
-    sources whose peak pixel is in its core, so a source on a border is found exactly once.
-    Windows passing the image edge are then shifted inward (:func:`_shift_inside`).
-    """
-    import functools
-
-    from .detect import detect_tile, detection_options, detection_tiles
-    from .tiling import assign_windows
-
-    opts = detection_options()
-    detect = functools.partial(detect_tile, **opts)
-    per_image = []
-    for s in sources:
-        cores, reads = detection_tiles(s.shape, tile_size=tile_size, halo=opts["max_size"])
-        per_image.append(
-            client.map(
-                detect,
-                [s] * len(cores),
-                list(map(tuple, cores)),
-                list(map(tuple, reads)),
-                pure=False,
-            )
-        )
-    plans = []
-    for i, (s, futures) in enumerate(zip(sources, per_image, strict=True)):
-        found = client.gather(futures)
-        windows = np.concatenate(found) if found else np.zeros((0, 4), np.int64)
-        windows = _shift_inside(windows, s.shape)
-        logger.info("image %s: %d sources detected", s.id, len(windows))
-        plans.append(
-            assign_windows(
-                windows, s.shape, tile_size=tile_size, image_index=first_index + i, image_id=s.id
-            )
-        )
-    return Plan.concat(plans)
-
-
-def _shift_inside(windows: np.ndarray, shape) -> np.ndarray:
-    """Move windows that pass the image edge inward (where they fit), so a source near the
-    edge is cut from real pixels: padded cutouts cluster by their padding, not their content."""
-    ny, nx = shape
-    out = windows.copy()
-    fits_x, fits_y = out[:, 2] <= nx, out[:, 3] <= ny
-    out[fits_x, 0] = np.clip(out[fits_x, 0], 0, nx - out[fits_x, 2])
-    out[fits_y, 1] = np.clip(out[fits_y, 1], 0, ny - out[fits_y, 3])
-    return out
+    return detect_plan(sources, client=client, tile_size=tile_size, image_index=first_index)
 
 
 def _session_threads(client) -> tuple[tuple[str, int], ...]:

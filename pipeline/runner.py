@@ -9,9 +9,12 @@ A run config is an ordinary Elodin settings file whose ``elodin.run`` section sa
    are fingerprinted; a changed image's old rows are retired (``valid`` set to False) first;
 2. the analysis is brought up to date by a documented policy (``run.refit-fraction``):
    - rows added since the models were last fitted < ``refit-fraction`` x rows they were fitted
-     on: the models stay; only the new rows are projected with the stored PCA, assigned to the
-     nearest stored cluster centre, placed in the embedding at the mean position of their
-     nearest fitted neighbours in PCA space, and scored as outliers against the same reference;
+     on: the models stay; each is restored from the store with the settings its stage
+     recorded (``load_pca``, ``load_kmeans``, ``load_embedding``, ``load_outliers``), and only
+     the new rows are projected with the stored PCA, assigned to the nearest stored cluster
+     centre, placed in the embedding at the mean position of their nearest rows of the map's
+     fitted sample (its ``n_neighbors``), and scored as outliers against the reference set
+     ``outliers`` drew (its ``k``, size and seed);
    - otherwise every analysis stage is fitted again (the PCA from its saved sums, so old rows'
      fingerprints are not read again for the moments);
 3. export and report are written again when anything changed.
@@ -113,7 +116,7 @@ def run(
     if "fingerprint" in stages:
         from .fingerprint import fingerprint_settings
 
-        fingerprint_settings()  # a bad setting is one line before the lock, cluster or store
+        fingerprint_settings()  # a bad setting is one line before the lock, workers or store
     lines: list[str] = []
     # Every stage writes to the store: the whole run holds its writer lock (fingerprint() takes
     # it again inside, which a holder may), so a second run cannot refit models under this one.
@@ -233,10 +236,13 @@ def _valid_rows_after(store, covered: int) -> int:
     if covered >= len(segs):
         return 0
     start = segs[covered].row_start
+    from .analysis import _base
+
     total = 0
     valid = store.array("valid")
-    for b in range(start, store.n_rows, 64 * store.chunk_rows):
-        total += int(np.count_nonzero(valid[b : b + 64 * store.chunk_rows]))
+    step = _base.block_rows(store, None)  # the analysis stages' block rule
+    for b in range(start, store.n_rows, step):
+        total += int(np.count_nonzero(valid[b : b + step]))
     return total
 
 
@@ -254,72 +260,47 @@ def _retired_since(store, state: dict) -> bool:
 
 def absorb_rows(store, start: int, stop: int) -> int:
     """Place rows ``start:stop`` with the fitted models, leaving the models and old rows as
-    they are (the small-update half of the ``--incremental`` policy)."""
-    from sklearn.neighbors import NearestNeighbors
+    they are (the small-update half of the ``--incremental`` policy).
+
+    Each model is restored from the store with the settings its stage recorded
+    (:func:`~pipeline.analysis.load_pca`, :func:`~pipeline.analysis.load_kmeans`,
+    :func:`~pipeline.analysis.load_embedding`, :func:`~pipeline.analysis.load_outliers`), not
+    from the current configuration, and applied block by block: ``transform``, ``predict``,
+    ``transform``, ``score_rows``. ``elodin outliers -k 20`` followed by an incremental run
+    scores the new rows with k = 20.
+    """
+    from .analysis import _base, load_embedding, load_kmeans, load_outliers, load_pca
+    from .errors import StoreError
 
     names = set(store.dataset().data_vars)
     if not {"pca_mean", "pca_components", "pca"} <= names:
         raise ConfigError(f"{store.path}: no fitted PCA to update; run without --incremental first")
-    mean = store.array("pca_mean")[...].astype(np.float32)
-    comps_t = store.array("pca_components")[...].astype(np.float32).T
-    centers = (
-        store.array("cluster_centers")[...]
-        if "cluster_centers" in names and "cluster" in names
-        else None
-    )
-    has_embedding = "embedding" in names
-    has_scores = "outlier_score" in names
-    seed = config.get_int("analysis.seed", minimum=0)
-    k = int(config.get("analysis.outliers.k"))
-    ref_size = int(
-        config.get("analysis.outliers.reference-size") or config.get("analysis.sample-size")
-    )
-    # The reference: a seeded sample of rows the models were fitted on.
-    valid_old = store.array("valid")[:start]
-    old = np.flatnonzero(valid_old)
-    rng = np.random.default_rng(seed)
-    ref = np.sort(rng.choice(old, size=min(ref_size, len(old)), replace=False)) if len(old) else old
-    if len(ref) == 0:
-        raise ConfigError(
-            f"{store.path}: no fitted rows to place new rows against; run without --incremental"
-        )
-    ref_pca = store.array("pca").get_orthogonal_selection((ref, slice(None))).astype(np.float64)
-    nn = NearestNeighbors(n_neighbors=min(k, len(ref))).fit(ref_pca)
-    ref_emb = (
-        store.array("embedding").get_orthogonal_selection((ref, slice(None)))
-        if has_embedding
-        else None
-    )
-    step = 64 * store.chunk_rows
+    pca = load_pca(store)
+    try:
+        kmeans = load_kmeans(store) if {"cluster_centers", "cluster"} <= names else None
+        embedding = load_embedding(store, upto=start) if "embedding" in names else None
+        scorer = load_outliers(store, upto=start) if "outlier_score" in names else None
+    except StoreError as e:
+        raise ConfigError(f"{e}; run without --incremental") from None
+    # The analysis stages' block rule: whole store chunks, so each chunk has one writer.
+    step = _base.block_rows(store, None)
     n = 0
     for b0 in range(start, stop, step):
         b1 = min(stop, b0 + step)
         fp = store.array("fingerprint")[b0:b1].astype(np.float32)
         ok = store.array("valid")[b0:b1] & np.isfinite(fp).all(axis=1)
-        pca = np.full((b1 - b0, comps_t.shape[1]), np.nan, np.float32)
-        pca[ok] = (fp[ok] - mean) @ comps_t
-        values = {"pca": pca}
-        rows = np.flatnonzero(ok)
-        if len(rows):
-            dist, ind = nn.kneighbors(pca[rows].astype(np.float64))
-        if centers is not None:
-            labels = np.full(b1 - b0, -1, np.int32)
-            if len(rows):
-                d2 = ((pca[rows, None, :] - centers[None, :, :]) ** 2).sum(axis=2)
-                labels[rows] = d2.argmin(axis=1)
-            values["cluster"] = labels
-        if has_embedding:
-            emb = np.full((b1 - b0, ref_emb.shape[1]), np.nan, np.float32)
-            if len(rows):
-                emb[rows] = ref_emb[ind].mean(axis=1)
-            values["embedding"] = emb
-        if has_scores:
-            score = np.full(b1 - b0, np.nan, np.float32)
-            if len(rows):
-                score[rows] = dist.mean(axis=1)
-            values["outlier_score"] = score
+        # Empty slots become NaN rows: every model leaves those NaN (or -1).
+        fp[~ok] = np.nan
+        rows = pca.transform(fp)
+        values = {"pca": rows}
+        if kmeans is not None:
+            values["cluster"] = kmeans.predict(rows).astype(np.int32)
+        if embedding is not None:
+            values["embedding"] = embedding.transform(rows)
+        if scorer is not None:
+            values["outlier_score"] = scorer.score_rows(rows)
         _write_partial(store, b0, values)
-        n += len(rows)
+        n += int(np.count_nonzero(ok))
     return n
 
 

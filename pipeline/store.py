@@ -778,6 +778,21 @@ class Store:
     def array(self, name: str):
         return self._group[name]
 
+    @staticmethod
+    def zarr(path: str | os.PathLike, name: str | None = None, *, mode: str = "r"):
+        """The Zarr group at ``path`` (or its array ``name``), opened afresh: metadata as it is
+        now (arrays another process created or resized since a :class:`Store` was opened).
+
+        The one door to Zarr for the analysis stages and their block tasks, which get a path
+        (picklable, cheap) rather than a validated Store.
+        """
+        import zarr
+
+        path = str(path)
+        if name is None:
+            return zarr.open_group(path, mode=mode, zarr_format=3)
+        return zarr.open_array(f"{path.rstrip('/')}/{name}", mode=mode, zarr_format=3)
+
     def dataset(self):
         """The store as a lazy :class:`xarray.Dataset`."""
         import xarray as xr

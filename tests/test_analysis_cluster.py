@@ -127,7 +127,9 @@ def test_cluster_before_reduce(tmp_path, rng):
         ),
         ({"n_clusters": 900, "sample_size": 500}, ConfigError, "raise --sample-size"),
         ({"algorithm": "dbscan"}, ConfigError, "unknown clustering algorithm 'dbscan'"),
-        ({"features": "pixels"}, ConfigError, "unknown clustering input"),
+        # The feature space is named as reduce names it (fingerprint | pixels).
+        ({"features": "pixles"}, ConfigError, "unknown clustering input"),
+        ({"features": "pixels"}, StoreError, "run `elodin reduce --features pixels"),
     ],
 )
 def test_bad_input_one_line_and_store_unchanged(reduced, kwargs, error, words):
@@ -137,6 +139,33 @@ def test_bad_input_one_line_and_store_unchanged(reduced, kwargs, error, words):
         analysis.cluster(st.path, **kwargs)
     assert words in str(e.value) and "\n" not in str(e.value)
     assert store_digest(st.path) == before
+
+
+def test_feature_space_is_named_as_reduce_names_it(reduced, caplog):
+    """`--features fingerprint|pixels` in every stage; the old `--on pca|pca_pixels` (and the
+    API's features="pca") still work, give the same clusters and warn once."""
+    import importlib
+    import warnings
+
+    from pipeline.cli import main
+
+    clustering = importlib.import_module("pipeline.analysis.clustering")
+    st, _, _ = reduced
+    analysis.cluster(st.path, n_clusters=5, features="fingerprint")
+    labels = Store.open(st.path).dataset().cluster.values.copy()
+    clustering._warned.clear()
+    with pytest.warns(FutureWarning, match="'pca' is deprecated: say 'fingerprint'"):
+        analysis.cluster(st.path, n_clusters=5, features="pca")
+    np.testing.assert_array_equal(Store.open(st.path).dataset().cluster.values, labels)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once: the second call is quiet
+        assert clustering.feature_space("pca") == "fingerprint"
+    with caplog.at_level("WARNING", logger="pipeline.cli"):
+        assert main(["cluster", st.path, "--n-clusters", "5", "--on", "pca"]) == 0
+    assert "--on pca is deprecated: use --features fingerprint" in caplog.text
+    np.testing.assert_array_equal(Store.open(st.path).dataset().cluster.values, labels)
+    assert main(["cluster", st.path, "--n-clusters", "5", "--features", "fingerprint"]) == 0
+    assert analysis.load_kmeans(Store.open(st.path)).cluster_centers_.shape == (5, 6)
 
 
 # ------------------------------------------------------------------- hdbscan on a real image

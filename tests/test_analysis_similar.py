@@ -231,3 +231,26 @@ def test_cli_query_by_image_on_a_user_model_store(user_store, sources, capsys):
     assert main(["similar", user_store, "--image", sources[7], "-n", "2"]) == 0
     out = capsys.readouterr().out
     assert f"image {sources[7]}" in out and Path(sources[7]).stem in out
+
+
+def test_one_distance_for_search_and_report():
+    """The report's brute-force search and the similarity stage share one distance function,
+    and an empty Jaccard union (two rows without any class) is distance 1.0, never NaN: such
+    rows are ranked last, not dropped."""
+    import importlib
+
+    sim = importlib.import_module("pipeline.analysis.similar")
+    build = importlib.import_module("pipeline.report.build")
+
+    assert build.distances is sim.distances
+    rows = np.array([[-1, -1, -1], [3, 4, -1], [5, 6, 7], [-1, -1, -1]])
+    np.testing.assert_allclose(
+        sim.distances(rows, np.array([-1, -1, -1]), "jaccard"), [1.0, 1.0, 1.0, 1.0]
+    )
+    np.testing.assert_allclose(
+        sim.distances(rows, np.array([3, 5, -1]), "jaccard"), [1.0, 2 / 3, 3 / 4, 1.0]
+    )
+    x = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 2.0]])
+    np.testing.assert_allclose(sim.distances(x, np.array([1.0, 0.0]), "cosine"), [1.0, 0.0, 1.0])
+    np.testing.assert_allclose(sim.distances(x, np.zeros(2), "cosine"), [1.0, 1.0, 1.0])
+    np.testing.assert_allclose(sim.distances(x, np.array([1.0, 0.0]), "l2"), [1.0, 0.0, np.sqrt(5)])

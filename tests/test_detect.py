@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 
+import dask.config
 import numpy as np
 import pytest
 from astropy.io import fits
@@ -14,6 +15,7 @@ from pipeline.detect import (
     detect_windows,
     detection_options,
     detection_tiles,
+    shift_inside,
 )
 from pipeline.errors import ConfigError
 from pipeline.sources import ImageSource, open_sources
@@ -163,6 +165,46 @@ def test_masked_pixels_and_bands(tmp_path, rng):
     assert src.n_bands == 3
     plan = detect_plan(src, tile_size=64, min_size=8, max_size=32)
     assert plan.n_windows == 2
+
+
+def test_plan_shifts_edge_windows_inside_the_image(tmp_path, rng):
+    """The planner the fingerprint stage runs moves windows passing the image edge inward,
+    where they fit: a source in a corner is cut from real pixels, not padding."""
+    shape = (160, 192)
+    corner = [(4.0, 5.0, 80.0, 2.5), (186.0, 154.0, 80.0, 2.5), (96.0, 80.0, 80.0, 2.5)]
+    img = gaussian_field(rng, shape, corner)
+    src = fits_source(tmp_path / "corner.fits", img)
+    opts = {"min_size": 32, "max_size": 32}
+    raw = detect_windows(img, **opts)
+    assert len(raw) == 3 and (raw[:, :2] < 0).any()  # unshifted, two windows pass the edge
+    plan = detect_plan([src], tile_size=64, **opts)
+    w = plan.windows
+    assert plan.n_windows == 3
+    assert np.all(w[:, 0] >= 0) and np.all(w[:, 0] + w[:, 2] <= shape[1])
+    assert np.all(w[:, 1] >= 0) and np.all(w[:, 1] + w[:, 3] <= shape[0])
+    # The window inside the image stays where detection put it.
+    assert {tuple(r) for r in w.tolist()} >= {
+        tuple(r)
+        for r in raw.tolist()
+        if r[0] >= 0 and r[1] >= 0 and r[0] + 32 <= 192 and r[1] + 32 <= 160
+    }
+    # A window larger than the image along an axis is left to the reader's padding there.
+    big = shift_inside(np.array([[-5, -3, 300, 20]]), shape)
+    assert big.tolist() == [[-5, 0, 300, 20]]
+
+
+def test_fingerprint_plans_blobs_with_this_planner(tmp_path, rng):
+    """The fingerprint stage's blob plan is this planner's, edge shifting included."""
+    import importlib
+
+    fp = importlib.import_module("pipeline.fingerprint")
+    img = gaussian_field(rng, (128, 128), [(3.0, 60.0, 80.0, 2.5), (70.0, 70.0, 80.0, 2.5)])
+    src = fits_source(tmp_path / "edge.fits", img)
+    with dask.config.set({"elodin.cutouts.min-size": 32, "elodin.cutouts.max-size": 32}):
+        got = fp._plan_blobs(None, [src], tile_size=64, first_index=0)
+        want = detect_plan([src], tile_size=64)
+    np.testing.assert_array_equal(got.windows, want.windows)
+    assert got.n_windows == 2 and got.windows[:, 0].min() == 0
 
 
 def test_options_come_from_config_and_are_checked():

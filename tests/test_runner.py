@@ -192,3 +192,60 @@ def test_run_with_a_bad_setting_writes_nothing(tmp_path):
     make_mosaic(images / "field1.fits", ny=128, nx=128, seed=11)  # new rows would grow it
     refused()
     assert store_digest(store) == before
+
+
+def test_absorption_uses_the_settings_the_stages_recorded(tmp_path):
+    """`elodin outliers -k 20` (and embed / cluster / reduce) then an incremental absorption:
+    the new rows are placed by the models restored from the store with the recorded k,
+    reference, seed and n_neighbors, not with the configuration of the absorbing run."""
+    import dask.config
+    from analysis_store import append_rows, build_store
+    from sklearn.neighbors import NearestNeighbors
+
+    from pipeline import analysis
+    from pipeline.analysis import _base
+    from pipeline.runner import absorb_rows
+
+    rng = np.random.default_rng(4)
+    X = rng.normal(size=(240, 10)).astype(np.float32)
+    st, _ = build_store(tmp_path / "s.zarr", X, chunk_rows=16)
+    analysis.reduce(st.path, components=5)
+    analysis.cluster(st.path, n_clusters=3)
+    analysis.embed(st.path, method="tsne", sample_size=120, n_neighbors=7, seed=2)
+    analysis.outliers(st.path, k=20, reference_size=100, seed=3)
+    start = Store.open(st.path).n_rows
+    X_new = (rng.normal(size=(40, 10)) + 0.5).astype(np.float32)
+    new = append_rows(Store.open(st.path, mode="r+"), X_new, image="img1")
+    st = Store.open(st.path, mode="r+")
+    other = {
+        "elodin.analysis.outliers.k": 5,
+        "elodin.analysis.outliers.reference-size": 50,
+        "elodin.analysis.seed": 99,
+        "elodin.analysis.embed.n-neighbors": 3,
+    }
+    with dask.config.set(other):
+        assert absorb_rows(st, start, st.n_rows) == 40
+        scorer, placer = analysis.load_outliers(st), analysis.load_embedding(st)
+    assert (scorer.k, scorer.reference_size, scorer.random_state) == (20, 100, 3)
+    assert placer.n_neighbors == 7
+
+    ds = Store.open(st.path).dataset()
+    pca = ds.pca.values.astype(np.float64)
+    np.testing.assert_allclose(pca[new], analysis.load_pca(st).transform(X_new), atol=1e-5)
+    centres = ds.cluster_centers.values
+    d2 = ((pca[new, None, :] - centres[None]) ** 2).sum(axis=2)
+    np.testing.assert_array_equal(ds.cluster.values[new], d2.argmin(axis=1))
+
+    # The outlier reference: the recorded sample of the rows outliers() saw, k = 20.
+    ref = _base.sample_valid(st, 100, seed=3, block=16, stop=start)
+    np.testing.assert_array_equal(scorer.reference_index_, ref)
+    dist, _ = NearestNeighbors(n_neighbors=20).fit(pca[ref]).kneighbors(pca[new])
+    np.testing.assert_allclose(ds.outlier_score.values[new], dist.mean(axis=1), rtol=1e-5)
+    dist5, _ = NearestNeighbors(n_neighbors=5).fit(pca[ref]).kneighbors(pca[new])
+    assert not np.allclose(ds.outlier_score.values[new], dist5.mean(axis=1), rtol=1e-3)
+
+    # The map: each new row at the mean position of its 7 nearest rows of the fitted sample.
+    sample = _base.sample_valid(st, 120, seed=2, block=16, stop=start)
+    _, ind = NearestNeighbors(n_neighbors=7).fit(pca[sample]).kneighbors(pca[new])
+    want = ds.embedding.values[sample][ind].mean(axis=1)
+    np.testing.assert_allclose(ds.embedding.values[new], want, rtol=1e-5, atol=1e-5)

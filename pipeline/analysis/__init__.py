@@ -11,13 +11,20 @@ conventions (``fit`` returns ``self``, fitted state ends in ``_``) and accept nu
 arrays, skipping rows that hold NaN (the store's empty slots).
 """
 
-from .clustering import ClusterResult, SampleClusterer, StreamingKMeans, cluster, hdbscan_sizes
+from .clustering import (
+    ClusterResult,
+    SampleClusterer,
+    StreamingKMeans,
+    cluster,
+    hdbscan_sizes,
+    load_kmeans,
+)
 from .crossmatch import crossmatch, crossmatch_file
-from .embed import EmbedResult, SampleEmbedding, embed
+from .embed import EmbedResult, SampleEmbedding, StoredEmbedding, embed, load_embedding
 from .export import ExportResult, export
 from .hats import export_hats
 from .index import NeighborIndex, build_index, neighbors
-from .outliers import KNNOutlier, outliers
+from .outliers import KNNOutlier, load_outliers, outliers
 from .reduce import ExactPCA, PCAResult, PixelFeatures, load_pca, reduce
 from .similar import fingerprint_image, nearest_cutout, similar
 
@@ -32,6 +39,7 @@ __all__ = [
     "PixelFeatures",
     "SampleClusterer",
     "SampleEmbedding",
+    "StoredEmbedding",
     "StreamingKMeans",
     "build_index",
     "cluster",
@@ -42,6 +50,9 @@ __all__ = [
     "export_hats",
     "fingerprint_image",
     "hdbscan_sizes",
+    "load_embedding",
+    "load_kmeans",
+    "load_outliers",
     "load_pca",
     "nearest_cutout",
     "neighbors",

@@ -51,9 +51,7 @@ def open_store(store: str | os.PathLike | Store, *, mode: str = "r") -> Store:
 
 
 def names(store: Store) -> set[str]:
-    import zarr
-
-    return set(zarr.open_group(store.path, mode="r", zarr_format=3).array_keys())
+    return set(Store.zarr(store.path).array_keys())
 
 
 def require(store: Store, name: str, stage: str) -> None:
@@ -66,9 +64,7 @@ def require(store: Store, name: str, stage: str) -> None:
 
 def drop_variables(store: Store, variables: Sequence[str]) -> list[str]:
     """Delete variables that a new result makes stale; returns the names removed."""
-    import zarr
-
-    group = zarr.open_group(store.path, mode="r+", zarr_format=3)
+    group = Store.zarr(store.path, mode="r+")
     present = set(group.array_keys())
     gone = [v for v in variables if v in present]
     for v in gone:
@@ -92,9 +88,7 @@ def block_rows(store: Store, value: int | None) -> int:
 
 # ------------------------------------------------------------------------------ lazy arrays
 def _zarr_array(store: Store, name: str):
-    import zarr
-
-    return zarr.open_array(f"{store.path.rstrip('/')}/{name}", mode="r", zarr_format=3)
+    return Store.zarr(store.path, name)
 
 
 def rows(store: Store, name: str, *, block: int, dtype: str | None = "float32"):
@@ -157,9 +151,8 @@ def write_rows(
     Returns the delayed store (``compute=False``) to compute together with other results.
     """
     import dask.array as da
-    import zarr
 
-    target = zarr.open_array(f"{store.path.rstrip('/')}/{name}", mode="r+", zarr_format=3)
+    target = Store.zarr(store.path, name, mode="r+")
     out = da.store(data, target, lock=False, compute=False)
     if compute:
         (runner or Runner(None)).compute(out)
@@ -200,11 +193,11 @@ def runner(
 ) -> Iterator[Runner]:
     """Where block tasks run.
 
-    ``client`` given: that client. ``scheduler`` or ``workers`` given: a cluster from
+    ``client`` given: that client. ``scheduler`` or ``workers`` given: Dask workers from
     :func:`pipeline.compute.connect` (closed afterwards). Otherwise the current default
     :class:`distributed.Client` when there is one (e.g. inside ``elodin demo``), else local
     threads: on one machine the blocks are BLAS-heavy numpy that releases the GIL, so a
-    process cluster would only add start-up and serialisation.
+    pool of worker processes would only add start-up and serialisation.
     """
     if client is not None:
         yield Runner(client)
@@ -281,9 +274,19 @@ def sample_index(mask, size: int, *, seed: int) -> np.ndarray:
     return np.concatenate(found).astype(np.int64) if found else np.zeros(0, np.int64)
 
 
-def sample_valid(store: Store, size: int, *, seed: int, block: int) -> np.ndarray:
-    """Sorted indices of a uniform sample of the store's valid rows."""
-    return sample_index(valid_array(store, block=block), size, seed=seed)
+def sample_valid(
+    store: Store, size: int, *, seed: int, block: int, stop: int | None = None
+) -> np.ndarray:
+    """Sorted indices of a uniform sample of the store's valid rows (of rows ``[:stop]``).
+
+    The sample depends only on the valid rows, ``size`` and ``seed``, not on ``block``, so a
+    stage's sample is drawn again from the rows it saw: what the ``load_*`` functions do to
+    restore a fitted estimator after rows were appended.
+    """
+    valid = valid_array(store, block=block)
+    if stop is not None:
+        valid = valid[: max(0, min(int(stop), store.n_rows))]
+    return sample_index(valid, size, seed=seed)
 
 
 def usable_mask(x):

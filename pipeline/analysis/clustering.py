@@ -59,6 +59,7 @@ __all__ = [
     "StreamingKMeans",
     "cluster",
     "hdbscan_sizes",
+    "load_kmeans",
 ]
 
 logger = logging.getLogger(__name__)
@@ -67,16 +68,19 @@ ALGORITHMS = ("kmeans", "agglomerative", "affinity", "hdbscan")
 SAMPLED = ("agglomerative", "affinity", "hdbscan")
 AFFINITY_DEFAULT_SAMPLE = 5000
 HDBSCAN_SELECTIONS = ("eom", "leaf")
-# Per input space: the variables written and their dimension names.
+# Per feature space (the vocabulary of ``reduce --features``): the reduction grouped, the
+# variables written and their dimension names.
 SPACES: Mapping[str, Mapping[str, str]] = {
-    "pca": {
+    "fingerprint": {
+        "in": "pca",
         "out": "cluster",
         "centers": "cluster_centers",
         "sizes": "cluster_size",
         "id": "cluster_id",
         "component": "component",
     },
-    "pca_pixels": {
+    "pixels": {
+        "in": "pca_pixels",
         "out": "cluster_pixels",
         "centers": "cluster_pixels_centers",
         "sizes": "cluster_pixels_size",
@@ -84,6 +88,26 @@ SPACES: Mapping[str, Mapping[str, str]] = {
         "component": "pixel_component",
     },
 }
+# The names ``cluster`` took before it spoke ``reduce``'s vocabulary (``--on pca|pca_pixels``).
+DEPRECATED_FEATURES = {"pca": "fingerprint", "pca_pixels": "pixels"}
+_warned: set[str] = set()
+
+
+def feature_space(value: str | None, *, flag: str = "features") -> str:
+    """The feature space ``fingerprint`` or ``pixels``; the old names ``pca`` and
+    ``pca_pixels`` still work and warn once per process (a FutureWarning)."""
+    value = "fingerprint" if value is None else value
+    if value in DEPRECATED_FEATURES:
+        new = DEPRECATED_FEATURES[value]
+        if value not in _warned:
+            _warned.add(value)
+            warnings.warn(
+                f"{flag}={value!r} is deprecated: say {new!r} (the feature space, as reduce does)",
+                FutureWarning,
+                stacklevel=3,
+            )
+        return new
+    return _base.choice(value, "clustering input", tuple(SPACES))
 
 
 # ------------------------------------------------------------------------------ block kernels
@@ -457,7 +481,7 @@ def cluster(
     algorithm: str | None = None,
     n_clusters: int | None = None,
     sample_size: int | None = None,
-    features: str = "pca",
+    features: str = "fingerprint",
     min_cluster_size: int | None = None,
     min_samples: int | None = None,
     seed: int | None = None,
@@ -478,9 +502,11 @@ def cluster(
     sample_size : int, optional
         Rows the sample-fitted methods (and the k-means start) see; default
         ``analysis.cluster.sample-size``, else ``analysis.sample-size`` (affinity: at most 5000).
-    features : {"pca", "pca_pixels"}
-        Which reduction to cluster: the fingerprints' or the pixel baseline's. Writes
-        ``cluster`` or ``cluster_pixels``.
+    features : {"fingerprint", "pixels"}
+        The feature space, as ``reduce`` names it: group the PCA of the CNN fingerprints
+        (``pca``, writes ``cluster``) or of the pixel baseline (``pca_pixels``, writes
+        ``cluster_pixels``). The old names ``"pca"`` / ``"pca_pixels"`` still work, with a
+        FutureWarning.
     min_cluster_size, min_samples : int, optional
         HDBSCAN's; default ``analysis.cluster.min-cluster-size`` / ``min-samples``, which when
         null are chosen from the sampled rows (:func:`hdbscan_sizes`).
@@ -499,13 +525,16 @@ def cluster(
     -1 and the result's ``note`` (also logged as a warning) says which settings to change.
     """
     st = _base.open_store(store, mode="r+")
-    space = SPACES[_base.choice(features, "clustering input", tuple(SPACES))]
+    features = feature_space(features)
+    space = SPACES[features]
     algo = _base.choice(
         config.get("analysis.cluster.algorithm", override=algorithm),
         "clustering algorithm",
         ALGORITHMS,
     )
-    _base.require(st, features, "reduce" if features == "pca" else "reduce --features pixels")
+    _base.require(
+        st, space["in"], "reduce" if features == "fingerprint" else "reduce --features pixels"
+    )
     k = config.get_int("analysis.cluster.n-clusters", override=n_clusters, minimum=1)
     seed = config.get_int("analysis.seed", override=seed, minimum=0)
     size = sample_size if sample_size is not None else config.get("analysis.cluster.sample-size")
@@ -544,7 +573,7 @@ def cluster(
     note = None
 
     with _base.runner(client, scheduler=scheduler, workers=workers) as run, run.activate():
-        X = _base.rows(st, features, block=block)
+        X = _base.rows(st, space["in"], block=block)
         index = _base.sample_valid(st, size, seed=seed, block=block)
         values = np.asarray(_base.take_rows(X, index), np.float64)
         inertia = None
@@ -648,7 +677,7 @@ def cluster(
         **{
             space["out"]: {
                 "algorithm": algo,
-                "input": features,
+                "input": space["in"],
                 "n_clusters": n_found,
                 "params": params,
                 "silhouette": sil,
@@ -660,3 +689,48 @@ def cluster(
     )
     logger.info("%s", result.lines()[0])
     return result
+
+
+def load_kmeans(store: Store, *, features: str = "fingerprint") -> StreamingKMeans:
+    """The clustering saved in a store, ready to ``predict`` new rows (like dask-ml's
+    ``KMeans.predict``, it needs only the centres).
+
+    Parameters
+    ----------
+    store : Store
+    features : {"fingerprint", "pixels"}
+        The feature space the clustering was fitted in.
+
+    Returns
+    -------
+    StreamingKMeans
+        ``cluster_centers_`` (and ``counts_``) as stored, the settings the stage recorded.
+        For the sample-fitted algorithms the centres are their groups' centroids, and
+        ``predict`` gives a new row the label of the nearest one: what :func:`cluster` did
+        for every row outside its sample. ``algorithm_`` says which algorithm it was.
+    """
+    features = feature_space(features)
+    space = SPACES[features]
+    _base.require(
+        store,
+        space["centers"],
+        "cluster" if features == "fingerprint" else "cluster --features pixels",
+    )
+    info = dict(store.attrs.get(space["out"]) or {})
+    params = dict(info.get("params") or {})
+    centers = np.asarray(store.array(space["centers"])[...], np.float64)
+    model = StreamingKMeans(
+        n_clusters=int(info.get("n_clusters", len(centers))),
+        n_init=int(params.get("n_init", 10)),
+        tol=float(params.get("tol", 1e-4)),
+    )
+    model.cluster_centers_ = centers
+    model.n_features_in_ = centers.shape[1] if centers.ndim == 2 else 0
+    model.n_iter_ = int(params.get("n_iter", 0))
+    model.inertia_ = info.get("inertia")
+    model.algorithm_ = str(info.get("algorithm", "kmeans"))
+    try:
+        model.counts_ = np.asarray(store.array(space["sizes"])[...], np.int64)
+    except KeyError:
+        model.counts_ = None
+    return model

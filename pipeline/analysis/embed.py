@@ -39,7 +39,14 @@ from ..errors import StoreError
 from ..store import Store
 from . import _base
 
-__all__ = ["METHODS", "EmbedResult", "SampleEmbedding", "embed"]
+__all__ = [
+    "METHODS",
+    "EmbedResult",
+    "SampleEmbedding",
+    "StoredEmbedding",
+    "embed",
+    "load_embedding",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -298,6 +305,8 @@ def embed(
         "sample_size": len(index),
         "seed": seed,
         "precomputed_knn": knn is not None,
+        # The rows the sample was drawn from: load_embedding draws it again from them.
+        "n_rows": st.n_rows,
         **params,
     }
     st.set_attrs(embedding=info)
@@ -325,3 +334,94 @@ def _graph_knn(st: Store, index: np.ndarray, n_neighbors: int, n_valid: int):
         np.hstack([own, pos]).astype(np.int64),
         np.hstack([np.zeros((len(index), 1), np.float32), dist]).astype(np.float32),
     )
+
+
+class StoredEmbedding(TransformerMixin, BaseEstimator):
+    """A fitted map restored from the store: places new rows among the fitted sample.
+
+    The UMAP / t-SNE model itself is not kept in the store (it is neither small nor portable),
+    so a new row is placed at the mean position of its ``n_neighbors`` nearest sample rows in
+    PCA space: the fitted rows' positions stay as they are, and a row like fitted ones lands
+    among them.
+
+    Parameters
+    ----------
+    n_neighbors : int
+        Sample rows averaged (the ``n_neighbors`` the map was fitted with).
+
+    Attributes
+    ----------
+    sample_index_ : ndarray
+        Store rows of the sample the map was fitted on.
+    reference_ : (n_sample, n_pca) ndarray
+        Their ``pca`` rows.
+    embedding_ : (n_sample, n_components) ndarray
+        Their fitted positions.
+    method_ : str
+    """
+
+    def __init__(self, n_neighbors: int = 15):
+        self.n_neighbors = n_neighbors
+
+    def fit(self, X, y=None, *, positions: np.ndarray) -> StoredEmbedding:
+        from sklearn.neighbors import NearestNeighbors
+
+        self.reference_ = np.asarray(X, np.float64)
+        self.embedding_ = np.asarray(positions, np.float32)
+        self.n_features_in_ = self.reference_.shape[1]
+        self.nn_ = NearestNeighbors().fit(self.reference_)
+        return self
+
+    def transform(self, X) -> np.ndarray:
+        """Positions of the rows of ``X`` (numpy); NaN for rows holding NaN."""
+        X = np.asarray(X)
+        out = np.full((len(X), self.embedding_.shape[1]), np.nan, np.float32)
+        ok = _base.finite_rows(X)
+        if ok.any():
+            m = min(int(self.n_neighbors), len(self.reference_))
+            _, ind = self.nn_.kneighbors(X[ok].astype(np.float64), n_neighbors=m)
+            out[ok] = self.embedding_[ind].mean(axis=1)
+        return out
+
+
+def load_embedding(
+    store: Store, *, upto: int | None = None, block_rows: int | None = None
+) -> StoredEmbedding:
+    """The map :func:`embed` fitted, restored from what it recorded in the store.
+
+    Its sample is drawn again with the recorded ``sample_size`` and ``seed`` from the valid
+    rows the stage saw (the recorded ``n_rows``; ``upto`` for stores written before it was
+    recorded); new rows are placed among it by :class:`StoredEmbedding` with the recorded
+    ``n_neighbors``, whatever the configuration says now.
+
+    Raises
+    ------
+    StoreError
+        When the store has no embedding yet, or none of its fitted rows has a position.
+    """
+    _base.require(store, "embedding", "embed")
+    info = dict(store.attrs.get("embedding") or {})
+    if "sample_size" not in info:
+        raise StoreError(
+            f"{store.path}: the embedding records no sample; run `elodin embed {store.path}` again"
+        )
+    stop = int(info.get("n_rows", upto if upto is not None else store.n_rows))
+    block = _base.block_rows(store, block_rows)
+    index = _base.sample_valid(
+        store,
+        int(info["sample_size"]),
+        seed=int(info.get("seed", config.get_int("analysis.seed", minimum=0))),
+        block=block,
+        stop=stop,
+    )
+    values = np.asarray(store.array("pca").oindex[index], np.float64)
+    positions = np.asarray(store.array("embedding").oindex[index], np.float32)
+    keep = _base.finite_rows(values) & _base.finite_rows(positions)
+    if not keep.any():
+        raise StoreError(f"{store.path}: no fitted row has a map position to place new rows by")
+    model = StoredEmbedding(int(info.get("n_neighbors", 15))).fit(
+        values[keep], positions=positions[keep]
+    )
+    model.sample_index_ = index[keep]
+    model.method_ = str(info.get("method", ""))
+    return model

@@ -27,11 +27,11 @@ import numpy as np
 from sklearn.base import BaseEstimator, OutlierMixin
 
 from .. import config
-from ..errors import ConfigError
+from ..errors import ConfigError, StoreError
 from ..store import Store
 from . import _base
 
-__all__ = ["KNNOutlier", "outliers"]
+__all__ = ["KNNOutlier", "load_outliers", "outliers"]
 
 logger = logging.getLogger(__name__)
 
@@ -156,6 +156,16 @@ class KNNOutlier(OutlierMixin, BaseEstimator):
         """
         return -np.asarray(self._scores(X).compute())
 
+    def score_rows(self, X) -> np.ndarray:
+        """Outlier score (mean distance to the ``k`` nearest reference rows) of new rows,
+        none of them in the reference set; NaN for rows holding NaN (empty slots).
+
+        What incremental absorption calls, block by block, on a model :func:`load_outliers`
+        restored: the same numbers :func:`outliers` wrote for rows outside its sample.
+        """
+        none = np.zeros(0, np.int64)
+        return _score_block(self.nn_, np.asarray(X), none, none, int(self.k))
+
     def predict(self, X):
         s = -self.score_samples(X)
         return np.where(s > self.threshold_, -1, 1)
@@ -258,9 +268,49 @@ def outliers(
             "reference_size": n_ref,
             "exact": bool(n_ref == n_valid) and (graph is None or graph.get("kind") == "flat"),
             "seed": seed,
+            # The rows the reference was drawn from: load_outliers draws it again from them.
+            "n_rows": st.n_rows,
         }
     )
     table = _base.row_table(st, top.index, {"score": top.scores})
     table.add_column(np.arange(1, len(table) + 1), name="rank", index=0)
     table.meta.update({"k": k, "reference_size": n_ref})
     return table
+
+
+def load_outliers(
+    store: Store, *, upto: int | None = None, block_rows: int | None = None
+) -> KNNOutlier:
+    """The outlier model :func:`outliers` fitted, restored from what it recorded in the store.
+
+    The reference set is drawn again with the recorded ``reference_size`` and ``seed`` from
+    the valid rows the stage saw (the recorded ``n_rows``; ``upto`` for stores written before
+    it was recorded), and indexed with the recorded ``k``: rows appended since are scored
+    against the same reference and the same ``k`` (:meth:`KNNOutlier.score_rows`), whatever
+    the configuration says now.
+
+    Raises
+    ------
+    StoreError
+        When the store has no outlier scores yet, or no fitted rows are left to score against.
+    """
+    _base.require(store, "outlier_score", "outliers")
+    info = dict(store.attrs.get("outlier_score") or store.array("outlier_score").attrs)
+    if "k" not in info or "reference_size" not in info:
+        raise StoreError(
+            f"{store.path}: the outlier scores record no k; run `elodin outliers {store.path}` again"
+        )
+    k = int(info["k"])
+    ref = int(info["reference_size"])
+    seed = int(info.get("seed", config.get_int("analysis.seed", minimum=0)))
+    stop = int(info.get("n_rows", upto if upto is not None else store.n_rows))
+    block = _base.block_rows(store, block_rows)
+    index = _base.sample_valid(store, ref, seed=seed, block=block, stop=stop)
+    if len(index) <= k:
+        raise StoreError(
+            f"{store.path}: the outlier reference has {len(index)} fitted row(s), k = {k} needs more"
+        )
+    values = np.asarray(store.array("pca").oindex[index], np.float64)
+    model = KNNOutlier(k, reference_size=ref, random_state=seed)._fit_reference(index, values)
+    model.method_ = str(info.get("method", "knn-mean-distance"))
+    return model

@@ -445,9 +445,7 @@ def _saved(store: Store, prefix: str, signature: Mapping) -> tuple[dict | None, 
     keys = [f"{prefix}_accum_{k}" for k in ("sum", "cross", "shift")]
     if not all(k in names for k in keys):
         return None, []
-    import zarr
-
-    group = zarr.open_group(store.path, mode="r", zarr_format=3)
+    group = Store.zarr(store.path)
     meta = group[keys[0]].attrs.asdict()
     if meta.get("signature") != dict(signature):
         return None, []
@@ -672,7 +670,6 @@ def _jsonable(value: Any) -> Any:
 
 def load_pca(store: Store, *, features: str = "fingerprint") -> ExactPCA:
     """The fitted PCA saved in a store (mean and components), ready to ``transform`` new rows."""
-    import zarr
 
     prefix = SPACES[features]["out"]
     _base.require(
@@ -680,7 +677,7 @@ def load_pca(store: Store, *, features: str = "fingerprint") -> ExactPCA:
         f"{prefix}_components",
         "reduce" if features == "fingerprint" else "reduce --features pixels",
     )
-    group = zarr.open_group(store.path, mode="r", zarr_format=3)
+    group = Store.zarr(store.path)
     pca = ExactPCA(n_components=int(group[f"{prefix}_components"].shape[0]))
     pca.mean_ = group[f"{prefix}_mean"][...]
     pca.components_ = group[f"{prefix}_components"][...]

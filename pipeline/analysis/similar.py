@@ -33,7 +33,14 @@ from ..errors import ConfigError, InputError, StoreError
 from ..store import Store
 from . import _base
 
-__all__ = ["METRICS", "angular_separation", "fingerprint_image", "nearest_cutout", "similar"]
+__all__ = [
+    "METRICS",
+    "angular_separation",
+    "distances",
+    "fingerprint_image",
+    "nearest_cutout",
+    "similar",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -42,24 +49,48 @@ METRICS = ("l2", "cosine", "jaccard")
 
 # ------------------------------------------------------------------------------- distances
 def distances(values: np.ndarray, query: np.ndarray, metric: str) -> np.ndarray:
-    """Distance of every row of ``values`` to ``query``; NaN for empty rows."""
+    """Distance of every row of ``values`` to ``query``: the one home of the three metrics
+    (the similarity search and the report both call it).
+
+    Parameters
+    ----------
+    values : array, shape (n, d)
+        ``pca`` (or ``fingerprint``) rows for ``l2`` / ``cosine``; ``top_class`` rows for
+        ``jaccard``, where -1 marks no class.
+    query : array, shape (d,)
+    metric : {"l2", "cosine", "jaccard"}
+
+    Returns
+    -------
+    ndarray, shape (n,)
+        ``l2``: Euclidean distance. ``cosine``: one minus the cosine similarity. ``jaccard``:
+        one minus the Jaccard index of the two class sets.
+
+    Notes
+    -----
+    Two rows with nothing to compare are as far apart as the metric can say, never NaN:
+    Jaccard of two empty class sets (an empty union) is taken as 0, so the distance is 1.0,
+    and the cosine of a zero vector with anything is taken as 0 (distance 1.0). A user asking
+    for "more like this" then sees such rows ranked last rather than silently dropped or
+    ranked first; NaN is kept for empty slots, which the callers mask with ``valid``.
+    """
     if metric == "jaccard":
         rows = np.asarray(values)
-        q = np.unique(query[query >= 0])
+        q = np.unique(np.asarray(query)[np.asarray(query) >= 0])
         present = rows >= 0
         # A row's top-k classes are distinct, so counting entries counts set members.
         inter = (np.isin(rows, q) & present).sum(axis=1)
         union = present.sum(axis=1) + len(q) - inter
-        with np.errstate(invalid="ignore", divide="ignore"):
-            d = 1.0 - inter / union
-        return np.where(union > 0, d, np.nan)
+        return 1.0 - inter / np.maximum(union, 1)
     x = np.asarray(values, np.float64)
     q = np.asarray(query, np.float64)
     if metric == "l2":
         return np.sqrt(((x - q) ** 2).sum(axis=1))
     if metric == "cosine":
+        norms = np.linalg.norm(x, axis=1) * np.linalg.norm(q)
+        dot = x @ q
         with np.errstate(invalid="ignore", divide="ignore"):
-            return 1.0 - (x @ q) / (np.linalg.norm(x, axis=1) * np.linalg.norm(q))
+            return np.where(norms > 0, 1.0 - dot / np.where(norms > 0, norms, 1.0), 1.0)
     raise ValueError(f"unknown metric {metric!r}")
 
 

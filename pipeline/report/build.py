@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from .. import config
+from ..analysis.similar import METRICS, distances
 from ..errors import ConfigError, InputError
 from ..store import Store
 from . import figures
@@ -56,7 +57,6 @@ _ANALYSIS_VARIABLES = (
 )
 # The frame colour of every cutout when the store has no clusters yet.
 _UNCLUSTERED = (255, 200, 40)
-METRICS = ("l2", "cosine", "jaccard")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -433,7 +433,7 @@ class _Builder:
                 near.update(rows[m], np.linalg.norm(pc[m] - self.centres[cl[m]], axis=1), cl[m])
             if self.sim_space:
                 m = valid & (rows != self.query_row)
-                sim_pick.update(rows[m], _distance(b[self.sim_space][m], qvec, o.metric))
+                sim_pick.update(rows[m], distances(b[self.sim_space][m], qvec, o.metric))
             if self.canvases:
                 cl = (
                     np.asarray(b["cluster"], np.int64) if have["cluster"] else np.zeros(n, np.int64)
@@ -747,36 +747,15 @@ class _Builder:
         return render_index(self.out / "index.html", self.page)
 
 
-def _distance(values: np.ndarray, q: np.ndarray, metric: str) -> np.ndarray:
-    """Distance of each row of ``values`` to ``q``: L2, cosine, or 1 - Jaccard index of the
-    class sets (``top_class`` rows, -1 = none)."""
-    if metric == "jaccard":
-        qs = set(int(c) for c in np.asarray(q).ravel() if c >= 0)
-        out = np.empty(len(values))
-        for i, row in enumerate(np.asarray(values)):
-            s = set(int(c) for c in row if c >= 0)
-            union = len(s | qs)
-            out[i] = 1.0 - (len(s & qs) / union if union else 0.0)
-        return out
-    v = np.asarray(values, dtype=np.float64)
-    q = np.asarray(q, dtype=np.float64)
-    if metric == "cosine":
-        norms = np.linalg.norm(v, axis=1) * max(float(np.linalg.norm(q)), 1e-30)
-        return 1.0 - (v @ q) / np.maximum(norms, 1e-30)
-    return np.linalg.norm(v - q, axis=1)
-
-
 def _similar_via_analysis(st: Store, row: int | None, n: int, metric: str):
     """``(rows, distances, how)`` from :func:`pipeline.analysis.similar` (streamed over the
     store, honouring ``analysis.similar.exclude-overlaps``), or ``(None, None, "")`` when the
-    analysis package or the variable the metric needs is missing; the report then searches by
+    variable the metric needs is missing; the report then searches by
     brute force."""
     if row is None or n <= 0:
         return None, None, ""
-    try:
-        from ..analysis import similar
-    except ImportError:
-        return None, None, ""
+    from ..analysis import similar
+
     need = "top_class" if metric == "jaccard" else "pca"
     try:
         st.array(need)
