@@ -33,6 +33,9 @@ import numpy as np
 
 from . import config
 from .errors import ConfigError, ElodinError, InputError, StoreError
+from .geometry import cut_windows, window_centres
+from .geometry import read_box as _read_box
+from .geometry import shift_inside as _shift_inside
 from .sources import ImageSource, open_sources
 from .store import Layout, Store, chunk_rows_for, pack_units
 from .tiling import Plan
@@ -118,35 +121,6 @@ class FingerprintResult:
 
 
 # ------------------------------------------------------------------------------ worker side
-def cut_windows(
-    data: np.ndarray, read_box: Sequence[int], windows: np.ndarray, *, fill: float
-) -> np.ndarray:
-    """Cut ``windows`` (image pixels) out of ``data`` (bands, h, w) read at ``read_box``.
-
-    Returns float32 (n, bands, wh, ww) for windows of one size. Parts of a window outside the
-    image (``pad`` edge policy) are filled with ``fill``.
-    """
-    ry0, rx0 = int(read_box[0]), int(read_box[2])
-    bands = data.shape[0]
-    w, h = int(windows[0, 2]), int(windows[0, 3])
-    lx = windows[:, 0] - rx0
-    ly = windows[:, 1] - ry0
-    inside = (lx >= 0) & (ly >= 0) & (lx + w <= data.shape[2]) & (ly + h <= data.shape[1])
-    out = np.empty((len(windows), bands, h, w), dtype=np.float32)
-    if inside.all():
-        # One gather over a strided view instead of a Python loop per window.
-        view = np.lib.stride_tricks.sliding_window_view(data, (h, w), axis=(1, 2))
-        out[:] = view[:, ly, lx].transpose(1, 0, 2, 3)
-        return out
-    for i, (x, y) in enumerate(zip(lx, ly, strict=True)):
-        out[i] = fill
-        ys, xs = max(0, -y), max(0, -x)
-        ye, xe = min(h, data.shape[1] - y), min(w, data.shape[2] - x)
-        if ye > ys and xe > xs:
-            out[i, :, ys:ye, xs:xe] = data[:, y + ys : y + ye, x + xs : x + xe]
-    return out
-
-
 def _cut_any_size(data, read_box, windows, *, fill: float, side: int) -> np.ndarray:
     """Cut windows of varying sizes and resample each to ``side`` x ``side``."""
     from skimage.transform import resize
@@ -251,8 +225,7 @@ def run_unit(job: UnitJob, *, prefetch: bool = True) -> int:
     coords = {k: [] for k in ("image", "x", "y", "width", "height", "ra", "dec")}
     for tile in job.tiles:
         src = tile.source
-        x = tile.windows[:, 0] + (tile.windows[:, 2] - 1) / 2.0
-        y = tile.windows[:, 1] + (tile.windows[:, 3] - 1) / 2.0
+        x, y = window_centres(tile.windows)
         ra, dec = src.pixel_to_radec(x, y)
         coords["image"].append(np.full(len(x), src.id, dtype=object))
         coords["x"].append(x)
@@ -533,7 +506,7 @@ def _plan_blobs(
 
     Detection reads each tile with a halo of the largest window, and a tile keeps only the
     sources whose peak pixel is in its core, so a source on a border is found exactly once.
-    Windows passing the image edge are then shifted inward (:func:`_shift_inside`).
+    Windows passing the image edge are then shifted inward (:func:`pipeline.geometry.shift_inside`).
     """
     import functools
 
@@ -566,17 +539,6 @@ def _plan_blobs(
             )
         )
     return Plan.concat(plans)
-
-
-def _shift_inside(windows: np.ndarray, shape) -> np.ndarray:
-    """Move windows that pass the image edge inward (where they fit), so a source near the
-    edge is cut from real pixels: padded cutouts cluster by their padding, not their content."""
-    ny, nx = shape
-    out = windows.copy()
-    fits_x, fits_y = out[:, 2] <= nx, out[:, 3] <= ny
-    out[fits_x, 0] = np.clip(out[fits_x, 0], 0, nx - out[fits_x, 2])
-    out[fits_y, 1] = np.clip(out[fits_y, 1], 0, ny - out[fits_y, 3])
-    return out
 
 
 def _threads_per_host(client) -> tuple[tuple[str, int], ...]:
@@ -629,16 +591,6 @@ def _segment_jobs(
             tiles=tuple(tiles),
             **base,
         )
-
-
-def _read_box(windows: np.ndarray, shape) -> tuple[int, int, int, int]:
-    """The pixels a piece of a tile needs: its windows' bounding box, clipped to the image
-    (parts of pad-policy windows outside it are filled by :func:`cut_windows`)."""
-    ny, nx = shape
-    x0, y0 = windows[:, 0], windows[:, 1]
-    ry0, ry1 = max(0, int(y0.min())), min(ny, int((y0 + windows[:, 3]).max()))
-    rx0, rx1 = max(0, int(x0.min())), min(nx, int((x0 + windows[:, 2]).max()))
-    return ry0, ry1, rx0, rx1
 
 
 def fingerprint(

@@ -338,18 +338,15 @@ class PixelFeatures:
     ) -> np.ndarray:
         from skimage.transform import resize
 
-        from ..fingerprint import cut_windows
+        from ..geometry import cut_windows, read_box, windows_from_centres
         from ..preprocess import stretch_cutouts
 
         src = self.sources[img]
-        w = np.asarray(coords["width"])[rows].astype(np.int64)
-        h = np.asarray(coords["height"])[rows].astype(np.int64)
-        x0 = np.rint(np.asarray(coords["x"])[rows] - (w - 1) / 2).astype(np.int64)
-        y0 = np.rint(np.asarray(coords["y"])[rows] - (h - 1) / 2).astype(np.int64)
-        windows = np.stack([x0, y0, w, h], axis=1)
-        ny, nx = src.shape
+        windows = windows_from_centres(
+            *(np.asarray(coords[k])[rows] for k in ("x", "y", "width", "height"))
+        )
         # One read of the windows' bounding box when it is small, else one read per window.
-        box = (max(0, y0.min()), min(ny, (y0 + h).max()), max(0, x0.min()), min(nx, (x0 + w).max()))
+        box = read_box(windows, src.shape)
         whole = src.read(*box) if (box[1] - box[0]) * (box[3] - box[2]) <= 4096 * 4096 else None
         feats = np.empty((len(rows), self.n_features), np.float32)
         for size in np.unique(windows[:, 2:], axis=0):
@@ -374,7 +371,7 @@ class PixelFeatures:
         return feats
 
     def _one_window(self, src, win: np.ndarray) -> np.ndarray:
-        from ..fingerprint import cut_windows
+        from ..geometry import cut_windows
 
         x0, y0, w, h = (int(v) for v in win)
         ny, nx = src.shape

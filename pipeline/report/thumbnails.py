@@ -1,7 +1,7 @@
 """Thumbnails and downsampled views, read back lazily from the source images.
 
 The store keeps no pixels. A cutout's window is rebuilt from its row's coordinates
-(``x0 = round(x - (width - 1) / 2)``, the inverse of the centre convention in ``tiling.py``),
+(:func:`pipeline.geometry.windows_from_centres`, the inverse of the centre convention),
 read from the image the store recorded (``segments[*].inputs[image]["source"]``) and stretched
 with the store's own preprocessing config, so a thumbnail shows what the model saw.
 
@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError, StoreError
+from ..geometry import clip_boxes
+from ..geometry import windows_from_centres as window_boxes
 from ..sources import ImageSource
 
 __all__ = [
@@ -44,21 +46,6 @@ logger = logging.getLogger(__name__)
 ROW_COST = 32768
 # The largest single read (pixels per band): bounds memory whatever the windows.
 MAX_READ_PIXELS = 1 << 22
-
-
-def window_boxes(x, y, width, height) -> np.ndarray:
-    """Integer windows ``(n, 4)`` = ``x0, y0, w, h`` from stored centres and sizes.
-
-    The store's centre is ``x = x0 + (w - 1) / 2`` (tiling.py), so ``x0`` is recovered exactly.
-    """
-    x = np.asarray(x, dtype=np.float64)
-    y = np.asarray(y, dtype=np.float64)
-    w = np.asarray(width, dtype=np.int64)
-    h = np.asarray(height, dtype=np.int64)
-    # Empty slots have NaN centres; they get a harmless zero box.
-    x0 = np.rint(np.nan_to_num(x - (w - 1) / 2.0)).astype(np.int64)
-    y0 = np.rint(np.nan_to_num(y - (h - 1) / 2.0)).astype(np.int64)
-    return np.stack([x0, y0, w, h], axis=1).reshape(-1, 4)
 
 
 def sources_from_attrs(attrs: Mapping[str, Any]) -> dict[str, ImageSource]:
@@ -152,17 +139,14 @@ def read_windows(
     reads :func:`plan_reads` groups them into.
     """
     windows = np.asarray(windows, dtype=np.int64).reshape(-1, 4)
-    ny, nx = source.shape
+    nx = source.shape[1]
     out = [np.full((source.n_bands, int(h), int(w)), fill, np.float32) for _, _, w, h in windows]
     if not len(windows):
         return out
     # Clip to the image: pad-policy windows may reach past its edges.
-    y0 = np.clip(windows[:, 1], 0, ny)
-    y1 = np.clip(windows[:, 1] + windows[:, 3], 0, ny)
-    x0 = np.clip(windows[:, 0], 0, nx)
-    x1 = np.clip(windows[:, 0] + windows[:, 2], 0, nx)
-    inside = np.flatnonzero((y1 > y0) & (x1 > x0))
-    boxes = np.stack([y0, y1, x0, x1], axis=1)[inside]
+    boxes = clip_boxes(windows, source.shape)
+    inside = np.flatnonzero((boxes[:, 1] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 2]))
+    boxes = boxes[inside]
     for box, members in plan_reads(boxes, width=nx):
         data = source.read(*box)
         for i in inside[members]:
