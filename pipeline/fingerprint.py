@@ -48,6 +48,8 @@ __all__ = [
     "fingerprint",
     "fingerprint_settings",
     "gpu_share",
+    "image_limits",
+    "plan_sources",
     "run_unit",
 ]
 
@@ -121,22 +123,6 @@ class FingerprintResult:
 
 
 # ------------------------------------------------------------------------------ worker side
-def _cut_any_size(data, read_box, windows, *, fill: float, side: int) -> np.ndarray:
-    """Cut windows of varying sizes and resample each to ``side`` x ``side``."""
-    from skimage.transform import resize
-
-    if np.all(windows[:, 2:] == windows[0, 2:]):
-        return cut_windows(data, read_box, windows, fill=fill)
-    out = np.empty((len(windows), data.shape[0], side, side), dtype=np.float32)
-    for i, win in enumerate(windows):
-        cut = cut_windows(data, read_box, win[None], fill=fill)[0]
-        finite = np.where(np.isfinite(cut), cut, np.nan)
-        out[i] = resize(
-            finite, (cut.shape[0], side, side), order=1, anti_aliasing=True, preserve_range=True
-        )
-    return out
-
-
 _STORES: dict[str, Store] = {}
 
 
@@ -148,18 +134,15 @@ def _worker_store(path: str) -> Store:
 
 def _prepared_batches(job: UnitJob):
     """Yield ``(tile_index, rgb, masked_fraction)`` batches of the unit, in row order."""
-    from .preprocess import stretch_cutouts
+    from .cutouts import CutoutReader
 
+    reader = CutoutReader(preprocess=job.preprocess, fill=job.fill, image_limits=job.image_limits)
     for t, tile in enumerate(job.tiles):
         data = tile.source.read(*tile.read_box)
-        limits = job.image_limits.get(tile.source.id)
         for b in range(0, len(tile.windows), job.batch_size):
             wins = tile.windows[b : b + job.batch_size]
-            cut = _cut_any_size(data, tile.read_box, wins, fill=job.fill, side=job.side)
-            rgb, frac = stretch_cutouts(
-                cut, config=job.preprocess, image_limits=limits, image=tile.source.id
-            )
-            yield t, rgb, frac
+            cut = reader.cut(data, tile.read_box, wins, side=job.side)
+            yield t, *reader.prepare(cut, tile.source.id)
 
 
 def _prefetch(gen, depth: int = 1):
@@ -905,6 +888,23 @@ def _image_limits(sources: Sequence[ImageSource], preprocess: dict) -> dict:
     return {
         s.id: image_limits_for(s, preprocess, image="+".join(s.paths)).tolist() for s in sources
     }
+
+
+def plan_sources(
+    sources: Sequence[ImageSource], settings: dict, *, catalog: str | None = None
+) -> Plan:
+    """The plan ``elodin fingerprint`` makes of ``sources`` with ``settings``
+    (:func:`fingerprint_settings`), planned here: sliding, full or catalog windows (blob
+    detection needs a cluster and is not offered here)."""
+    if settings["cutouts"]["method"] == "blobs":
+        raise ConfigError("plan_sources: blob plans are made on a cluster, by fingerprint()")
+    return _plan_sources(None, sources, settings, catalog, 0)
+
+
+def image_limits(sources: Sequence[ImageSource], preprocess: dict) -> dict:
+    """Per-image stretch limits ``{image id: [[vmin, vmax], ...]}`` as ``elodin fingerprint``
+    records them (empty unless ``preprocess.scope`` is ``image``)."""
+    return _image_limits(sources, preprocess)
 
 
 def gpu_share() -> float:
