@@ -1,0 +1,82 @@
+"""Per-thread caches of open files (never pickled): an LRU keyed by path, size and mtime, so a
+rewritten file is reopened.
+
+Part of :mod:`pipeline.sources` (moved from ``sources.py`` unchanged).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+_FITS_HANDLES = 8
+
+
+_ZARR_HANDLES = 8
+
+
+_TIFF_HANDLES = 8
+
+
+_PIL_ARRAYS = 1
+
+
+class _Handles(OrderedDict):
+    """One thread's handles; closes them when the thread ends and its locals are dropped."""
+
+    def __init__(self, close: Callable[[Any], None] | None):
+        super().__init__()
+        self.close = close
+
+    def pop_and_close(self, *, last: bool) -> None:
+        _, old = self.popitem(last=last)
+        if self.close is not None:
+            try:
+                self.close(old)
+            except Exception:  # closing a stale handle must never fail a read
+                logger.debug("closing a cached handle failed", exc_info=True)
+
+    def __del__(self) -> None:
+        while self:
+            self.pop_and_close(last=True)
+
+
+class _ThreadLRU:
+    """A per-thread LRU of open handles; ``close`` is called on eviction and thread exit.
+
+    Per thread so that Dask worker threads never share a file position or a lazily loaded
+    astropy structure, and need no locks.
+    """
+
+    def __init__(self, maxsize: int, close: Callable[[Any], None] | None = None):
+        self.maxsize = maxsize
+        self.close = close
+        self._local = threading.local()
+
+    def _entries(self) -> _Handles:
+        entries = getattr(self._local, "entries", None)
+        if entries is None:
+            entries = self._local.entries = _Handles(self.close)
+        return entries
+
+    def get(self, key: Any, factory: Callable[[], Any]) -> Any:
+        entries = self._entries()
+        if key in entries:
+            entries.move_to_end(key)
+            return entries[key]
+        value = factory()
+        entries[key] = value
+        while len(entries) > self.maxsize:
+            entries.pop_and_close(last=False)
+        return value
+
+    def clear(self) -> None:
+        entries = self._entries()
+        while entries:
+            entries.pop_and_close(last=True)
