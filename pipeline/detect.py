@@ -32,6 +32,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from . import config
+from .geometry import shift_inside
 from .tiling import Plan, assign_windows, tile_grid
 
 __all__ = [
@@ -260,20 +261,6 @@ def detection_tiles(shape, *, tile_size: int, halo: int) -> tuple[np.ndarray, np
     reads[:, 2] = np.maximum(cores[:, 2] - halo, 0)
     reads[:, 3] = np.minimum(cores[:, 3] + halo, nx)
     return cores, reads
-
-
-def shift_inside(windows: np.ndarray, shape) -> np.ndarray:
-    """Move windows that pass the image edge inward (where they fit), so a source near the
-    edge is cut from real pixels: padded cutouts cluster by their padding, not their content.
-
-    ``windows`` is ``(N, 4)`` ``x0, y0, w, h``; a window larger than the image along an axis
-    stays where it is along that axis (the reader pads it)."""
-    ny, nx = (int(v) for v in tuple(shape)[-2:])
-    out = np.array(windows, dtype=np.int64, copy=True).reshape(-1, 4)
-    fits_x, fits_y = out[:, 2] <= nx, out[:, 3] <= ny
-    out[fits_x, 0] = np.clip(out[fits_x, 0], 0, nx - out[fits_x, 2])
-    out[fits_y, 1] = np.clip(out[fits_y, 1], 0, ny - out[fits_y, 3])
-    return out
 
 
 def detect_plan(

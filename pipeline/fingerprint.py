@@ -33,6 +33,8 @@ import numpy as np
 
 from . import config
 from .errors import ConfigError, ElodinError, InputError, StoreError
+from .geometry import cut_windows, window_centres
+from .geometry import read_box as _read_box
 from .sources import ImageSource, open_sources
 from .store import Layout, Store, chunk_rows_for, pack_units
 from .tiling import Plan
@@ -45,6 +47,8 @@ __all__ = [
     "fingerprint",
     "fingerprint_settings",
     "gpu_share",
+    "image_limits",
+    "plan_sources",
     "run_unit",
 ]
 
@@ -122,51 +126,6 @@ class FingerprintResult:
 
 
 # ------------------------------------------------------------------------------ worker side
-def cut_windows(
-    data: np.ndarray, read_box: Sequence[int], windows: np.ndarray, *, fill: float
-) -> np.ndarray:
-    """Cut ``windows`` (image pixels) out of ``data`` (bands, h, w) read at ``read_box``.
-
-    Returns float32 (n, bands, wh, ww) for windows of one size. Parts of a window outside the
-    image (``pad`` edge policy) are filled with ``fill``.
-    """
-    ry0, rx0 = int(read_box[0]), int(read_box[2])
-    bands = data.shape[0]
-    w, h = int(windows[0, 2]), int(windows[0, 3])
-    lx = windows[:, 0] - rx0
-    ly = windows[:, 1] - ry0
-    inside = (lx >= 0) & (ly >= 0) & (lx + w <= data.shape[2]) & (ly + h <= data.shape[1])
-    out = np.empty((len(windows), bands, h, w), dtype=np.float32)
-    if inside.all():
-        # One gather over a strided view instead of a Python loop per window.
-        view = np.lib.stride_tricks.sliding_window_view(data, (h, w), axis=(1, 2))
-        out[:] = view[:, ly, lx].transpose(1, 0, 2, 3)
-        return out
-    for i, (x, y) in enumerate(zip(lx, ly, strict=True)):
-        out[i] = fill
-        ys, xs = max(0, -y), max(0, -x)
-        ye, xe = min(h, data.shape[1] - y), min(w, data.shape[2] - x)
-        if ye > ys and xe > xs:
-            out[i, :, ys:ye, xs:xe] = data[:, y + ys : y + ye, x + xs : x + xe]
-    return out
-
-
-def _cut_any_size(data, read_box, windows, *, fill: float, side: int) -> np.ndarray:
-    """Cut windows of varying sizes and resample each to ``side`` x ``side``."""
-    from skimage.transform import resize
-
-    if np.all(windows[:, 2:] == windows[0, 2:]):
-        return cut_windows(data, read_box, windows, fill=fill)
-    out = np.empty((len(windows), data.shape[0], side, side), dtype=np.float32)
-    for i, win in enumerate(windows):
-        cut = cut_windows(data, read_box, win[None], fill=fill)[0]
-        finite = np.where(np.isfinite(cut), cut, np.nan)
-        out[i] = resize(
-            finite, (cut.shape[0], side, side), order=1, anti_aliasing=True, preserve_range=True
-        )
-    return out
-
-
 _STORES: dict[str, Store] = {}
 
 
@@ -178,18 +137,15 @@ def _worker_store(path: str) -> Store:
 
 def _prepared_batches(job: UnitJob):
     """Yield ``(tile_index, rgb, masked_fraction)`` batches of the unit, in row order."""
-    from .preprocess import stretch_cutouts
+    from .cutouts import CutoutReader
 
+    reader = CutoutReader(preprocess=job.preprocess, fill=job.fill, image_limits=job.image_limits)
     for t, tile in enumerate(job.tiles):
         data = tile.source.read(*tile.read_box)
-        limits = job.image_limits.get(tile.source.id)
         for b in range(0, len(tile.windows), job.batch_size):
             wins = tile.windows[b : b + job.batch_size]
-            cut = _cut_any_size(data, tile.read_box, wins, fill=job.fill, side=job.side)
-            rgb, frac = stretch_cutouts(
-                cut, config=job.preprocess, image_limits=limits, image=tile.source.id
-            )
-            yield t, rgb, frac
+            cut = reader.cut(data, tile.read_box, wins, side=job.side)
+            yield t, *reader.prepare(cut, tile.source.id)
 
 
 def _prefetch(gen, depth: int = 1):
@@ -255,8 +211,7 @@ def run_unit(job: UnitJob, *, prefetch: bool = True) -> int:
     coords = {k: [] for k in ("image", "x", "y", "width", "height", "ra", "dec")}
     for tile in job.tiles:
         src = tile.source
-        x = tile.windows[:, 0] + (tile.windows[:, 2] - 1) / 2.0
-        y = tile.windows[:, 1] + (tile.windows[:, 3] - 1) / 2.0
+        x, y = window_centres(tile.windows)
         ra, dec = src.pixel_to_radec(x, y)
         coords["image"].append(np.full(len(x), src.id, dtype=object))
         coords["x"].append(x)
@@ -602,16 +557,6 @@ def _segment_jobs(
         )
 
 
-def _read_box(windows: np.ndarray, shape) -> tuple[int, int, int, int]:
-    """The pixels a piece of a tile needs: its windows' bounding box, clipped to the image
-    (parts of pad-policy windows outside it are filled by :func:`cut_windows`)."""
-    ny, nx = shape
-    x0, y0 = windows[:, 0], windows[:, 1]
-    ry0, ry1 = max(0, int(y0.min())), min(ny, int((y0 + windows[:, 3]).max()))
-    rx0, rx1 = max(0, int(x0.min())), min(nx, int((x0 + windows[:, 2]).max()))
-    return ry0, ry1, rx0, rx1
-
-
 def fingerprint(
     inputs: Sequence[str | os.PathLike],
     store: str | os.PathLike,
@@ -925,6 +870,23 @@ def _image_limits(sources: Sequence[ImageSource], preprocess: dict) -> dict:
     return {
         s.id: image_limits_for(s, preprocess, image="+".join(s.paths)).tolist() for s in sources
     }
+
+
+def plan_sources(
+    sources: Sequence[ImageSource], settings: dict, *, catalog: str | None = None
+) -> Plan:
+    """The plan ``elodin fingerprint`` makes of ``sources`` with ``settings``
+    (:func:`fingerprint_settings`), planned here: sliding, full or catalog windows (blob
+    detection needs a cluster and is not offered here)."""
+    if settings["cutouts"]["method"] == "blobs":
+        raise ConfigError("plan_sources: blob plans are made on a cluster, by fingerprint()")
+    return _plan_sources(None, sources, settings, catalog, 0)
+
+
+def image_limits(sources: Sequence[ImageSource], preprocess: dict) -> dict:
+    """Per-image stretch limits ``{image id: [[vmin, vmax], ...]}`` as ``elodin fingerprint``
+    records them (empty unless ``preprocess.scope`` is ``image``)."""
+    return _image_limits(sources, preprocess)
 
 
 def gpu_share() -> float:

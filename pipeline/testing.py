@@ -4,7 +4,9 @@
 celestial TAN WCS, strip by strip through a memory map, so a 16k x 16k mosaic never sits in
 memory; :func:`store_digest` hashes every file of a store, so "the store is unchanged" is one
 comparison. :func:`fingerprint_command` and :func:`error_lines` run the CLI as a user would
-and read its one-line errors. :class:`KillOnUnits` SIGKILLs Dask worker processes at chosen
+and read its one-line errors. :func:`make_mosaic` is the small mosaic most tests cut,
+:func:`fingerprinted_store` a store made by the real fingerprint and reduce stages, and
+:func:`tiny_onnx` (with :data:`TINY_CARD`) a small real user ONNX model. :class:`KillOnUnits` SIGKILLs Dask worker processes at chosen
 work-unit starts and finishes, so chaos tests kill on progress, not on the clock.
 """
 
@@ -21,11 +23,15 @@ import numpy as np
 from distributed.diagnostics.plugin import WorkerPlugin
 
 __all__ = [
+    "TINY_CARD",
     "KillOnUnits",
     "error_lines",
     "fingerprint_command",
+    "fingerprinted_store",
+    "make_mosaic",
     "store_digest",
     "synthetic_mosaic",
+    "tiny_onnx",
 ]
 
 
@@ -150,6 +156,92 @@ def fingerprint_command(
 def error_lines(stderr: str) -> list[str]:
     """The ``elodin: error: ...`` lines of a command's standard error."""
     return [line for line in stderr.splitlines() if line.startswith("elodin: error:")]
+
+
+def make_mosaic(path: str | os.PathLike, *, ny: int = 640, nx: int = 768, seed: int = 1) -> Path:
+    """The tests' small FITS mosaic with a TAN WCS: sky noise plus 60 Gaussian galaxies."""
+    return synthetic_mosaic(path, shape=(ny, nx), seed=seed, n_sources=60)
+
+
+def fingerprinted_store(
+    path: str | os.PathLike,
+    inputs: Iterable[str],
+    *,
+    client,
+    model: str = "efficientnet-lite0:native",
+    chunk_rows: int,
+    components: int,
+    pixels: bool = False,
+) -> str:
+    """A store of real fingerprints: ``inputs`` cut whole (``method full``) by the real
+    fingerprint stage on ``client``, then PCA of ``components`` (and of the pixel baseline with
+    ``pixels``). Returns the store's path."""
+    from . import analysis
+    from .fingerprint import fingerprint
+
+    inputs = list(inputs)
+    fingerprint(
+        inputs,
+        path,
+        method="full",
+        model=model,
+        client=client,
+        progress=False,
+        chunk_rows=chunk_rows,
+    )
+    analysis.reduce(path, components=components, client=client)
+    if pixels:
+        analysis.reduce(path, components=components, features="pixels", client=client)
+    return str(path)
+
+
+def tiny_onnx(
+    path: str | os.PathLike, *, channels_in=3, rank=4, feature_name="pool", opset=17
+) -> Path:
+    """A small real ONNX CNN: conv 3->8, ReLU, global pooling -> (N, 8), Gemm -> (N, 10).
+
+    Its model card (for a ``.yaml`` beside it) is :data:`TINY_CARD`.
+    """
+    import onnx
+    from onnx import TensorProto, helper
+
+    rs = np.random.default_rng(0)
+    w = helper.make_tensor(
+        "w", TensorProto.FLOAT, [8, channels_in, 3, 3], rs.normal(size=8 * channels_in * 9).tolist()
+    )
+    fc = helper.make_tensor("fc", TensorProto.FLOAT, [8, 10], rs.normal(size=80).tolist())
+    shape = ["N", channels_in, 224, 224] if rank == 4 else ["N", 224, 224]
+    nodes = [
+        helper.make_node("Conv", ["data", "w"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"]),
+        helper.make_node("GlobalAveragePool", ["r"], ["g"]),
+        helper.make_node("Flatten", ["g"], [feature_name], axis=1),
+        helper.make_node("MatMul", [feature_name, "fc"], ["scores"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "tiny",
+        [helper.make_tensor_value_info("data", TensorProto.FLOAT, shape)],
+        [
+            helper.make_tensor_value_info(feature_name, TensorProto.FLOAT, ["N", 8]),
+            helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N", 10]),
+        ],
+        initializer=[w, fc],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return Path(path)
+
+
+TINY_CARD = """\
+name: tiny
+input: data
+resolution: 224
+mean: [0.5, 0.5, 0.5]
+std: [0.25, 0.25, 0.25]
+outputs: {features: pool, logits: scores}
+"""
 
 
 class KillOnUnits(WorkerPlugin):

@@ -7,7 +7,8 @@ Conventions (docs/ARCHITECTURE.md):
 
 - A *window* is an integer box ``(x0, y0, w, h)`` in the image's 0-based pixel grid. Its stored
   centre is ``x = x0 + (w - 1) / 2``, ``y = y0 + (h - 1) / 2`` (astropy's pixel-centre
-  convention, so an odd window's centre is its middle pixel).
+  convention, so an odd window's centre is its middle pixel). The convention, read boxes,
+  shifting inside the image and cutting live in :mod:`pipeline.geometry`.
 - A window is *owned* by the tile that contains its owner pixel ``(x0 + w // 2, y0 + h // 2)``,
   clipped into the image for windows that pass the edge. Every window has exactly one owner.
 - A tile's *read box* is the bounding box of the windows it owns, clipped to the image: it lies
@@ -28,6 +29,7 @@ import numpy as np
 
 from .config import INT_LIMIT
 from .errors import ConfigError, InputError
+from .geometry import window_centres
 
 __all__ = [
     "EDGE_POLICIES",
@@ -246,8 +248,7 @@ def window_radec(windows, wcs) -> tuple[np.ndarray, np.ndarray]:
     if wcs is None or not wcs.has_celestial:
         nan = np.full(w.shape[0], np.nan)
         return nan, nan.copy()
-    x = w[:, 0] + (w[:, 2] - 1) / 2.0
-    y = w[:, 1] + (w[:, 3] - 1) / 2.0
+    x, y = window_centres(w)
     sky = wcs.celestial.pixel_to_world(x, y).icrs
     return np.asarray(sky.ra.deg, dtype=np.float64), np.asarray(sky.dec.deg, dtype=np.float64)
 
@@ -310,8 +311,7 @@ class Plan:
 
     def centres(self) -> tuple[np.ndarray, np.ndarray]:
         """Stored centres ``x0 + (w - 1) / 2``, ``y0 + (h - 1) / 2`` of all windows."""
-        w = self.windows
-        return w[:, 0] + (w[:, 2] - 1) / 2.0, w[:, 1] + (w[:, 3] - 1) / 2.0
+        return window_centres(self.windows)
 
     @classmethod
     def empty(cls, images: tuple[str, ...] = ()) -> Plan:

@@ -4,6 +4,13 @@
   test session; set ELODIN_TEST_CACHE to reuse one across sessions).
 - ``lite0_onnx``: path of the real EfficientNet-Lite0 export (224 input).
 - ``rng``: a numpy Generator seeded per test (seed 12345).
+- ``client``: a module-wide Dask LocalCluster of two single-thread worker processes (a module
+  needing another cluster defines its own ``client``).
+- ``explorer_store`` / ``explorer_copy``: the explorer tests' store (tests/explore_store.py),
+  built once per module, and a fresh copy of it per test (labels change it).
+
+Helpers that are not fixtures (mosaics, stores of real fingerprints, a tiny ONNX model) live in
+:mod:`pipeline.testing`; synthetic analysis stores in tests/analysis_store.py.
 
 Hypothesis profiles: ``ci`` (the default) is derandomized, with no example database and 100
 examples a test, so every run, here or in CI, tries the same examples and a red test is red
@@ -15,6 +22,7 @@ its test as an ``@example``.
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import dask.config
@@ -88,3 +96,31 @@ def lite0_native_onnx(model_cache) -> Path:
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(12345)
+
+
+@pytest.fixture(scope="module")
+def client():
+    from distributed import Client, LocalCluster
+
+    with (
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+        ) as cluster,
+        Client(cluster) as c,
+    ):
+        yield c
+
+
+@pytest.fixture(scope="module")
+def explorer_store(tmp_path_factory) -> Path:
+    from explore_store import make_store
+
+    return make_store(tmp_path_factory.mktemp("explore"))
+
+
+@pytest.fixture
+def explorer_copy(explorer_store, tmp_path) -> Path:
+    """A copy of the explorer store (labels change it)."""
+    out = tmp_path / "copy.zarr"
+    shutil.copytree(explorer_store, out)
+    return out

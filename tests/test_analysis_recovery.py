@@ -23,21 +23,8 @@ from sklearn.metrics import adjusted_rand_score
 from pipeline import analysis
 from pipeline.analysis._base import to_str
 from pipeline.errors import StoreError
-from pipeline.fingerprint import fingerprint
 from pipeline.store import Store
-
-
-@pytest.fixture(scope="module")
-def client():
-    from distributed import Client, LocalCluster
-
-    with (
-        LocalCluster(
-            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
-        ) as cluster,
-        Client(cluster) as c,
-    ):
-        yield c
+from pipeline.testing import fingerprinted_store
 
 
 @pytest.fixture(scope="module")
@@ -45,17 +32,7 @@ def labelled(tmp_path_factory, client):
     work = tmp_path_factory.mktemp("recovery")
     paths, labels = make_labelled_sources(work / "images", per_class=40, seed=3)
     store = work / "sources.zarr"
-    fingerprint(
-        paths,
-        store,
-        method="full",
-        model="efficientnet-lite0:native",
-        client=client,
-        progress=False,
-        chunk_rows=32,
-    )
-    analysis.reduce(store, components=10, client=client)
-    analysis.reduce(store, components=10, features="pixels", client=client)
+    fingerprinted_store(store, paths, client=client, chunk_rows=32, components=10, pixels=True)
     ds = Store.open(store).dataset()
     truth_of = {Path(p).stem: lab for p, lab in zip(paths, labels, strict=True)}
     truth = np.array([truth_of.get(i, -1) for i in to_str(ds.image.values)])

@@ -13,8 +13,8 @@ from analysis_store import build_store, make_labelled_sources, store_digest
 from pipeline import analysis
 from pipeline.cli import main
 from pipeline.errors import ConfigError, StoreError
-from pipeline.fingerprint import fingerprint
 from pipeline.store import Store
+from pipeline.testing import fingerprinted_store
 
 N = 400
 TOPK = 5
@@ -167,29 +167,14 @@ def test_cli_prints_four_significant_digits(store, capsys):
 
 # ---------------------------------------------------------------------- query by image
 @pytest.fixture(scope="module")
-def client():
-    from distributed import Client, LocalCluster
-
-    with (
-        LocalCluster(
-            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
-        ) as cluster,
-        Client(cluster) as c,
-    ):
-        yield c
-
-
-@pytest.fixture(scope="module")
 def sources(tmp_path_factory):
     return make_labelled_sources(tmp_path_factory.mktemp("images"), per_class=3, seed=8)[0]
 
 
 def _fingerprinted(path: Path, sources: list[str], client, model: str) -> str:
-    fingerprint(
-        sources, path, method="full", model=model, client=client, progress=False, chunk_rows=4
+    return fingerprinted_store(
+        path, sources, client=client, model=model, chunk_rows=4, components=4
     )
-    analysis.reduce(path, components=4, client=client)
-    return str(path)
 
 
 @pytest.fixture(scope="module")
@@ -205,7 +190,8 @@ def fp16_store(tmp_path_factory, sources, client):
 
 @pytest.fixture(scope="module")
 def user_store(tmp_path_factory, sources, client):
-    from test_models import CARD, _tiny_onnx
+    from pipeline.testing import TINY_CARD as CARD
+    from pipeline.testing import tiny_onnx as _tiny_onnx
 
     work = tmp_path_factory.mktemp("user")
     _tiny_onnx(work / "tiny.onnx")

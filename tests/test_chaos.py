@@ -17,12 +17,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_fingerprint import make_mosaic
-from test_write_failures import _cli as fingerprint_cli
 
 from pipeline.fingerprint import fingerprint
 from pipeline.store import Store, pack_units
-from pipeline.testing import KillOnUnits
+from pipeline.testing import KillOnUnits, fingerprint_command, make_mosaic
 
 MODEL = "efficientnet-lite0:native"
 # 1024 x 1024 pixels in 32-pixel windows: 256 tiles of 64 pixels, 1024 cutouts, 16 units.
@@ -201,7 +199,7 @@ def test_unit_killed_half_way_through_its_writes_is_redone(
 
 
 def _cli(mosaic: Path, out: Path) -> list[str]:
-    return fingerprint_cli(mosaic, out, workers=2)
+    return fingerprint_command(mosaic, out=out, model=MODEL, size=32, tile_size=64, workers=2)
 
 
 def _units_done(out: Path) -> int:

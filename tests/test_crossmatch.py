@@ -208,19 +208,6 @@ def test_table_crossmatch_written_as_hats(planted, tmp_path):
     _check(_pairs(df), expected)
 
 
-@pytest.fixture(scope="module")
-def client():
-    from distributed import Client, LocalCluster
-
-    with (
-        LocalCluster(
-            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
-        ) as cluster,
-        Client(cluster) as c,
-    ):
-        yield c
-
-
 def test_crossmatch_on_a_process_cluster(planted, hats_catalog, tmp_path, client):
     st, cat, expected, _ = planted
     cat.write(tmp_path / "cat.parquet")

@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 import pytest
-from explore_store import ROOT, ExplorerProcess, http, make_store
+from explore_store import ROOT, ExplorerProcess, http
 from PIL import Image
 
 from pipeline.errors import ConfigError
@@ -21,16 +21,13 @@ from pipeline.store import Store
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    return make_store(tmp_path_factory.mktemp("explore"))
+def store(explorer_store):
+    return explorer_store
 
 
 @pytest.fixture
-def fresh(store, tmp_path):
-    """A copy of the store (labels change it)."""
-    out = tmp_path / "copy.zarr"
-    shutil.copytree(store, out)
-    return out
+def fresh(explorer_copy):
+    return explorer_copy
 
 
 @pytest.fixture(scope="module")

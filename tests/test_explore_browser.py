@@ -7,11 +7,10 @@ exactly the rows inside the box."""
 from __future__ import annotations
 
 import os
-import shutil
 
 import numpy as np
 import pytest
-from explore_store import ExplorerProcess, http, make_store
+from explore_store import ExplorerProcess, http
 
 from pipeline.store import Store
 
@@ -54,15 +53,13 @@ _INVERT_JS = """([sx, sy]) => {
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    return make_store(tmp_path_factory.mktemp("explore-browser"))
+def store(explorer_store):
+    return explorer_store
 
 
 @pytest.fixture
-def fresh(store, tmp_path):
-    out = tmp_path / "copy.zarr"
-    shutil.copytree(store, out)
-    return out
+def fresh(explorer_copy):
+    return explorer_copy
 
 
 @pytest.fixture(scope="module")

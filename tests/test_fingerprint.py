@@ -19,7 +19,7 @@ from astropy.wcs import WCS
 from pipeline.errors import StoreError
 from pipeline.fingerprint import fingerprint, gpu_share
 from pipeline.store import Store, chunk_rows_for, pack_units
-from pipeline.testing import error_lines, fingerprint_command, store_digest, synthetic_mosaic
+from pipeline.testing import error_lines, fingerprint_command, make_mosaic, store_digest
 
 MODEL = "efficientnet-lite0:native"  # 64x64 cutouts straight in: the fastest real model
 # Small tiles and chunks so that a small mosaic still makes many work units.
@@ -31,11 +31,6 @@ SETTINGS = {
     "chunk_rows": 16,
     "model": MODEL,
 }
-
-
-def make_mosaic(path: Path, *, ny: int = 640, nx: int = 768, seed: int = 1) -> Path:
-    """A FITS mosaic with a TAN WCS: sky noise plus Gaussian galaxies of random shapes."""
-    return synthetic_mosaic(path, shape=(ny, nx), seed=seed, n_sources=60)
 
 
 @pytest.fixture(scope="module")
@@ -478,7 +473,8 @@ def test_a_segment_resumes_whole_reopening_images_not_given_again(tmp_path, clie
 
 def test_user_model_without_feature_dim_in_its_card(tmp_path, client):
     """A user ONNX with a card that does not give feature_dim: the store takes it from the model."""
-    from test_models import CARD, _tiny_onnx
+    from pipeline.testing import TINY_CARD as CARD
+    from pipeline.testing import tiny_onnx as _tiny_onnx
 
     _tiny_onnx(tmp_path / "tiny.onnx")
     (tmp_path / "tiny.yaml").write_text(CARD)

@@ -18,11 +18,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_fingerprint import make_mosaic, store_digest
 
 from pipeline.errors import StoreError
 from pipeline.store import LockInfo, Store
-from pipeline.testing import error_lines, fingerprint_command
+from pipeline.testing import error_lines, fingerprint_command, make_mosaic, store_digest
 
 MODEL = "efficientnet-lite0:native"
 HOLD = (

@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from astropy.io import fits
-from test_fingerprint import make_mosaic, store_digest
+
+from pipeline.testing import make_mosaic, store_digest
 
 MODEL = "efficientnet-lite0:native"
 BASE_FLAGS = ("--size", "32", "--tile-size", "128", "--model", MODEL, "--workers", "1")

@@ -20,6 +20,8 @@ from pipeline.models import get_session, resolve
 from pipeline.models.export import EXPORT_VERSION, GRAPH_TOPK, ensure_onnx, torch_module
 from pipeline.models.recorded import parse_record, record_name, recorded_model
 from pipeline.models.runtime import Session, topk
+from pipeline.testing import TINY_CARD as CARD
+from pipeline.testing import tiny_onnx as _tiny_onnx
 
 CAT_CLASSES = range(281, 286)  # ImageNet: tabby, tiger cat, Persian, Siamese, Egyptian cat
 
@@ -124,47 +126,6 @@ def test_unknown_provider_is_refused(lite0_onnx):
 
 
 # ------------------------------------------------------------------------------- user models
-def _tiny_onnx(path: Path, *, channels_in=3, rank=4, feature_name="pool", opset=17) -> Path:
-    """A small real ONNX CNN: conv 3->8, ReLU, global pooling -> (N, 8), Gemm -> (N, 10)."""
-    rs = np.random.default_rng(0)
-    w = helper.make_tensor(
-        "w", TensorProto.FLOAT, [8, channels_in, 3, 3], rs.normal(size=8 * channels_in * 9).tolist()
-    )
-    fc = helper.make_tensor("fc", TensorProto.FLOAT, [8, 10], rs.normal(size=80).tolist())
-    shape = ["N", channels_in, 224, 224] if rank == 4 else ["N", 224, 224]
-    nodes = [
-        helper.make_node("Conv", ["data", "w"], ["c"], pads=[1, 1, 1, 1]),
-        helper.make_node("Relu", ["c"], ["r"]),
-        helper.make_node("GlobalAveragePool", ["r"], ["g"]),
-        helper.make_node("Flatten", ["g"], [feature_name], axis=1),
-        helper.make_node("MatMul", [feature_name, "fc"], ["scores"]),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "tiny",
-        [helper.make_tensor_value_info("data", TensorProto.FLOAT, shape)],
-        [
-            helper.make_tensor_value_info(feature_name, TensorProto.FLOAT, ["N", 8]),
-            helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N", 10]),
-        ],
-        initializer=[w, fc],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-    model.ir_version = 8
-    onnx.save(model, str(path))
-    return path
-
-
-CARD = """\
-name: tiny
-input: data
-resolution: 224
-mean: [0.5, 0.5, 0.5]
-std: [0.25, 0.25, 0.25]
-outputs: {features: pool, logits: scores}
-"""
-
-
 def test_user_onnx_with_card_is_wrapped_to_the_contract(tmp_path, rng):
     import onnxruntime as ort
 

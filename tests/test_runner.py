@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from astropy.io import fits
-from test_fingerprint import make_mosaic, store_digest
 
 from pipeline.errors import ConfigError
 from pipeline.runner import run
 from pipeline.store import Store
+from pipeline.testing import make_mosaic, store_digest
 
 
 def _config(

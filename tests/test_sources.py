@@ -943,7 +943,7 @@ def test_a_png_is_decoded_once_per_process_not_once_per_thread(tmp_path, rng, mo
     # PNG mosaic decoded the whole file again (18 decodes for the 3,465-window HDF job).
     import threading
 
-    import pipeline.sources as sources
+    import pipeline.sources.rasters as sources
 
     rgb = rng.integers(0, 256, size=(40, 50, 3), dtype=np.uint8)
     Image.fromarray(rgb).save(tmp_path / "mosaic.png")

@@ -17,12 +17,11 @@ import fsspec
 import numpy as np
 import pytest
 from fsspec.implementations.memory import MemoryFileSystem
-from test_fingerprint import make_mosaic, store_digest
 
 from pipeline.errors import StoreError
 from pipeline.fingerprint import fingerprint
 from pipeline.store import Store, pack_units
-from pipeline.testing import error_lines, fingerprint_command
+from pipeline.testing import error_lines, fingerprint_command, make_mosaic, store_digest
 
 MODEL = "efficientnet-lite0:native"
 SETTINGS = {
@@ -37,7 +36,7 @@ ENV = {"ELODIN__FINGERPRINT__CHUNK_ROWS": "16"}
 
 
 def _cli(mosaic: Path, out: Path | str, *extra: str, workers: int = 1) -> list[str]:
-    """`elodin fingerprint` of the small-mosaic settings above (also used by test_chaos)."""
+    """`elodin fingerprint` of the small-mosaic settings above."""
     return fingerprint_command(
         mosaic, out=out, model=MODEL, size=32, tile_size=64, workers=workers, extra=extra
     )

@@ -283,39 +283,15 @@ class PixelFeatures:
 
     @classmethod
     def from_store(cls, store: Store, *, side: int) -> PixelFeatures:
-        from ..sources import ImageSource, open_sources
+        from ..cutouts import CutoutReader
 
-        attrs = store.attrs
-        prep = dict(attrs.get("preprocess") or {})
-        sources, bands, limits = {}, [], {}
-        for seg in store.segments:
-            for img in seg.images:
-                rec = seg.inputs.get(img) or {}
-                if rec.get("source"):
-                    # Exactly the image that was fingerprinted, HDU and variable included.
-                    src = ImageSource.from_record(rec["source"])
-                else:  # stores written before sources were recorded
-                    paths = [f["path"] for f in rec.get("files", [])]
-                    if not paths:
-                        raise StoreError(
-                            f"{store.path}: the store does not record the file of image {img}; the pixel baseline cannot read it"
-                        )
-                    opened = open_sources([paths[0] if len(paths) == 1 else "+".join(paths)])
-                    src = next((s for s in opened if s.id == img), opened[0])
-                sources[img] = src
-                bands.append(int(src.n_bands))
-                if rec.get("limits") is not None:
-                    limits[img] = np.asarray(rec["limits"], np.float32)
-        if prep.get("scope") == "image":
-            from ..preprocess import image_limits_for
-
-            for img, src in sources.items():
-                if img not in limits:
-                    limits[img] = image_limits_for(src, prep)
-        fill = (attrs.get("cutouts") or {}).get("fill")
-        fill = np.nan if fill is None else float(fill)  # None: masked, as fingerprinting does
+        reader = CutoutReader.from_attrs(store.attrs, require_sources=store.path)
+        bands = [int(src.n_bands) for src in reader.sources.values()]
         channels = 1 if bands and all(b == 1 for b in bands) else 3
-        return cls(store.path, sources, prep, limits, fill, int(side), channels)
+        limits = reader.all_limits()
+        return cls(
+            store.path, reader.sources, reader.preprocess, limits, reader.fill, int(side), channels
+        )
 
     def block(self, start: int, stop: int) -> np.ndarray:
         """Features ``(stop - start, n_features)`` float32; NaN rows for empty slots."""
@@ -336,52 +312,17 @@ class PixelFeatures:
     def _image_rows(
         self, img: str, coords: Mapping[str, np.ndarray], rows: np.ndarray
     ) -> np.ndarray:
-        from skimage.transform import resize
+        from ..cutouts import CutoutReader
+        from ..geometry import windows_from_centres
 
-        from ..fingerprint import cut_windows
-        from ..preprocess import stretch_cutouts
-
-        src = self.sources[img]
-        w = np.asarray(coords["width"])[rows].astype(np.int64)
-        h = np.asarray(coords["height"])[rows].astype(np.int64)
-        x0 = np.rint(np.asarray(coords["x"])[rows] - (w - 1) / 2).astype(np.int64)
-        y0 = np.rint(np.asarray(coords["y"])[rows] - (h - 1) / 2).astype(np.int64)
-        windows = np.stack([x0, y0, w, h], axis=1)
-        ny, nx = src.shape
-        # One read of the windows' bounding box when it is small, else one read per window.
-        box = (max(0, y0.min()), min(ny, (y0 + h).max()), max(0, x0.min()), min(nx, (x0 + w).max()))
-        whole = src.read(*box) if (box[1] - box[0]) * (box[3] - box[2]) <= 4096 * 4096 else None
-        feats = np.empty((len(rows), self.n_features), np.float32)
-        for size in np.unique(windows[:, 2:], axis=0):
-            sel = np.flatnonzero((windows[:, 2] == size[0]) & (windows[:, 3] == size[1]))
-            if whole is not None:
-                cut = cut_windows(whole, box, windows[sel], fill=self.fill)
-            else:
-                cut = np.stack([self._one_window(src, win) for win in windows[sel]])
-            rgb, _ = stretch_cutouts(
-                cut, config=self.preprocess, image_limits=self.image_limits.get(img), image=img
-            )
-            if self.channels == 1:
-                rgb = rgb[:, :1]
-            small = resize(
-                rgb,
-                (len(sel), self.channels, self.side, self.side),
-                order=1,
-                anti_aliasing=True,
-                preserve_range=True,
-            )
-            feats[sel] = small.reshape(len(sel), -1)
-        return feats
-
-    def _one_window(self, src, win: np.ndarray) -> np.ndarray:
-        from ..fingerprint import cut_windows
-
-        x0, y0, w, h = (int(v) for v in win)
-        ny, nx = src.shape
-        box = (max(0, y0), min(ny, y0 + h), max(0, x0), min(nx, x0 + w))
-        if box[1] <= box[0] or box[3] <= box[2]:
-            return np.full((src.n_bands, h, w), self.fill, np.float32)
-        return cut_windows(src.read(*box), box, win[None], fill=self.fill)[0]
+        windows = windows_from_centres(
+            *(np.asarray(coords[k])[rows] for k in ("x", "y", "width", "height"))
+        )
+        reader = CutoutReader(
+            self.sources, preprocess=self.preprocess, fill=self.fill, image_limits=self.image_limits
+        )
+        cut = reader.stretched(img, windows, side=self.side, channels=self.channels)
+        return cut.reshape(len(rows), -1)
 
     def array(self, *, block: int, n_rows: int):
         """The features of every row as a lazy dask array, one task per ``block`` rows."""

@@ -307,9 +307,9 @@ def fingerprint_image(
 
     Returns the features ``(D,)`` and top classes ``(k,)``.
     """
+    from ..cutouts import CutoutReader, resize
     from ..models import get_session
     from ..models.recorded import recorded_model
-    from ..preprocess import image_limits_for, stretch_cutouts
     from ..sources import open_sources
 
     st = _base.open_store(store)
@@ -322,14 +322,9 @@ def fingerprint_image(
     data = src.read(0, ny, 0, nx)[None]
     side = int((attrs.get("cutouts") or {}).get("size") or max(ny, nx))
     if (ny, nx) != (side, side):
-        from skimage.transform import resize
-
-        data = resize(
-            data, (1, data.shape[1], side, side), order=1, anti_aliasing=True, preserve_range=True
-        ).astype(np.float32)
-    prep = dict(attrs.get("preprocess") or {})
-    limits = image_limits_for(src, prep) if prep.get("scope") == "image" else None
-    rgb, _ = stretch_cutouts(data, config=prep, image_limits=limits, image=src.id)
+        data = resize(data, (1, data.shape[1], side, side)).astype(np.float32)
+    reader = CutoutReader({src.id: src}, preprocess=attrs.get("preprocess") or {})
+    rgb, _ = reader.prepare(data, src.id)
     model = recorded_model(attrs, where=str(st.path))
     session = get_session(
         model.path, topk=int(attrs.get("topk", 20)), sha256=attrs.get("model_sha256")

@@ -87,8 +87,8 @@ def training_cutouts(
     Memory: the sample, plus one tile's read box at a time.
     """
     # The fingerprint stage's own settings, planning and cutting: the same windows it makes.
-    from ..fingerprint import _image_limits, _plan_sources, cut_windows, fingerprint_settings
-    from ..preprocess import stretch_cutouts
+    from ..cutouts import CutoutReader
+    from ..fingerprint import fingerprint_settings, image_limits, plan_sources
     from ..sources import open_sources
 
     settings = fingerprint_settings()
@@ -101,30 +101,26 @@ def training_cutouts(
     sources = open_sources(list(inputs), hdu=hdu, variable=variable)
     if not sources:
         raise InputError("adapt: no input images")
-    plan = _plan_sources(None, sources, settings, None, 0)
-    limits = _image_limits(sources, settings["preprocess"])
+    plan = plan_sources(sources, settings)
     rng = np.random.default_rng(seed)
     n = min(plan.n_windows, int(max_cutouts))
     chosen = np.sort(rng.choice(plan.n_windows, n, replace=False)) if n else np.zeros(0, int)
     owner = plan.window_tiles()[chosen]
     by_id = {s.id: s for s in sources}
     fill = settings["cutouts"]["fill"]
-    fill = np.nan if fill is None else float(fill)
+    reader = CutoutReader(
+        by_id,
+        preprocess=settings["preprocess"],
+        fill=np.nan if fill is None else float(fill),
+        image_limits=image_limits(sources, settings["preprocess"]),
+    )
     parts = []
     for t in np.unique(owner):
         tile = plan.tiles[t]
         source = by_id[plan.images[int(tile["image"])]]
         box = (int(tile["ry0"]), int(tile["ry1"]), int(tile["rx0"]), int(tile["rx1"]))
-        data = source.read(*box)
-        wins = plan.windows[chosen[owner == t]]
-        cut = cut_windows(data, box, wins, fill=fill)
-        rgb, _ = stretch_cutouts(
-            cut,
-            config=settings["preprocess"],
-            image_limits=limits.get(source.id),
-            image=source.id,
-        )
-        parts.append(rgb)
+        cut = reader.cut(source.read(*box), box, plan.windows[chosen[owner == t]])
+        parts.append(reader.prepare(cut, source.id)[0])
     if not parts:
         return np.zeros((0, 3, 1, 1), np.float32)
     return np.concatenate(parts)

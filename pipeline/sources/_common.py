@@ -1,0 +1,306 @@
+"""Shared by every format: extensions, paths and specs (``file.fits[1]``, ``a+b``), labels, the
+picklable part of a file (:class:`_Part`) and WCS headers.
+
+Part of :mod:`pipeline.sources` (moved from ``sources.py`` unchanged).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..errors import InputError
+
+logger = logging.getLogger(__name__)
+
+
+FITS_EXTENSIONS = (
+    ".fits",
+    ".fit",
+    ".fts",
+    ".fz",
+    ".fits.fz",
+    ".fit.fz",
+    ".fts.fz",
+    ".fits.gz",
+    ".fit.gz",
+    ".fts.gz",
+    ".fits.bz2",
+    ".fit.bz2",
+    ".fts.bz2",
+)
+
+
+ZARR_EXTENSIONS = (".zarr",)
+
+
+_PIL_EXTENSIONS = (".png", ".jpg", ".jpeg")
+
+
+_TIFF_EXTENSIONS = (".tif", ".tiff")
+
+
+IMAGE_EXTENSIONS = _PIL_EXTENSIONS + _TIFF_EXTENSIONS
+
+
+LIST_EXTENSIONS = (".txt", ".lst")
+
+
+# Longest first so that ".fits.gz" wins over ".gz"-less ".fits" checks.
+_ALL_EXTENSIONS = tuple(
+    sorted(FITS_EXTENSIONS + ZARR_EXTENSIONS + IMAGE_EXTENSIONS, key=len, reverse=True)
+)
+
+
+_GLOB_CHARS = re.compile(r"[*?\[]")
+
+
+_HDU_SUFFIX = re.compile(r"^(.*)\[([^\[\]]+)\]$")
+
+
+# Zarr / xarray dimension names that mean "bands" when they come last.
+_BAND_DIM_NAMES = {"band", "bands", "channel", "channels", "c", "rgb", "color", "colour"}
+
+
+# PIL modes read as one band; every other mode is converted to RGB.
+_PIL_GRAY_MODES = {"1", "L", "LA", "La", "I", "F", "I;16", "I;16B", "I;16L", "I;16N"}
+
+
+_WCS_CACHE = 64
+
+
+def _is_url(path: str) -> bool:
+    return "://" in path
+
+
+def _kind_of(path: str) -> str | None:
+    """``fits`` / ``zarr`` / ``image`` from a path's extension (or a Zarr directory)."""
+    name = path.rstrip("/").lower()
+    if name.endswith(FITS_EXTENSIONS):
+        return "fits"
+    if name.endswith(ZARR_EXTENSIONS):
+        return "zarr"
+    if name.endswith(IMAGE_EXTENSIONS):
+        return "image"
+    if not _is_url(path) and os.path.isdir(path) and _is_zarr_dir(path):
+        return "zarr"
+    return None
+
+
+def _is_zarr_dir(path: str) -> bool:
+    return any(os.path.exists(os.path.join(path, m)) for m in ("zarr.json", ".zgroup", ".zarray"))
+
+
+def _stem(path: str) -> str:
+    """File name without its (possibly double) image extension: ``a.fits.gz`` -> ``a``."""
+    name = path.rstrip("/").rsplit("/", 1)[-1]
+    if not _is_url(path):
+        name = os.path.basename(path.rstrip(os.sep)) or name
+    lower = name.lower()
+    for ext in _ALL_EXTENSIONS:
+        if lower.endswith(ext) and len(name) > len(ext):
+            return name[: -len(ext)]
+    return os.path.splitext(name)[0] or name
+
+
+def _parse_spec(spec: str) -> tuple[str, str | None, str | None]:
+    """Split ``file.fits[SCI]`` / ``store.zarr:var`` into (path, hdu text, variable)."""
+    m = _HDU_SUFFIX.match(spec)
+    if m and m.group(1).lower().endswith(FITS_EXTENSIONS):
+        return m.group(1), m.group(2).strip().strip("'\""), None
+    if ":" in spec:
+        base, var = spec.rsplit(":", 1)
+        if var and "/" not in var and base.rstrip("/").lower().endswith(ZARR_EXTENSIONS):
+            return base, None, var
+    return spec, None, None
+
+
+def _hdu_value(text: str | int | None) -> int | str | None:
+    if text is None or isinstance(text, int):
+        return text
+    text = str(text).strip()
+    return int(text) if re.fullmatch(r"[+-]?\d+", text) else text
+
+
+def _split_combo(spec: str) -> list[str]:
+    """Split ``g.fits+r.fits+i.fits`` into its band files.
+
+    Survey file names often contain ``+`` (``J1234+5678.fits``), so pieces are joined until they
+    end with a known image extension, and a spec that exists on disk as-is is never split.
+    """
+    if "+" not in spec:
+        return [spec]
+    path = _parse_spec(spec)[0]
+    if not _is_url(path) and os.path.exists(path):
+        return [spec]
+    parts: list[str] = []
+    acc = ""
+    for piece in spec.split("+"):
+        acc = f"{acc}+{piece}" if acc else piece
+        if _kind_of(_parse_spec(acc)[0]) is not None:
+            parts.append(acc)
+            acc = ""
+    if acc or len(parts) < 2:
+        return [spec]
+    return parts
+
+
+def _label(path: str, hdu: Any = None, variable: str | None = None) -> str:
+    if hdu is not None:
+        return f"{path}[{hdu}]"
+    if variable is not None:
+        return f"{path}:{variable}"
+    return path
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
+
+
+def _local_stat_key(path: str) -> tuple:
+    """Cache key that changes when a local file is rewritten."""
+    if _is_url(path):
+        return (path,)
+    try:
+        st = os.stat(path)
+    except OSError:
+        return (path,)
+    return (path, st.st_size, st.st_mtime_ns)
+
+
+@dataclass(frozen=True)
+class _Part:
+    """One file of a source and how to index it; pickles, holds no pixels or handles.
+
+    ``raw_shape`` is the array as stored; ``y_axis``, ``x_axis`` and ``band_axis`` locate the
+    image axes in it, every other axis has length 1 and is indexed with 0. ``n_bands`` of the
+    band axis are read (the rest, e.g. alpha, dropped).
+    """
+
+    path: str
+    kind: str  # fits | zarr | image
+    reader: str  # fits | xarray | zarr | tiff | pil
+    raw_shape: tuple[int, ...]
+    y_axis: int
+    x_axis: int
+    band_axis: int | None
+    n_bands: int
+    hdu: int | None = None
+    variable: str | None = None
+    compressed: bool = False
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.raw_shape[self.y_axis], self.raw_shape[self.x_axis])
+
+    @property
+    def label(self) -> str:
+        return _label(self.path, self.hdu, self.variable)
+
+    def key(self, y0: int, y1: int, x0: int, x1: int) -> tuple:
+        key: list[Any] = [0] * len(self.raw_shape)
+        key[self.y_axis] = slice(y0, y1)
+        key[self.x_axis] = slice(x0, x1)
+        if self.band_axis is not None:
+            key[self.band_axis] = slice(0, self.n_bands)
+        return tuple(key)
+
+    def to_bands(self, data: Any) -> np.ndarray:
+        """Array indexed with :meth:`key` (integer-indexed axes gone) -> (n_bands, h, w)."""
+        data = np.asarray(data)
+        kept = sorted(a for a in (self.band_axis, self.y_axis, self.x_axis) if a is not None)
+        want = [a for a in (self.band_axis, self.y_axis, self.x_axis) if a is not None]
+        data = np.transpose(data, [kept.index(a) for a in want])
+        return data if self.band_axis is not None else data[np.newaxis]
+
+
+def _squeeze_layout(
+    shape: tuple[int, ...], *, label: str, band_last: bool = False
+) -> tuple[int, int, int | None]:
+    """(y_axis, x_axis, band_axis) of a stored array, last two axes being y and x.
+
+    Leading length-1 axes (radio images' Stokes / frequency axes, a time axis of 1) are
+    dropped; what is left must be (y, x) or (band, y, x). ``band_last``: (y, x, band).
+    """
+    if len(shape) < 2:
+        raise InputError(
+            f"{label}: {len(shape)}-D data of shape {shape}; need 2-D (y, x) or 3-D (band, y, x)"
+        )
+    if band_last and len(shape) >= 3:
+        y_axis, x_axis, band_axis = len(shape) - 3, len(shape) - 2, len(shape) - 1
+        lead = shape[: len(shape) - 3]
+    else:
+        y_axis, x_axis = len(shape) - 2, len(shape) - 1
+        band_axis = len(shape) - 3 if len(shape) >= 3 else None
+        lead = shape[: len(shape) - 3] if len(shape) >= 3 else ()
+    if any(n != 1 for n in lead):
+        raise InputError(
+            f"{label}: {len(shape)}-D data of shape {shape}; need 2-D (y, x) or 3-D (band, y, x)"
+        )
+    if any(n == 0 for n in shape):
+        raise InputError(f"{label}: empty image (shape {shape})")
+    return y_axis, x_axis, band_axis
+
+
+def _celestial_header(header: Any, *, label: str) -> str | None:
+    """Celestial WCS of a FITS header as a header string, or None (logged when unusable)."""
+    from astropy.wcs import WCS, FITSFixedWarning
+    from astropy.wcs.utils import wcs_to_celestial_frame
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FITSFixedWarning)
+            w = WCS(header)
+            if not w.has_celestial:
+                return None
+            cel = w.celestial
+            wcs_to_celestial_frame(cel)  # refuses frames astropy cannot turn into ICRS
+            text = cel.to_header(relax=True).tostring()
+            WCS(_header_from_string(text))  # what workers will rebuild must build
+    except Exception as exc:
+        logger.warning(
+            "%s: celestial WCS not usable (%s); RA/Dec will be NaN", label, _one_line(exc)
+        )
+        return None
+    return text
+
+
+def _header_from_string(text: str) -> Any:
+    from astropy.io import fits
+
+    sep = "\n" if "\n" in text else ""
+    return fits.Header.fromstring(text, sep=sep)
+
+
+_wcs_local = threading.local()
+
+
+def _wcs_from_header(text: str) -> Any:
+    # Per thread: wcslib structures are not safe to share between threads.
+    cache = getattr(_wcs_local, "cache", None)
+    if cache is None:
+        cache = _wcs_local.cache = OrderedDict()
+    w = cache.get(text)
+    if w is None:
+        from astropy.wcs import WCS, FITSFixedWarning
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FITSFixedWarning)
+            w = WCS(_header_from_string(text)).celestial
+        cache[text] = w
+        while len(cache) > _WCS_CACHE:
+            cache.popitem(last=False)
+    return w
+
+
+def _supported() -> str:
+    return ", ".join(FITS_EXTENSIONS + ZARR_EXTENSIONS + IMAGE_EXTENSIONS)

@@ -1,0 +1,73 @@
+"""One CutoutReader: the store's images reopened from their records, cut with its fill,
+stretched with its recorded limits, resampled; the worker, the pixel baseline, similar --image,
+the report and adapt all read cutouts through it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline.cutouts import CutoutReader, image_records, read_windows, recorded_limits, resize
+from pipeline.geometry import cut_windows
+from pipeline.report.thumbnails import ThumbnailReader
+from pipeline.sources import open_sources
+from pipeline.testing import synthetic_mosaic
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    path = synthetic_mosaic(tmp_path_factory.mktemp("cut") / "f.fits", shape=(60, 70), seed=2)
+    (src,) = open_sources([str(path)])
+    return src
+
+
+def test_cut_of_one_size_is_cut_windows_and_varying_sizes_share_a_side(source):
+    data = source.read(0, 60, 0, 70)
+    box = (0, 60, 0, 70)
+    same = np.array([[0, 0, 8, 8], [60, 50, 8, 8]])
+    reader = CutoutReader(fill=-1.0)
+    np.testing.assert_array_equal(
+        reader.cut(data, box, same), cut_windows(data, box, same, fill=-1.0)
+    )
+    mixed = np.array([[0, 0, 8, 8], [10, 10, 16, 16]])
+    out = reader.cut(data, box, mixed, side=12)
+    assert out.shape == (2, 1, 12, 12)
+    one = cut_windows(data, box, mixed[1:], fill=-1.0)[0]
+    np.testing.assert_array_equal(out[1], resize(one, (1, 12, 12)).astype(np.float32))
+    with pytest.raises(ValueError, match="common side"):
+        reader.cut(data, box, mixed)
+
+
+def test_read_raw_equals_cutting_the_whole_image(source):
+    windows = np.array([[-3, -2, 8, 8], [30, 20, 9, 7], [65, 55, 8, 8], [200, 200, 4, 4]])
+    reader = CutoutReader({source.id: source}, fill=0.5)
+    data = source.read(0, 60, 0, 70)
+    for win, raw in zip(windows, reader.read_raw(source.id, windows), strict=True):
+        np.testing.assert_array_equal(
+            raw, cut_windows(data, (0, 60, 0, 70), win[None], fill=0.5)[0]
+        )
+    assert len(read_windows(source, windows[:0])) == 0
+
+
+def test_from_attrs_reopens_records_and_uses_recorded_limits(source):
+    attrs = {
+        "preprocess": {"scope": "image"},
+        "cutouts": {"fill": None},
+        "segments": [
+            {"inputs": {source.id: {"source": source.to_record(), "limits": [[1.0, 2.0]]}}},
+            {"inputs": {"gone": {"files": []}}},
+        ],
+    }
+    assert set(image_records(attrs)) == {source.id, "gone"}
+    reader = CutoutReader.from_attrs(attrs)
+    assert set(reader.sources) == {source.id} and np.isnan(reader.fill)
+    np.testing.assert_array_equal(reader.image_limits(source.id), [[1.0, 2.0]])
+    assert recorded_limits(attrs)[source.id].dtype == np.float32
+    # A stretch with the recorded limits maps them to the ends of the range.
+    raw = np.array([[[[1.0, 2.0]]]], np.float32)
+    rgb, frac = reader.prepare(raw, source.id)
+    assert rgb.shape == (1, 3, 1, 2) and frac[0] == 0
+    # The report's reader is the same reader (its fill for a `null` store is 0, as before).
+    thumbs = ThumbnailReader(attrs)
+    assert isinstance(thumbs, CutoutReader) and thumbs.fill == 0.0
+    np.testing.assert_array_equal(thumbs.stretch(raw, source.id), rgb)
