@@ -26,12 +26,15 @@ Building
     shard; at 10^9 rows the arithmetic in benchmarks/README.md says how to shard by segment.
 
 In the store
-    ``neighbor_index(index_byte)`` holds :func:`faiss.serialize_index`'s bytes (64 MiB chunks)
-    and ``neighbor_index_ids(index_position)`` the store row of each indexed vector. The attrs
-    of ``neighbor_index`` record the kind, metric, space and parameters, the number of rows, the
-    SHA-256 of the bytes (checked on load: a damaged index is refused, never half-used), a digest
-    of the vectors it was built from, and the *state* of the store it covers (the PCA basis, the
-    segments and whether each was complete, the retired images). An index whose state is not the
+    ``neighbor_index(index_byte)`` holds :func:`faiss.serialize_index`'s bytes (16 MiB chunks,
+    uncompressed: they barely compress and a query process must not pay for decompressing) and
+    ``neighbor_index_ids(index_position)`` the store row of each indexed vector. The attrs of
+    ``neighbor_index`` record the kind, metric, space and parameters, the number of rows, the
+    SHA-256 of the bytes and of each chunk (checked on load, the chunks on parallel threads: a
+    damaged index is refused, never half-used), a digest of the vectors it was built from, and
+    the *state* of the store it covers (the PCA basis, the segments and whether each was
+    complete, the retired images). That state is a few facts read from attrs, so deciding
+    whether an index is current reads no row and hashes no data. An index whose state is not the
     store's is stale: :func:`index_status` says why, ``similar`` falls back to the exact scan,
     and :func:`build_index` extends it (new segments, fewer new rows than ``run.refit-fraction``
     of those it was built on) or builds it again.
@@ -81,7 +84,7 @@ SPACES = {"pca": "pca", "fingerprint": "fingerprint"}
 INDEX_VAR = "neighbor_index"
 IDS_VAR = "neighbor_index_ids"
 GRAPH_VAR, GRAPH_DIST_VAR = "neighbors", "neighbor_distance"
-_BYTE_CHUNK = 64 << 20
+_BYTE_CHUNK = 16 << 20
 
 
 # --------------------------------------------------------------------------------- faiss
@@ -413,15 +416,24 @@ class NeighborIndex(BaseEstimator):
         )
         if len(self.ids_):
             ids[...] = self.ids_
+        chunk = max(1, min(len(blob), _BYTE_CHUNK))
+        # Uncompressed (FAISS's bytes barely compress, and a query process must not pay
+        # decompression), with one SHA-256 per chunk: load reads and checks the chunks in
+        # parallel instead of hashing 10^8 bytes on one thread.
         arr = group.create_array(
             INDEX_VAR,
             shape=(len(blob),),
             dtype="uint8",
-            chunks=(max(1, min(len(blob), _BYTE_CHUNK)),),
+            chunks=(chunk,),
+            compressors=None,
             dimension_names=("index_byte",),
             overwrite=True,
         )
         arr[...] = blob
+        view = memoryview(blob)
+        chunk_sha = [
+            hashlib.sha256(view[a : a + chunk]).hexdigest() for a in range(0, len(blob), chunk)
+        ]
         arr.attrs.update(
             json.loads(
                 json.dumps(
@@ -431,6 +443,8 @@ class NeighborIndex(BaseEstimator):
                         "n_rows": int(self.n_indexed),
                         "nbytes": len(blob),
                         "sha256": sha,
+                        "chunk_bytes": chunk,
+                        "chunk_sha256": chunk_sha,
                     }
                 )
             )
@@ -470,14 +484,11 @@ def load_index(
     if hit is not None:
         return hit, meta
     try:
-        blob = np.asarray(st.array(INDEX_VAR)[...], np.uint8)
+        blob, intact = _read_checked(st, meta)
         ids = np.asarray(st.array(IDS_VAR)[...], np.int64)
     except Exception as e:  # zarr raises several types for a missing or corrupt chunk
         raise StoreError(f"{damaged} ({type(e).__name__}: {e}){fix}") from None
-    if (
-        len(blob) != meta.get("nbytes")
-        or hashlib.sha256(blob.tobytes()).hexdigest() != meta["sha256"]
-    ):
+    if not intact:
         raise StoreError(f"{damaged} (its checksum does not match){fix}")
     try:
         index = NeighborIndex._from(blob, ids, meta)
@@ -488,6 +499,39 @@ def load_index(
             _CACHE.clear()
         _CACHE[key] = index
     return index, meta
+
+
+def _read_checked(st: Store, meta: Mapping) -> tuple[np.ndarray, bool]:
+    """The index's bytes and whether they are the ones saved.
+
+    Each chunk is read and hashed on its own thread (file reads and hashlib release the
+    GIL), against the per-chunk SHA-256 recorded by :meth:`NeighborIndex.save`; an index
+    saved before those were recorded is checked against its one SHA-256.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    arr = st.array(INDEX_VAR)
+    n = int(arr.shape[0])
+    if n != meta.get("nbytes"):
+        return np.zeros(0, np.uint8), False
+    chunk, digests = meta.get("chunk_bytes"), meta.get("chunk_sha256")
+    if not chunk or not digests:
+        blob = np.asarray(arr[...], np.uint8)
+        return blob, hashlib.sha256(blob.tobytes()).hexdigest() == meta["sha256"]
+    chunk = int(chunk)
+    if len(digests) != -(-n // chunk):
+        return np.zeros(0, np.uint8), False
+    blob = np.empty(n, np.uint8)
+
+    def one(i: int) -> bool:
+        a = i * chunk
+        part = np.asarray(arr[a : a + chunk], np.uint8)
+        blob[a : a + len(part)] = part
+        return hashlib.sha256(part).hexdigest() == digests[i]
+
+    with ThreadPoolExecutor(min(len(digests), os.cpu_count() or 1, 8)) as pool:
+        ok = all(pool.map(one, range(len(digests))))
+    return blob, ok
 
 
 def _digest(*parts: bytes) -> str:
