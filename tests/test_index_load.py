@@ -103,3 +103,37 @@ def test_stale_after_retire_refit_or_append_without_reading_the_index(store, cap
     nn._CACHE.clear()
     assert analysis.similar(st.path, cutout=int(new[0]), n=3).meta["search"] == "exact"
     assert reads == []
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_a_one_off_query_loads_only_the_ivfpq_codes_and_agrees_with_the_scan(
+    tmp_path, monkeypatch, metric
+):
+    """``similar`` reads the ivfpq index's IVF-PQ part alone and re-ranks its candidates from
+    ``pca``: with every list probed its answer is the exact scan's; damage there is refused."""
+    import dask.config
+
+    monkeypatch.setattr(nn, "_BYTE_CHUNK", 4096)
+    st, rows = build_store(tmp_path / "s.zarr", blobs(3000, 16, 3), chunk_rows=64)
+    analysis.reduce(st.path, components=8)
+    with dask.config.set({"elodin.analysis.index.nprobe": 10_000}):
+        nn.build_index(st.path, kind="ivfpq", metric=metric, progress=False)
+    meta = dict(Store.open(st.path).array(nn.INDEX_VAR).attrs.asdict())
+    base = Store.open(st.path).array(nn.BASE_VAR)
+    assert meta["kind"] == "ivfpq" and base.shape[0] < meta["nbytes"] / 2
+    loaded = []
+    real = nn.load_index
+    monkeypatch.setattr(nn, "load_index", lambda *a, **k: loaded.append(1) or real(*a, **k))
+    nn._CACHE.clear()
+    for q in (int(rows[0]), int(rows[1234]), int(rows[-1])):
+        fast = analysis.similar(st.path, cutout=q, n=10, metric=metric)
+        slow = analysis.similar(st.path, cutout=q, n=10, metric=metric, exact=True)
+        assert fast.meta["search"] == "index"
+        np.testing.assert_array_equal(fast["index"], slow["index"])
+        np.testing.assert_allclose(fast["distance"], slow["distance"], rtol=1e-6)
+    assert loaded == []  # the full index (with its vectors) was never read
+    arr = Store.open(st.path, mode="r+").array(nn.BASE_VAR)
+    arr[100:110] = 255 - arr[100:110]
+    nn._CACHE.clear()
+    with pytest.raises(StoreError, match=r"damaged \(its checksum does not match\)"):
+        analysis.similar(st.path, cutout=int(rows[0]), n=3, metric=metric)

@@ -83,6 +83,7 @@ METRICS = ("l2", "cosine")
 SPACES = {"pca": "pca", "fingerprint": "fingerprint"}
 INDEX_VAR = "neighbor_index"
 IDS_VAR = "neighbor_index_ids"
+BASE_VAR = "neighbor_index_base"
 GRAPH_VAR, GRAPH_DIST_VAR = "neighbors", "neighbor_distance"
 _BYTE_CHUNK = 16 << 20
 
@@ -434,6 +435,12 @@ class NeighborIndex(BaseEstimator):
         chunk_sha = [
             hashlib.sha256(view[a : a + chunk]).hexdigest() for a in range(0, len(blob), chunk)
         ]
+        extra: dict[str, Any] = {}
+        if self.kind_ == "ivfpq":
+            # The IVF-PQ part alone (codes and ids, ~24 B a vector, no full vectors): what a
+            # one-off query (`elodin similar`) loads, re-ranking its candidates from `pca`.
+            base = _faiss().serialize_index(_faiss().downcast_index(self.index_.base_index))
+            extra["base_sha256"] = _write_bytes(group, BASE_VAR, base, of=sha)
         arr.attrs.update(
             json.loads(
                 json.dumps(
@@ -445,6 +452,7 @@ class NeighborIndex(BaseEstimator):
                         "sha256": sha,
                         "chunk_bytes": chunk,
                         "chunk_sha256": chunk_sha,
+                        **extra,
                     }
                 )
             )
@@ -501,7 +509,73 @@ def load_index(
     return index, meta
 
 
-def _read_checked(st: Store, meta: Mapping) -> tuple[np.ndarray, bool]:
+def _write_bytes(group, name: str, blob: np.ndarray, *, of: str) -> str:
+    """``blob`` as an uncompressed byte array with its SHA-256 and per-chunk digests in its
+    attrs (``of``: the SHA-256 of the index it belongs to); returns its SHA-256."""
+    chunk = max(1, min(len(blob), _BYTE_CHUNK))
+    arr = group.create_array(
+        name,
+        shape=(len(blob),),
+        dtype="uint8",
+        chunks=(chunk,),
+        compressors=None,
+        dimension_names=(f"{name}_byte",),
+        overwrite=True,
+    )
+    arr[...] = blob
+    view = memoryview(blob)
+    sha = hashlib.sha256(view).hexdigest()
+    arr.attrs.update(
+        {
+            "of": of,
+            "nbytes": len(blob),
+            "sha256": sha,
+            "chunk_bytes": chunk,
+            "chunk_sha256": [
+                hashlib.sha256(view[a : a + chunk]).hexdigest() for a in range(0, len(blob), chunk)
+            ],
+        }
+    )
+    return sha
+
+
+def load_base(st: Store, meta: Mapping) -> NeighborIndex | None:
+    """The IVF-PQ part of the saved ``ivfpq`` index (no exact vectors: its distances are PQ
+    estimates, to be re-ranked), checksum verified; None when there is none (other kinds, an
+    index saved before it was kept). Cached per process like :func:`load_index`."""
+    if meta.get("kind") != "ivfpq" or not meta.get("base_sha256"):
+        return None
+    names = _base.names(st)
+    if BASE_VAR not in names or IDS_VAR not in names:
+        return None
+    key = f"{st.path}:{meta['sha256']}:base"
+    hit = _CACHE.get(key)
+    if hit is not None:
+        return hit
+    damaged = f"{st.path}: the neighbour index is damaged"
+    fix = f"; run `elodin index {st.path} --rebuild`"
+    bmeta = dict(st.array(BASE_VAR).attrs.asdict())
+    if bmeta.get("of") != meta["sha256"] or bmeta.get("sha256") != meta["base_sha256"]:
+        return None  # left by another index: not this one's
+    try:
+        blob, intact = _read_checked(st, bmeta, name=BASE_VAR)
+        ids = np.asarray(st.array(IDS_VAR)[...], np.int64)
+    except Exception as e:  # zarr raises several types for a missing or corrupt chunk
+        raise StoreError(f"{damaged} ({type(e).__name__}: {e}){fix}") from None
+    if not intact:
+        raise StoreError(f"{damaged} (its checksum does not match){fix}")
+    try:
+        index = NeighborIndex._from(blob, ids, meta)
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise StoreError(f"{damaged} ({' '.join(str(e).split())[:120]}){fix}") from None
+    index.kind_ = "ivfpq-codes"
+    if len(_CACHE) > 4:
+        _CACHE.clear()
+    _CACHE[key] = index
+    return index
+
+
+def _read_checked(st: Store, meta: Mapping, *, name: str = INDEX_VAR) -> tuple[np.ndarray, bool]:
     """The index's bytes and whether they are the ones saved.
 
     Each chunk is read and hashed on its own thread (file reads and hashlib release the
@@ -510,7 +584,7 @@ def _read_checked(st: Store, meta: Mapping) -> tuple[np.ndarray, bool]:
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    arr = st.array(INDEX_VAR)
+    arr = st.array(name)
     n = int(arr.shape[0])
     if n != meta.get("nbytes"):
         return np.zeros(0, np.uint8), False
@@ -885,9 +959,13 @@ def build_index(
     return result
 
 
-def usable_index(st: Store, *, metric: str, space: str = "pca"):
+def usable_index(st: Store, *, metric: str, space: str = "pca", codes: bool = False):
     """The saved index when it serves ``metric`` queries in ``space`` and matches the store's
-    data, else ``(None, why)``; a stale one is reported as a warning, never used."""
+    data, else ``(None, why)``; a stale one is reported as a warning, never used.
+
+    ``codes``: for an ``ivfpq`` index, only its IVF-PQ part (:func:`load_base`; a sixth of
+    the bytes), for a caller that re-ranks the candidates itself from the stored vectors.
+    """
     status, why = index_status(st)
     if status == "missing":
         return None, why
@@ -902,6 +980,10 @@ def usable_index(st: Store, *, metric: str, space: str = "pca"):
         return None, f"stale: {why}"
     if meta.get("metric") != metric or meta.get("space") != space:
         return None, f"the index is {meta.get('metric')} over {meta.get('space')}"
+    if codes:
+        base = load_base(st, meta)
+        if base is not None:
+            return base, "current"
     index, _ = load_index(st)
     return index, "current"
 
