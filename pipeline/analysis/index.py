@@ -28,7 +28,10 @@ Building
 In the store
     ``neighbor_index(index_byte)`` holds :func:`faiss.serialize_index`'s bytes (16 MiB chunks,
     uncompressed: they barely compress and a query process must not pay for decompressing) and
-    ``neighbor_index_ids(index_position)`` the store row of each indexed vector. The attrs of
+    ``neighbor_index_ids(index_position)`` the store row of each indexed vector; an ``ivfpq``
+    index also keeps its IVF-PQ part alone in ``neighbor_index_base`` (codes and lists, ~24 B a
+    vector), which a one-off query loads instead of the whole (152 B a vector) and re-ranks
+    its candidates from ``pca`` (:func:`load_base`). The attrs of
     ``neighbor_index`` record the kind, metric, space and parameters, the number of rows, the
     SHA-256 of the bytes and of each chunk (checked on load, the chunks on parallel threads: a
     damaged index is refused, never half-used), a digest of the vectors it was built from, and
