@@ -15,7 +15,8 @@ shapes and densities, not isotropic blobs. They go into a real Zarr store (``pca
 
 beside the baseline: the exact scan, in memory (numpy, one query) and as ``similar --exact``
 streams the store; and ``similar`` end to end with the index (open, load, query, read rows).
-``--graph`` also times the k-NN graph (``neighbors``) of every row.
+``--graph`` also times the k-NN graph (``neighbors``) of every row; ``--umap ROWS`` times UMAP
+of a ROWS-row store building its own k-NN against UMAP handed the store's graph (same run).
 
     ELODIN__CACHE_DIR=/path/to/models .venv/bin/python benchmarks/bench_similarity.py \
         [--rows 1000000] [--kinds flat ivfpq hnsw] [--queries 200] [--work /tmp/elodin-sim]
@@ -139,6 +140,33 @@ def cli_end_to_end(path: Path, qrows, repeats: int = 5) -> dict:
     return {m: float(np.median(v)) for m, v in times.items()}
 
 
+def umap_with_and_without_graph(work: Path, gm, rows: int, scale: float, seed: int) -> dict:
+    """UMAP of every row of one store, same run: first building its own k-NN (NN-descent),
+    then handed the store's k-NN graph (``neighbors``, k = 20, from a flat index) as its
+    precomputed k-NN; the graph's own time beside. One warm-up embed on a small sample first,
+    so neither timed fit pays numba's compilation."""
+    from pipeline import analysis
+    from pipeline.analysis import index as nn
+    from pipeline.store import Store
+
+    path = work / f"umap-{rows}.zarr"
+    make_store(path, gm, rows, scale, seed)
+    analysis.embed(str(path), method="umap", sample_size=2000)  # compile numba's kernels
+    t = time.perf_counter()
+    analysis.embed(str(path), method="umap", sample_size=rows, n_neighbors=15)
+    own = time.perf_counter() - t
+    assert Store.open(str(path)).attrs["embedding"].get("precomputed_knn") is not True
+    t = time.perf_counter()
+    nn.build_index(str(path), kind="flat", progress=False)
+    nn.neighbors(str(path), k=20, progress=False)
+    graph = time.perf_counter() - t
+    t = time.perf_counter()
+    analysis.embed(str(path), method="umap", sample_size=rows, n_neighbors=15)
+    pre = time.perf_counter() - t
+    assert Store.open(str(path)).attrs["embedding"]["precomputed_knn"] is True
+    return {"rows": rows, "umap_own_knn_s": own, "index_and_graph_s": graph, "umap_graph_s": pre}
+
+
 def pct(t, p):
     return float(np.percentile(np.asarray(t) * 1e3, p))
 
@@ -149,6 +177,9 @@ def main() -> None:
     ap.add_argument("--kinds", nargs="+", default=["flat", "ivfpq"])
     ap.add_argument("--queries", type=int, default=200)
     ap.add_argument("--graph", action="store_true", help="also the k-NN graph (k = 20)")
+    ap.add_argument(
+        "--umap", type=int, metavar="ROWS", help="also UMAP with and without the graph, ROWS rows"
+    )
     ap.add_argument("--work", default="/tmp/elodin-sim")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -244,6 +275,13 @@ def main() -> None:
         g = nn.neighbors(str(path), k=20, progress=False)
         results["graph"] = {"kind": g.kind, "k": 20, "s": time.perf_counter() - t}
         print(f"k-NN graph (k = 20, {g.kind}): {time.perf_counter() - t:.0f} s")
+    if args.umap:
+        u = umap_with_and_without_graph(work, gm, args.umap, scale, args.seed)
+        results["umap"] = u
+        print(
+            f"UMAP of {u['rows']} rows: {u['umap_own_knn_s']:.0f} s building its own k-NN, "
+            f"{u['umap_graph_s']:.0f} s with the store's graph (index + graph {u['index_and_graph_s']:.0f} s)"
+        )
     results["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(f"peak RSS {results['peak_rss_gb']:.2f} GB")
     print(json.dumps(results, default=str))
