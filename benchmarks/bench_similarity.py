@@ -15,7 +15,8 @@ shapes and densities, not isotropic blobs. They go into a real Zarr store (``pca
 
 beside the baseline: the exact scan, in memory (numpy, one query) and as ``similar --exact``
 streams the store; and ``similar`` end to end with the index (open, load, query, read rows).
-``--graph`` also times the k-NN graph (``neighbors``) of every row.
+``--graph`` also times the k-NN graph (``neighbors``) of every row; ``--umap ROWS`` times UMAP
+of a ROWS-row store building its own k-NN against UMAP handed the store's graph (same run).
 
     ELODIN__CACHE_DIR=/path/to/models .venv/bin/python benchmarks/bench_similarity.py \
         [--rows 1000000] [--kinds flat ivfpq hnsw] [--queries 200] [--work /tmp/elodin-sim]
@@ -119,6 +120,53 @@ def exact_knn(X: np.ndarray, Q: np.ndarray, k: int):
     return np.array(out), np.array(times)
 
 
+def cli_end_to_end(path: Path, qrows, repeats: int = 5) -> dict:
+    """``elodin similar`` as a user runs it: a fresh process per query (interpreter start-up,
+    imports, opening the store, loading the index or scanning), the index and ``--exact``
+    runs interleaved so both see the same machine load; medians in seconds."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    times: dict[str, list[float]] = {"index": [], "exact": []}
+    for q in list(qrows)[:repeats]:
+        for mode in ("index", "exact"):
+            argv = [sys.executable, "-m", "pipeline.cli", "similar", str(path), "--cutout", str(q)]
+            argv += ["-n", "10"] + (["--exact"] if mode == "exact" else [])
+            t = time.perf_counter()
+            subprocess.run(argv, check=True, env=env, stdout=subprocess.DEVNULL)
+            times[mode].append(time.perf_counter() - t)
+    return {m: float(np.median(v)) for m, v in times.items()}
+
+
+def umap_with_and_without_graph(work: Path, gm, rows: int, scale: float, seed: int) -> dict:
+    """UMAP of every row of one store, same run: first building its own k-NN (NN-descent),
+    then handed the store's k-NN graph (``neighbors``, k = 20, from a flat index) as its
+    precomputed k-NN; the graph's own time beside. One warm-up embed on a small sample first,
+    so neither timed fit pays numba's compilation."""
+    from pipeline import analysis
+    from pipeline.analysis import index as nn
+    from pipeline.store import Store
+
+    path = work / f"umap-{rows}.zarr"
+    make_store(path, gm, rows, scale, seed)
+    analysis.embed(str(path), method="umap", sample_size=2000)  # compile numba's kernels
+    t = time.perf_counter()
+    analysis.embed(str(path), method="umap", sample_size=rows, n_neighbors=15)
+    own = time.perf_counter() - t
+    assert Store.open(str(path)).attrs["embedding"].get("precomputed_knn") is not True
+    t = time.perf_counter()
+    nn.build_index(str(path), kind="flat", progress=False)
+    nn.neighbors(str(path), k=20, progress=False)
+    graph = time.perf_counter() - t
+    t = time.perf_counter()
+    analysis.embed(str(path), method="umap", sample_size=rows, n_neighbors=15)
+    pre = time.perf_counter() - t
+    assert Store.open(str(path)).attrs["embedding"]["precomputed_knn"] is True
+    return {"rows": rows, "umap_own_knn_s": own, "index_and_graph_s": graph, "umap_graph_s": pre}
+
+
 def pct(t, p):
     return float(np.percentile(np.asarray(t) * 1e3, p))
 
@@ -129,6 +177,9 @@ def main() -> None:
     ap.add_argument("--kinds", nargs="+", default=["flat", "ivfpq"])
     ap.add_argument("--queries", type=int, default=200)
     ap.add_argument("--graph", action="store_true", help="also the k-NN graph (k = 20)")
+    ap.add_argument(
+        "--umap", type=int, metavar="ROWS", help="also UMAP with and without the graph, ROWS rows"
+    )
     ap.add_argument("--work", default="/tmp/elodin-sim")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -198,8 +249,11 @@ def main() -> None:
             t_e2e.append(time.perf_counter() - t)
             nn._CACHE.clear()  # each `elodin similar` is a new process: it loads the index
         assert out.meta["search"] == "index"
+        cli = cli_end_to_end(path, qrows)
         row = {
             "kind": res.kind,
+            "cli_index_s": cli["index"],
+            "cli_exact_s": cli["exact"],
             "build_s": build,
             "bytes_per_vector": res.nbytes / res.n_rows,
             "load_s": load,
@@ -213,13 +267,21 @@ def main() -> None:
         print(
             f"{res.kind:>6}: build {build:.1f} s, {row['bytes_per_vector']:.0f} B/vector, load {load:.2f} s, "
             f"query p50 {row['p50_ms']:.2f} ms p99 {row['p99_ms']:.2f} ms, recall@10 {recall:.3f}; "
-            f"`similar` end to end {row['similar_end_to_end_s']:.2f} s ({model.params_})"
+            f"`similar` end to end {row['similar_end_to_end_s']:.2f} s ({model.params_}); "
+            f"`elodin similar` command {cli['index']:.2f} s, with --exact {cli['exact']:.2f} s"
         )
     if args.graph:
         t = time.perf_counter()
         g = nn.neighbors(str(path), k=20, progress=False)
         results["graph"] = {"kind": g.kind, "k": 20, "s": time.perf_counter() - t}
         print(f"k-NN graph (k = 20, {g.kind}): {time.perf_counter() - t:.0f} s")
+    if args.umap:
+        u = umap_with_and_without_graph(work, gm, args.umap, scale, args.seed)
+        results["umap"] = u
+        print(
+            f"UMAP of {u['rows']} rows: {u['umap_own_knn_s']:.0f} s building its own k-NN, "
+            f"{u['umap_graph_s']:.0f} s with the store's graph (index + graph {u['index_and_graph_s']:.0f} s)"
+        )
     results["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(f"peak RSS {results['peak_rss_gb']:.2f} GB")
     print(json.dumps(results, default=str))

@@ -272,3 +272,48 @@ def test_a_box_selection_exports_the_rows_inside(browser, fresh):
         page.close()
     assert page.problems == []
     assert Table.read(path)["index"].tolist() == inside.tolist()
+
+
+def test_a_lasso_selection_is_labelled_and_the_map_coloured_by_a_variable(browser, fresh):
+    """Lasso on the map -> the selection gallery -> one button labels every row in it; the
+    colour menu offers every numeric per-cutout variable (here ``ra``)."""
+    from matplotlib.path import Path as MplPath
+
+    with ExplorerProcess(fresh) as server:
+        page = Page(browser, server.url)
+        p = page.page
+        p.evaluate("() => { Bokeh.documents[0].get_model_by_name('lasso-select').active = true; }")
+        m = page.map()
+        left, top, w, h = m["frame"]
+        ox, oy = m["left"] + left, m["top"] + top
+        screen = [(ox + 0.06 * w, oy + 0.9 * h), (ox + 0.55 * w, oy + 0.93 * h),
+                  (ox + 0.45 * w, oy + 0.5 * h), (ox + 0.1 * w, oy + 0.15 * h)]  # fmt: skip
+        p.mouse.move(*screen[0])
+        p.mouse.down()
+        for pt in screen[1:] + screen[:1]:
+            p.mouse.move(*pt, steps=6)
+        p.mouse.up()
+        poly = np.array([p.evaluate(_INVERT_JS, list(pt)) for pt in screen])
+        st = Store.open(fresh)
+        valid = np.flatnonzero(st.array("valid")[...])
+        e = st.array("embedding")[...][valid].astype(np.float64)
+        inside = valid[MplPath(poly).contains_points(e)]
+        assert 5 < len(inside) < len(valid)
+        p.get_by_text("Selection", exact=True).click()
+        p.locator(f'.elodin-selection .selection-count[data-count="{len(inside)}"]').wait_for(
+            timeout=30000
+        )
+        shown = p.locator('.elodin-selection .gallery[data-kind="selection"] figure')
+        rows = [int(r) for r in shown.evaluate_all("fs => fs.map(f => f.dataset.row)")]
+        assert rows == inside[:24].tolist()
+        p.locator(".elodin-select-label-interesting button").click()
+        p.locator(
+            f'.elodin-select-status .saved[data-rows="{len(inside)}"][data-label="interesting"]'
+        ).wait_for(timeout=30000)
+        # Colour by a plain per-cutout variable, chosen in the page.
+        p.locator("select.bk-input").first.select_option("ra")
+        p.locator(".elodin-legend").get_by_text("mean ra per pixel").wait_for(timeout=30000)
+        page.close()
+    assert page.problems == []
+    labels = Store.open(fresh).array("label")[...]
+    assert (labels[inside] == 1).all() and (np.delete(labels, inside) == -1).all()

@@ -26,12 +26,18 @@ Building
     shard; at 10^9 rows the arithmetic in benchmarks/README.md says how to shard by segment.
 
 In the store
-    ``neighbor_index(index_byte)`` holds :func:`faiss.serialize_index`'s bytes (64 MiB chunks)
-    and ``neighbor_index_ids(index_position)`` the store row of each indexed vector. The attrs
-    of ``neighbor_index`` record the kind, metric, space and parameters, the number of rows, the
-    SHA-256 of the bytes (checked on load: a damaged index is refused, never half-used), a digest
-    of the vectors it was built from, and the *state* of the store it covers (the PCA basis, the
-    segments and whether each was complete, the retired images). An index whose state is not the
+    ``neighbor_index(index_byte)`` holds :func:`faiss.serialize_index`'s bytes (16 MiB chunks,
+    uncompressed: they barely compress and a query process must not pay for decompressing) and
+    ``neighbor_index_ids(index_position)`` the store row of each indexed vector; an ``ivfpq``
+    index also keeps its IVF-PQ part alone in ``neighbor_index_base`` (codes and lists, ~24 B a
+    vector), which a one-off query loads instead of the whole (152 B a vector) and re-ranks
+    its candidates from ``pca`` (:func:`load_base`). The attrs of
+    ``neighbor_index`` record the kind, metric, space and parameters, the number of rows, the
+    SHA-256 of the bytes and of each chunk (checked on load, the chunks on parallel threads: a
+    damaged index is refused, never half-used), a digest of the vectors it was built from, and
+    the *state* of the store it covers (the PCA basis, the segments and whether each was
+    complete, the retired images). That state is a few facts read from attrs, so deciding
+    whether an index is current reads no row and hashes no data. An index whose state is not the
     store's is stale: :func:`index_status` says why, ``similar`` falls back to the exact scan,
     and :func:`build_index` extends it (new segments, fewer new rows than ``run.refit-fraction``
     of those it was built on) or builds it again.
@@ -80,8 +86,9 @@ METRICS = ("l2", "cosine")
 SPACES = {"pca": "pca", "fingerprint": "fingerprint"}
 INDEX_VAR = "neighbor_index"
 IDS_VAR = "neighbor_index_ids"
+BASE_VAR = "neighbor_index_base"
 GRAPH_VAR, GRAPH_DIST_VAR = "neighbors", "neighbor_distance"
-_BYTE_CHUNK = 64 << 20
+_BYTE_CHUNK = 16 << 20
 
 
 # --------------------------------------------------------------------------------- faiss
@@ -413,15 +420,30 @@ class NeighborIndex(BaseEstimator):
         )
         if len(self.ids_):
             ids[...] = self.ids_
+        chunk = max(1, min(len(blob), _BYTE_CHUNK))
+        # Uncompressed (FAISS's bytes barely compress, and a query process must not pay
+        # decompression), with one SHA-256 per chunk: load reads and checks the chunks in
+        # parallel instead of hashing 10^8 bytes on one thread.
         arr = group.create_array(
             INDEX_VAR,
             shape=(len(blob),),
             dtype="uint8",
-            chunks=(max(1, min(len(blob), _BYTE_CHUNK)),),
+            chunks=(chunk,),
+            compressors=None,
             dimension_names=("index_byte",),
             overwrite=True,
         )
         arr[...] = blob
+        view = memoryview(blob)
+        chunk_sha = [
+            hashlib.sha256(view[a : a + chunk]).hexdigest() for a in range(0, len(blob), chunk)
+        ]
+        extra: dict[str, Any] = {}
+        if self.kind_ == "ivfpq":
+            # The IVF-PQ part alone (codes and ids, ~24 B a vector, no full vectors): what a
+            # one-off query (`elodin similar`) loads, re-ranking its candidates from `pca`.
+            base = _faiss().serialize_index(_faiss().downcast_index(self.index_.base_index))
+            extra["base_sha256"] = _write_bytes(group, BASE_VAR, base, of=sha)
         arr.attrs.update(
             json.loads(
                 json.dumps(
@@ -431,6 +453,9 @@ class NeighborIndex(BaseEstimator):
                         "n_rows": int(self.n_indexed),
                         "nbytes": len(blob),
                         "sha256": sha,
+                        "chunk_bytes": chunk,
+                        "chunk_sha256": chunk_sha,
+                        **extra,
                     }
                 )
             )
@@ -470,14 +495,11 @@ def load_index(
     if hit is not None:
         return hit, meta
     try:
-        blob = np.asarray(st.array(INDEX_VAR)[...], np.uint8)
+        blob, intact = _read_checked(st, meta)
         ids = np.asarray(st.array(IDS_VAR)[...], np.int64)
     except Exception as e:  # zarr raises several types for a missing or corrupt chunk
         raise StoreError(f"{damaged} ({type(e).__name__}: {e}){fix}") from None
-    if (
-        len(blob) != meta.get("nbytes")
-        or hashlib.sha256(blob.tobytes()).hexdigest() != meta["sha256"]
-    ):
+    if not intact:
         raise StoreError(f"{damaged} (its checksum does not match){fix}")
     try:
         index = NeighborIndex._from(blob, ids, meta)
@@ -488,6 +510,105 @@ def load_index(
             _CACHE.clear()
         _CACHE[key] = index
     return index, meta
+
+
+def _write_bytes(group, name: str, blob: np.ndarray, *, of: str) -> str:
+    """``blob`` as an uncompressed byte array with its SHA-256 and per-chunk digests in its
+    attrs (``of``: the SHA-256 of the index it belongs to); returns its SHA-256."""
+    chunk = max(1, min(len(blob), _BYTE_CHUNK))
+    arr = group.create_array(
+        name,
+        shape=(len(blob),),
+        dtype="uint8",
+        chunks=(chunk,),
+        compressors=None,
+        dimension_names=(f"{name}_byte",),
+        overwrite=True,
+    )
+    arr[...] = blob
+    view = memoryview(blob)
+    sha = hashlib.sha256(view).hexdigest()
+    arr.attrs.update(
+        {
+            "of": of,
+            "nbytes": len(blob),
+            "sha256": sha,
+            "chunk_bytes": chunk,
+            "chunk_sha256": [
+                hashlib.sha256(view[a : a + chunk]).hexdigest() for a in range(0, len(blob), chunk)
+            ],
+        }
+    )
+    return sha
+
+
+def load_base(st: Store, meta: Mapping) -> NeighborIndex | None:
+    """The IVF-PQ part of the saved ``ivfpq`` index (no exact vectors: its distances are PQ
+    estimates, to be re-ranked), checksum verified; None when there is none (other kinds, an
+    index saved before it was kept). Cached per process like :func:`load_index`."""
+    if meta.get("kind") != "ivfpq" or not meta.get("base_sha256"):
+        return None
+    names = _base.names(st)
+    if BASE_VAR not in names or IDS_VAR not in names:
+        return None
+    key = f"{st.path}:{meta['sha256']}:base"
+    hit = _CACHE.get(key)
+    if hit is not None:
+        return hit
+    damaged = f"{st.path}: the neighbour index is damaged"
+    fix = f"; run `elodin index {st.path} --rebuild`"
+    bmeta = dict(st.array(BASE_VAR).attrs.asdict())
+    if bmeta.get("of") != meta["sha256"] or bmeta.get("sha256") != meta["base_sha256"]:
+        return None  # left by another index: not this one's
+    try:
+        blob, intact = _read_checked(st, bmeta, name=BASE_VAR)
+        ids = np.asarray(st.array(IDS_VAR)[...], np.int64)
+    except Exception as e:  # zarr raises several types for a missing or corrupt chunk
+        raise StoreError(f"{damaged} ({type(e).__name__}: {e}){fix}") from None
+    if not intact:
+        raise StoreError(f"{damaged} (its checksum does not match){fix}")
+    try:
+        index = NeighborIndex._from(blob, ids, meta)
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise StoreError(f"{damaged} ({' '.join(str(e).split())[:120]}){fix}") from None
+    index.kind_ = "ivfpq-codes"
+    if len(_CACHE) > 4:
+        _CACHE.clear()
+    _CACHE[key] = index
+    return index
+
+
+def _read_checked(st: Store, meta: Mapping, *, name: str = INDEX_VAR) -> tuple[np.ndarray, bool]:
+    """The index's bytes and whether they are the ones saved.
+
+    Each chunk is read and hashed on its own thread (file reads and hashlib release the
+    GIL), against the per-chunk SHA-256 recorded by :meth:`NeighborIndex.save`; an index
+    saved before those were recorded is checked against its one SHA-256.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    arr = st.array(name)
+    n = int(arr.shape[0])
+    if n != meta.get("nbytes"):
+        return np.zeros(0, np.uint8), False
+    chunk, digests = meta.get("chunk_bytes"), meta.get("chunk_sha256")
+    if not chunk or not digests:
+        blob = np.asarray(arr[...], np.uint8)
+        return blob, hashlib.sha256(blob.tobytes()).hexdigest() == meta["sha256"]
+    chunk = int(chunk)
+    if len(digests) != -(-n // chunk):
+        return np.zeros(0, np.uint8), False
+    blob = np.empty(n, np.uint8)
+
+    def one(i: int) -> bool:
+        a = i * chunk
+        part = np.asarray(arr[a : a + chunk], np.uint8)
+        blob[a : a + len(part)] = part
+        return hashlib.sha256(part).hexdigest() == digests[i]
+
+    with ThreadPoolExecutor(min(len(digests), os.cpu_count() or 1, 8)) as pool:
+        ok = all(pool.map(one, range(len(digests))))
+    return blob, ok
 
 
 def _digest(*parts: bytes) -> str:
@@ -841,9 +962,13 @@ def build_index(
     return result
 
 
-def usable_index(st: Store, *, metric: str, space: str = "pca"):
+def usable_index(st: Store, *, metric: str, space: str = "pca", codes: bool = False):
     """The saved index when it serves ``metric`` queries in ``space`` and matches the store's
-    data, else ``(None, why)``; a stale one is reported as a warning, never used."""
+    data, else ``(None, why)``; a stale one is reported as a warning, never used.
+
+    ``codes``: for an ``ivfpq`` index, only its IVF-PQ part (:func:`load_base`; a sixth of
+    the bytes), for a caller that re-ranks the candidates itself from the stored vectors.
+    """
     status, why = index_status(st)
     if status == "missing":
         return None, why
@@ -858,6 +983,10 @@ def usable_index(st: Store, *, metric: str, space: str = "pca"):
         return None, f"stale: {why}"
     if meta.get("metric") != metric or meta.get("space") != space:
         return None, f"the index is {meta.get('metric')} over {meta.get('space')}"
+    if codes:
+        base = load_base(st, meta)
+        if base is not None:
+            return base, "current"
     index, _ = load_index(st)
     return index, "current"
 

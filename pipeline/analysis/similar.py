@@ -171,11 +171,15 @@ def _indexed(st: Store, query: np.ndarray, metric: str, n: int, skip: int | None
     """
     from . import index as nn
 
-    model, why = nn.usable_index(st, metric=metric)
+    # An ivfpq index comes as its codes alone (a sixth of its bytes: a one-off query must not
+    # load the full vectors it keeps for re-ranking); its candidates, ``rerank`` times as
+    # many, are re-ranked below from the stored rows, as FAISS's re-rank would.
+    model, why = nn.usable_index(st, metric=metric, codes=True)
     if model is None:
         logger.info("%s: %s; scanning every row", st.path, why)
         return None
-    k = n + 1
+    factor = int(model.params_.get("rerank", 1)) if model.kind_ == "ivfpq-codes" else 1
+    k = (n + 1) * factor
     while True:
         k = min(k, model.n_indexed)
         _, ids = model.kneighbors(query[None], k)

@@ -1,10 +1,13 @@
 """The explorer's HTTP API (tornado handlers served beside the Bokeh app).
 
 ``GET /api/summary``, ``GET /api/cutout/ROW.png``, ``GET /api/similar/ROW?n=9``,
-``POST /api/label`` (``{"row": ..., "label": ...}``), ``GET /api/label/ROW``,
+``POST /api/label`` (``{"row": ..., "label": ...}``, or ``{"rows": [...], "label": ...}``
+for a selection), ``GET /api/label/ROW``,
 ``GET /api/labels``, ``GET /api/ranked?n=``, ``GET /api/outliers?page=&n=``,
-``POST /api/export`` (``{"rows": [...]}`` or ``{"box": [x0, x1, y0, y1]}``) and
-``GET /api/exports/NAME`` (a catalog written by an export).
+``POST /api/export`` (``{"rows": [...]}``, ``{"box": [x0, x1, y0, y1]}`` or a lasso's
+``{"polygon": [[x, y], ...]}``), ``GET /api/exports/NAME`` (a catalog written by an export)
+and ``GET /api/map.png?by=NAME&x0=&x1=&y0=&y1=`` (the map coloured by any of the summary's
+``colour_by``, over the whole map or that box).
 
 Every bad request is a 4xx JSON ``{"error": "..."}``. Path parameters are matched by a
 catch-all and then parsed strictly (digits only, inside the store), so request text never
@@ -71,10 +74,13 @@ def _n(handler: tornado.web.RequestHandler, name: str, default: int, *, minimum:
 class ApiHandler(tornado.web.RequestHandler):
     """JSON errors, host checks and off-loop work for every API handler."""
 
-    def initialize(self, explorer: Explorer, exports: Exports, hosts: set[str]) -> None:
+    def initialize(
+        self, explorer: Explorer, exports: Exports, hosts: set[str], renderer=None
+    ) -> None:
         self.explorer = explorer
         self.exports = exports
         self.hosts = hosts
+        self.renderer = renderer
 
     def prepare(self) -> None:
         if self.hosts and self.request.host.lower() not in self.hosts:
@@ -184,7 +190,7 @@ class Label(ApiHandler):
             return self.fail(405, 'POST /api/label with {"row": ..., "label": ...}')
         try:
             body = self.json_body()
-            row = self.row_field(body)
+            row = _valid_rows(self.explorer, body) if "rows" in body else self.row_field(body)
             label = body.get("label")
             if not isinstance(label, str) or label not in LABELS:
                 raise ConfigError(f"label {str(label)[:40]!r}: expected one of {', '.join(LABELS)}")
@@ -245,6 +251,37 @@ class Download(ApiHandler):
         self.finish(path.read_bytes())
 
 
+class MapImage(ApiHandler):
+    async def get(self) -> None:
+        ex = self.explorer
+        by = self.get_query_argument("by", "density")
+        x0, x1, y0, y1 = ex.extent
+        try:
+            if by not in ex.colour_options():
+                raise ConfigError(
+                    f"by={by[:40]!r}: expected one of {', '.join(ex.colour_options())}"
+                )
+            box = [_float(self, k, d) for k, d in (("x0", x0), ("x1", x1), ("y0", y0), ("y1", y1))]
+        except ConfigError as e:
+            return self.fail(400, str(e))
+        if self.renderer is None:
+            return self.fail(404, "no map renderer in this server")
+        await self.run(self.renderer.png, by, box[:2], box[2:])
+
+
+def _float(handler: tornado.web.RequestHandler, name: str, default: float) -> float:
+    text = handler.get_query_argument(name, None)
+    if text is None:
+        return float(default)
+    try:
+        value = float(text) if len(text) <= 32 else float("nan")
+    except ValueError:
+        value = float("nan")
+    if not np.isfinite(value):
+        raise ConfigError(f"{name}={text[:20]!r}: expected a finite number")
+    return value
+
+
 class NotFound(ApiHandler):
     def get(self, *args) -> None:
         self.fail(404, f"no API at {self.request.path[:80]!r}")
@@ -252,8 +289,36 @@ class NotFound(ApiHandler):
     post = get
 
 
+def _valid_rows(explorer: Explorer, body: dict) -> np.ndarray:
+    """The ``rows`` of a request, each a valid row (labels go on cutouts, not empty slots)."""
+    rows = _selection(explorer, {"rows": body.get("rows")})
+    at = np.searchsorted(explorer.rows, rows)
+    bad = (at >= len(explorer.rows)) | (
+        explorer.rows[np.minimum(at, len(explorer.rows) - 1)] != rows
+    )
+    if bad.any():
+        raise RowError(f"row {int(rows[np.argmax(bad)])} is an empty slot (no cutout there)", 404)
+    return rows
+
+
 def _selection(explorer: Explorer, body: dict) -> np.ndarray:
-    """Store rows of an export request: ``rows`` (valid rows) or a map ``box``."""
+    """Store rows of an export request: ``rows`` (valid rows), a map ``box`` or a lasso's
+    ``polygon``."""
+    if "polygon" in body:
+        poly = body["polygon"]
+        if (
+            not isinstance(poly, list)
+            or not 3 <= len(poly) <= 100_000
+            or not all(
+                isinstance(p, list)
+                and len(p) == 2
+                and all(isinstance(v, int | float) and not isinstance(v, bool) for v in p)
+                for p in poly
+            )
+        ):
+            raise ConfigError("polygon: expected [[x, y], ...], three or more pairs of numbers")
+        xy = np.asarray(poly, np.float64)
+        return explorer.in_polygon(xy[:, 0], xy[:, 1])
     if "box" in body:
         box = body["box"]
         if (
@@ -275,9 +340,9 @@ def _selection(explorer: Explorer, body: dict) -> np.ndarray:
     return out
 
 
-def patterns(explorer: Explorer, exports: Exports, hosts: set[str]) -> list[tuple]:
+def patterns(explorer: Explorer, exports: Exports, hosts: set[str], renderer=None) -> list[tuple]:
     """Tornado URL patterns of the API (for Bokeh's ``Server(extra_patterns=...)``)."""
-    kw = {"explorer": explorer, "exports": exports, "hosts": hosts}
+    kw = {"explorer": explorer, "exports": exports, "hosts": hosts, "renderer": renderer}
     return [
         (r"/api/summary", Summary, kw),
         (r"/api/cutout/(.*)", Cutout, kw),
@@ -289,5 +354,6 @@ def patterns(explorer: Explorer, exports: Exports, hosts: set[str]) -> list[tupl
         (r"/api/outliers", Outliers, kw),
         (r"/api/export", Export, kw),
         (r"/api/exports/(.*)", Download, kw),
+        (r"/api/map\.png", MapImage, kw),
         (r"/api(/.*)?", NotFound, kw),
     ]

@@ -60,6 +60,13 @@ def _gallery(items: Sequence[dict[str, Any]], caption, *, kind: str, empty: str)
     return f'<div class="gallery" data-kind="{kind}" data-count="{len(items)}">{cells}</div>'
 
 
+def _values(v) -> np.ndarray:
+    """A list or typed array from Bokeh's event geometry as float64."""
+    if isinstance(v, dict):  # an encoded typed array: {"0": x0, "1": x1, ...}
+        v = [v[k] for k in sorted(v, key=int)]
+    return np.asarray(v, np.float64)
+
+
 def _num(v, fmt: str) -> str:
     return "n/a" if v is None else format(v, fmt)
 
@@ -77,6 +84,7 @@ class ExplorerPage:
             CustomJS,
             Div,
             HoverTool,
+            LassoSelectTool,
             Select,
             TabPanel,
             Tabs,
@@ -126,8 +134,10 @@ class ExplorerPage:
             line_alpha=0.7, selection_line_color="#222222", nonselection_line_alpha=0.7,
         )  # fmt: skip
         p.add_tools(HoverTool(renderers=[pts], tooltips=_TOOLTIP))
-        select = BoxSelectTool(renderers=[pts], name="box-select")
-        p.add_tools(select)
+        # Box and lasso: both end in _on_selection, one selection for the gallery, the
+        # export and the labels.
+        p.add_tools(BoxSelectTool(renderers=[pts], name="box-select"))
+        p.add_tools(LassoSelectTool(renderers=[pts], name="lasso-select"))
         p.on_event(RangesUpdate, self._on_ranges)
         p.on_event(Tap, self._on_tap)
         p.on_event(SelectionGeometry, self._on_selection)
@@ -143,8 +153,8 @@ class ExplorerPage:
                 f'<h2 style="margin:4px 0">Elodin explorer</h2><div style="{_STYLE}">'
                 f"{html.escape(explorer.path)}: {explorer.n_valid:,} cutouts in "
                 f"{len(explorer.image_names):,} image(s). Click a point for its cutout and "
-                "neighbours; box-select (toolbar) to make a selection; keys i / n / c label "
-                "the picked cutout interesting / not interesting / none.</div>"
+                "neighbours; box or lasso select (toolbar) to make a selection; keys i / n / c "
+                "label the picked cutout interesting / not interesting / none.</div>"
             ),
         )
 
@@ -176,6 +186,16 @@ class ExplorerPage:
         self.selected = Div(css_classes=["elodin-selection"])
         export_b = Button(label="Export selection", css_classes=["elodin-export"], width=150)
         export_b.on_click(self._export)
+        sel_buttons = []
+        for name, text in (
+            ("interesting", "Label all interesting"),
+            ("not_interesting", "Label all not interesting"),
+            ("none", "Clear their labels"),
+        ):
+            b = Button(label=text, css_classes=[f"elodin-select-label-{name}"], width=190)
+            b.on_click(lambda _e=None, name=name: self._label_selection(name))
+            sel_buttons.append(b)
+        self.select_status = Div(css_classes=["elodin-select-status"])
         self.export_status = Div(css_classes=["elodin-export-status"])
         ranked_b = Button(label="More like my labels", css_classes=["elodin-rank"], width=170)
         ranked_b.on_click(self._show_ranked)
@@ -189,7 +209,11 @@ class ExplorerPage:
                 ),
                 TabPanel(
                     title="Selection",
-                    child=column(row(export_b, self.export_status), self.selected),
+                    child=column(
+                        row(export_b, self.export_status),
+                        row(*sel_buttons, self.select_status),
+                        self.selected,
+                    ),
                 ),
                 TabPanel(title="More like my labels", child=column(ranked_b, self.ranked)),
             ]
@@ -262,6 +286,12 @@ class ExplorerPage:
             text = "colour: number of cutouts per pixel (log scale)"
         elif self.by == "outlier_score":
             text = "colour: mean outlier score per pixel, blue (low) to red (high)"
+        elif self.by not in ("cluster", "image", "label"):
+            v = self.ex.column(self.by)
+            lo, hi = (float(np.nanmin(v)), float(np.nanmax(v))) if np.isfinite(v).any() else (0, 0)
+            text = (
+                f"colour: mean {html.escape(self.by)} per pixel, blue ({lo:.4g}) to red ({hi:.4g})"
+            )
         else:
             items = list(self.renderer.legend(self.by).items())
             text = " ".join(
@@ -410,10 +440,43 @@ class ExplorerPage:
 
     def _on_selection(self, event) -> None:
         g = event.geometry or {}
-        if not event.final or g.get("type") != "rect":
+        if not event.final:
             return
-        self.selection = self.ex.in_box(g["x0"], g["x1"], g["y0"], g["y1"])
+        if g.get("type") == "rect":
+            self.selection = self.ex.in_box(g["x0"], g["x1"], g["y0"], g["y1"])
+        elif g.get("type") == "poly":
+            try:
+                self.selection = self.ex.in_polygon(_values(g["x"]), _values(g["y"]))
+            except ElodinError:  # a click with the lasso: fewer than three vertices
+                self.selection = np.zeros(0, np.int64)
+        else:
+            return
+        self.select_status.text = ""
         self._render_selection()
+
+    def _label_selection(self, name: str) -> None:
+        if not len(self.selection):
+            self.select_status.text = "Nothing selected: box or lasso select on the map first."
+            return
+        try:
+            result = self.ex.labels.set(self.selection, name)
+        except LabelRefused as e:
+            self.select_status.text = (
+                f'<span class="refused" style="color:#b00">{html.escape(str(e))}</span>'
+            )
+            return
+        c = result["counts"]
+        self.select_status.text = (
+            f'<span class="saved" data-rows="{len(self.selection)}" data-label="{name}">'
+            f"{len(self.selection):,} rows: {name.replace('_', ' ')} (saved). "
+            f"{c['interesting']} interesting, {c['not_interesting']} not.</span>"
+        )
+        if self.picked is not None:
+            self._render_details()
+        if self.by == "label":
+            self._draw()
+        if self._ranked_shown:
+            self._show_ranked()
 
     def _render_selection(self) -> None:
         n = len(self.selection)
@@ -423,12 +486,15 @@ class ExplorerPage:
         )
         head += f" (first {len(shown)} shown)</div>" if n > len(shown) else "</div>"
         self.selected.text = head + _gallery(
-            shown, lambda it: str(it["row"]), kind="selection", empty="box-select on the map"
+            shown,
+            lambda it: str(it["row"]),
+            kind="selection",
+            empty="box or lasso select on the map",
         )
 
     def _export(self) -> None:
         if not len(self.selection):
-            self.export_status.text = "Nothing selected: box-select cutouts on the map first."
+            self.export_status.text = "Nothing selected: box or lasso select on the map first."
             return
         try:
             out = self.exports.write(self.ex, self.selection)

@@ -153,6 +153,8 @@ class Explorer:
             float(self.xy[finite, 1].max()),
         )
         self._outlier_order: np.ndarray | None = None
+        self._numeric: list[str] | None = None
+        self._columns: dict[str, np.ndarray] = {}
         # Opened once: each lookup through the group would read the array's metadata again.
         self._coords = {n: st.array(n) for n in ("x", "y", "width", "height", "ra", "dec")}
         self.labels = Labels(st, self.rows, read_only=read_only)
@@ -303,19 +305,65 @@ class Explorer:
 
         return export(self.store, path, rows=np.asarray(rows, np.int64))
 
+    def in_polygon(self, xs: Sequence[float], ys: Sequence[float]) -> np.ndarray:
+        """Store rows whose map position lies inside the polygon (a lasso: vertices in map
+        coordinates, closed implicitly; edges included), in row order."""
+        from matplotlib.path import Path
+
+        xs, ys = np.asarray(xs, np.float64), np.asarray(ys, np.float64)
+        if (
+            len(xs) != len(ys)
+            or len(xs) < 3
+            or not (np.isfinite(xs).all() and np.isfinite(ys).all())
+        ):
+            raise ConfigError("polygon: expected three or more [x, y] vertices, finite numbers")
+        lo_x, hi_x, lo_y, hi_y = xs.min(), xs.max(), ys.min(), ys.max()
+        inside = self.in_box(lo_x, hi_x, lo_y, hi_y)  # the bounding box first: cheap
+        if not len(inside):
+            return inside
+        at = np.searchsorted(self.rows, inside)
+        poly = Path(np.c_[xs, ys])
+        # A tiny outward radius counts points on the edge as inside, as the box does.
+        eps = 1e-9 * max(hi_x - lo_x, hi_y - lo_y, 1e-300)
+        keep = poly.contains_points(
+            self.xy[at].astype(np.float64), radius=eps
+        ) | poly.contains_points(self.xy[at].astype(np.float64), radius=-eps)
+        return inside[keep]
+
     # -- colours ------------------------------------------------------------------------
     def colour_options(self) -> list[str]:
+        """What the map can be coloured by: the density, the categorical columns (cluster,
+        image, label) and every numeric per-cutout variable of the store."""
         opts = ["density"]
         if self.cluster is not None:
             opts.append("cluster")
         if self.outlier_score is not None:
             opts.append("outlier_score")
         opts += ["image", "label"]
-        return opts
+        return opts + [n for n in self.numeric_variables if n not in opts]
+
+    @property
+    def numeric_variables(self) -> list[str]:
+        """The store's numeric (or boolean) variables with one value per cutout."""
+        if self._numeric is None:
+            skip = {"valid", "cluster", "outlier_score", "label", "image"}
+            found = []
+            for name in self.variables:
+                if name in skip or name.startswith("label_log_"):
+                    continue
+                try:
+                    arr = self.store.array(name)
+                except KeyError:
+                    continue
+                dims = tuple(arr.metadata.dimension_names or ())
+                if dims == ("cutout",) and np.dtype(arr.dtype).kind in "biuf":
+                    found.append(name)
+            self._numeric = found
+        return self._numeric
 
     def column(self, name: str) -> np.ndarray:
         """Per valid row: codes of a categorical column (``cluster`` with -1 for noise) or
-        the values of a numeric one."""
+        the values of a numeric one (any per-cutout variable, read once, block by block)."""
         if name == "cluster" and self.cluster is not None:
             return self.cluster
         if name == "outlier_score" and self.outlier_score is not None:
@@ -324,7 +372,21 @@ class Explorer:
             return self.image
         if name == "label":
             return self.labels.values
-        raise ConfigError(f"cannot colour by {name!r} (one of {', '.join(self.colour_options())})")
+        if isinstance(name, str) and name in self.numeric_variables:
+            hit = self._columns.get(name)
+            if hit is None:
+                arr = self.store.array(name)
+                block = _base.block_rows(self.store, None)
+                out = np.empty(len(self.rows), np.float32)
+                for start in range(0, self.n_rows, block):
+                    lo, hi = np.searchsorted(self.rows, [start, start + block])
+                    if hi > lo:
+                        part = np.asarray(arr[start : start + block], np.float32)
+                        out[lo:hi] = part[self.rows[lo:hi] - start]
+                hit = self._columns[name] = out
+            return hit
+        shown = str(name)[:40]
+        raise ConfigError(f"cannot colour by {shown!r} (one of {', '.join(self.colour_options())})")
 
 
 def _finite(value) -> float | None:

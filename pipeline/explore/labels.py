@@ -19,6 +19,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -115,20 +116,34 @@ class Labels:
         return True, ""
 
     # -- writing -------------------------------------------------------------------------
-    def set(self, row: int, label: str) -> dict[str, Any]:
-        """Record ``label`` (a key of :data:`LABELS`) for the valid row ``row``.
+    def set(self, row: int | Sequence[int] | np.ndarray, label: str) -> dict[str, Any]:
+        """Record ``label`` (a key of :data:`LABELS`) for the valid row ``row``, or for each of
+        several (a selection: one write and one log entry per row, under one lock).
 
         Raises :class:`LabelRefused` when the store cannot take it; nothing is written then.
         """
         code = LABELS[label]
-        i = self._index(row)
-        if self.read_only:
+        many = not isinstance(row, int | np.integer)
+        rows = np.unique(np.asarray(row, np.int64).reshape(-1))
+        i = np.searchsorted(self.rows, rows)
+        if (
+            not len(rows)
+            or (i >= len(self.rows)).any()
+            or (self.rows[np.minimum(i, len(self.rows) - 1)] != rows).any()
+        ):
+            raise ValueError("labels are set on valid rows only")
+        if self.read_only or not os.access(self.path, os.W_OK):
+            # The flag, or the store's own file modes: refused before anything is tried.
             raise LabelRefused(self.writable()[1])
         with self._lock:
             try:
                 lock = Store.lock(self.path, command=f"elodin explore {self.path} (label)")
             except StoreError as e:
                 raise LabelRefused(f"label not saved: {e}") from None
+            except OSError as e:
+                raise LabelRefused(
+                    f"label not saved: cannot write to {self.path} ({e.strerror or e})"
+                ) from None
             try:
                 st = Store.open(self.path, mode="r+")
                 if "label" not in _base.names(st):
@@ -140,13 +155,13 @@ class Labels:
                             "about": "explorer labels: 1 interesting, 0 not interesting, -1 none"
                         },
                     )
-                st.write_values("label", [row], np.array([code], np.int8))
+                st.write_values("label", rows, np.full(len(rows), code, np.int8))
                 st.append_table(
                     "label_log",
                     {
-                        "row": np.array([row], np.int64),
-                        "label": np.array([code], np.int8),
-                        "time": np.array([time.time()], np.float64),
+                        "row": rows,
+                        "label": np.full(len(rows), code, np.int8),
+                        "time": np.full(len(rows), time.time(), np.float64),
                     },
                     dim="label_event",
                 )
@@ -158,8 +173,11 @@ class Labels:
                 lock.release()
             self.values[i] = code
             self.version += 1
+        if many:
+            logger.info("%s: %d rows labelled %s", self.path, len(rows), label)
+            return {"rows": len(rows), "label": label, "counts": self.counts()}
         logger.info("%s: row %d labelled %s", self.path, row, label)
-        return {"row": row, "label": label, "counts": self.counts()}
+        return {"row": int(row), "label": label, "counts": self.counts()}
 
     # -- more like my labels -------------------------------------------------------------
     def ranked(self, n: int) -> dict[str, Any]:

@@ -3,12 +3,14 @@
 Each pan or zoom renders the points inside the view into an image of the map's screen size
 (datashader aggregates 10^6 points in tens of milliseconds), so the browser only ever gets one
 RGBA image, whatever the number of cutouts. Colours: point density, the cluster (the report's
-colours), the outlier score (mean per pixel), the image or the label.
+colours), the outlier score or any other numeric per-cutout variable (mean per pixel), the
+image or the label.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -67,6 +69,9 @@ class MapRenderer:
         self.frame = pd.DataFrame({"x": explorer.xy[:, 0], "y": explorer.xy[:, 1]}, copy=False)
         self._legend: dict[str, dict[str, str]] = {}
         self._label_version = -1
+        # Sessions render on the IO loop, GET /api/map.png on a worker thread: the frame's
+        # colour columns are added under this lock.
+        self._lock = threading.Lock()
 
     def legend(self, by: str) -> dict[str, str]:
         """Category -> colour of the last render coloured by ``by`` (empty for numeric)."""
@@ -115,7 +120,24 @@ class MapRenderer:
         self, by: str, x_range: tuple[float, float], y_range: tuple[float, float]
     ) -> Rendered:
         """The view ``x_range`` x ``y_range`` coloured by ``by`` (``density``, ``cluster``,
-        ``outlier_score``, ``image``, ``label``)."""
+        ``outlier_score``, ``image``, ``label`` or any numeric per-cutout variable: its mean
+        per pixel)."""
+        with self._lock:
+            return self._render(by, x_range, y_range)
+
+    def png(self, by: str, x_range: tuple[float, float], y_range: tuple[float, float]) -> bytes:
+        """:meth:`render` as PNG bytes (top row first, as images are read)."""
+        import io
+
+        from PIL import Image
+
+        r = self.render(by, x_range, y_range)
+        rgba = np.ascontiguousarray(r.image[::-1]).view(np.uint8).reshape(*r.image.shape, 4)
+        buf = io.BytesIO()
+        Image.fromarray(rgba, "RGBA").save(buf, format="PNG")
+        return buf.getvalue()
+
+    def _render(self, by, x_range, y_range) -> Rendered:
         import datashader as ds
         import datashader.transfer_functions as tf
 

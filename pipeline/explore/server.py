@@ -109,7 +109,7 @@ def explore(
             address=host or None,
             port=port,
             allow_websocket_origin=hosts,
-            extra_patterns=patterns(explorer, exports, {h.lower() for h in hosts}),
+            extra_patterns=patterns(explorer, exports, {h.lower() for h in hosts}, renderer),
             num_procs=1,
         )
     except OSError as e:
