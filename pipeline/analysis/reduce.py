@@ -283,29 +283,29 @@ class PixelFeatures:
 
     @classmethod
     def from_store(cls, store: Store, *, side: int) -> PixelFeatures:
-        from ..sources import ImageSource, open_sources
+        from ..sources import open_sources
 
         attrs = store.attrs
         prep = dict(attrs.get("preprocess") or {})
         sources, bands, limits = {}, [], {}
-        for seg in store.segments:
-            for img in seg.images:
-                rec = seg.inputs.get(img) or {}
-                if rec.get("source"):
-                    # Exactly the image that was fingerprinted, HDU and variable included.
-                    src = ImageSource.from_record(rec["source"])
-                else:  # stores written before sources were recorded
-                    paths = [f["path"] for f in rec.get("files", [])]
-                    if not paths:
-                        raise StoreError(
-                            f"{store.path}: the store does not record the file of image {img}; the pixel baseline cannot read it"
-                        )
-                    opened = open_sources([paths[0] if len(paths) == 1 else "+".join(paths)])
-                    src = next((s for s in opened if s.id == img), opened[0])
-                sources[img] = src
-                bands.append(int(src.n_bands))
-                if rec.get("limits") is not None:
-                    limits[img] = np.asarray(rec["limits"], np.float32)
+        table = store.images()
+        for i in table.current():
+            img = str(table.ids[i])
+            if table.source_record(i) is not None:
+                # Exactly the image that was fingerprinted, HDU and variable included.
+                src = table.source(i)
+            else:  # stores written before sources were recorded
+                paths = [f["path"] for f in table.files(i)]
+                if not paths:
+                    raise StoreError(
+                        f"{store.path}: the store does not record the file of image {img}; the pixel baseline cannot read it"
+                    )
+                opened = open_sources([paths[0] if len(paths) == 1 else "+".join(paths)])
+                src = next((s for s in opened if s.id == img), opened[0])
+            sources[img] = src
+            bands.append(int(src.n_bands))
+            if table.limits(i) is not None:
+                limits[img] = table.limits(i)
         if prep.get("scope") == "image":
             from ..preprocess import image_limits_for
 

@@ -2,7 +2,7 @@
 
 The store keeps no pixels. A cutout's window is rebuilt from its row's coordinates
 (``x0 = round(x - (width - 1) / 2)``, the inverse of the centre convention in ``tiling.py``),
-read from the image the store recorded (``segments[*].inputs[image]["source"]``) and stretched
+read from the image the store recorded (its record in the images table, :meth:`Store.images`) and stretched
 with the store's own preprocessing config, so a thumbnail shows what the model saw.
 
 Reads stay small and few: windows are grouped by image, then into row bands whose neighbours
@@ -16,12 +16,12 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 import numpy as np
 
 from ..errors import InputError, StoreError
 from ..sources import ImageSource
+from ..store import Store
 
 __all__ = [
     "ThumbnailReader",
@@ -29,7 +29,6 @@ __all__ = [
     "downsampled_image",
     "plan_reads",
     "read_windows",
-    "sources_from_attrs",
     "to_uint8",
     "window_boxes",
 ]
@@ -59,18 +58,6 @@ def window_boxes(x, y, width, height) -> np.ndarray:
     x0 = np.rint(np.nan_to_num(x - (w - 1) / 2.0)).astype(np.int64)
     y0 = np.rint(np.nan_to_num(y - (h - 1) / 2.0)).astype(np.int64)
     return np.stack([x0, y0, w, h], axis=1).reshape(-1, 4)
-
-
-def sources_from_attrs(attrs: Mapping[str, Any]) -> dict[str, ImageSource]:
-    """Every image the store recorded, reopened lazily (headers only, no pixels)."""
-    out: dict[str, ImageSource] = {}
-    for seg in attrs.get("segments", []):
-        for image_id, record in (seg.get("inputs") or {}).items():
-            s = (record or {}).get("source")
-            if not s:
-                continue
-            out[image_id] = ImageSource.from_record(s)
-    return out
 
 
 def _paste(out: np.ndarray, data: np.ndarray, box: Sequence[int], win: Sequence[int]) -> None:
@@ -175,12 +162,15 @@ class ThumbnailReader:
 
     Parameters
     ----------
-    attrs : mapping
-        The store's attrs (``segments`` with their ``inputs``, ``preprocess``, ``cutouts``).
+    store : Store
+        The store: its images table says where each image is (sources are made from their
+        records on first use), its attrs how cutouts were stretched (``preprocess``,
+        ``cutouts``).
     """
 
-    def __init__(self, attrs: Mapping[str, Any]) -> None:
-        self.sources = sources_from_attrs(attrs)
+    def __init__(self, store: Store) -> None:
+        attrs = store.attrs
+        self.sources: Mapping[str, ImageSource] = store.images().sources()
         self.preprocess = dict(attrs.get("preprocess") or {})
         self.fill = float((attrs.get("cutouts") or {}).get("fill") or 0.0)
         self._limits: dict[str, np.ndarray | None] = {}
