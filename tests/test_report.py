@@ -19,7 +19,6 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from pipeline.errors import InputError
-from pipeline.sources import ImageSource
 from pipeline.report import build_report, make_report
 from pipeline.report.figures import BACKGROUND, cluster_colours
 from pipeline.report.select import KSmallest, grid_cells, random_keys
@@ -30,6 +29,7 @@ from pipeline.report.thumbnails import (
     read_windows,
     window_boxes,
 )
+from pipeline.sources import ImageSource
 from pipeline.store import Store
 from pipeline.testing import synthetic_mosaic
 
