@@ -1459,9 +1459,14 @@ def upgrade(path: str | os.PathLike) -> str:
         store = Store(path, group)
         try:
             new_attrs = _upgrade_v1(store, attrs)
-        except BaseException:
+        except BaseException as e:
             if IMAGES_GROUP in group:
                 del group[IMAGES_GROUP]
+            if isinstance(e, OSError):
+                raise StoreError(
+                    f"{path}: cannot write to the store ({e.strerror or e}); "
+                    "it is unchanged, still at schema 1"
+                ) from None
             raise
         # The commit: one write of the whole root document.
         group.attrs.put(_jsonable(new_attrs))
@@ -1538,6 +1543,6 @@ def _upgrade_v1(store: Store, attrs: Mapping[str, Any]) -> dict:
         )
         n_images += len(images)
         n_files += files
-    out = {k: v for k, v in attrs.items() if k not in ("segments", "retired")}
-    out.update(segments=[s.to_json() for s in segments], elodin_schema=SCHEMA_VERSION)
-    return out
+    # Same keys in the same places as a fresh store's document, less the per-image ones.
+    new = {"segments": [s.to_json() for s in segments], "elodin_schema": SCHEMA_VERSION}
+    return {k: new.get(k, v) for k, v in attrs.items() if k != "retired"}
