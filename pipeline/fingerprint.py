@@ -866,16 +866,21 @@ def _fingerprint_locked(
     existing = Store.open(store_path, mode="r+") if exists else None
     position = {img: k for k, img in enumerate(listing.ids)}
     known, changed = compare_with_records(existing, listing)
+
     # Only images the store does not hold are opened (headers): a rerun over a known survey
     # opens none. Each is checked against the settings first, so a setting the new images
     # cannot take (bands) is named as such.
-    new = [
-        open_listed(img, listing.specs[k], hdu=hdu, variable=variable)
-        for k, img in enumerate(listing.ids)
-        if img not in known or img in changed
-    ]
-    for s in new:
-        check_bands(s.n_bands, settings["preprocess"], image="+".join(s.paths))
+    def opened(which) -> list[ImageSource]:
+        out = [
+            open_listed(img, listing.specs[k], hdu=hdu, variable=variable)
+            for k, img in enumerate(listing.ids)
+            if which(img)
+        ]
+        for s in out:
+            check_bands(s.n_bands, settings["preprocess"], image="+".join(s.paths))
+        return out
+
+    new = opened(lambda img: img not in known)
     if existing is not None:
         existing.check_compatible(attrs)
     if changed and not replace_changed:
@@ -884,6 +889,10 @@ def _fingerprint_locked(
             f"{store_path}: input {img} ({listing.paths[listing.file_start[position[img]]]}) "
             "changed since it was fingerprinted; use a new store or `elodin run --incremental`"
         )
+    if changed:
+        again = {s.id: s for s in opened(lambda img: img in changed)}
+        # In listing order, as the run adds them.
+        new = sorted([*new, *again.values()], key=lambda s: position[s.id])
     # A changed input is fingerprinted again as new, after its old rows are retired; that is
     # the first write, so it waits until the new images are measured and planned.
     touched = sorted({seg for img, seg in known.items() if img not in changed})

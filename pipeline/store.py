@@ -304,9 +304,13 @@ class ImageTable:
         ]
 
     def limits(self, i: int) -> np.ndarray | None:
-        text = str(self.column("limits")[i])
-        value = json.loads(text) if text else None
+        """Image ``i``'s stretch limits as the workers use them (float32), or None."""
+        value = self._limits_record(i)
         return None if value is None else np.asarray(value, np.float32)
+
+    def _limits_record(self, i: int) -> Any:
+        text = str(self.column("limits")[i])
+        return json.loads(text) if text else None
 
     def source_record(self, i: int) -> dict | None:
         text = str(self.column("source")[i])
@@ -323,14 +327,13 @@ class ImageTable:
 
     def record(self, i: int) -> dict:
         """Everything recorded of image ``i`` as one mapping (JSON-able)."""
-        limits = self.limits(i)
         return {
             "id": str(self.ids[i]),
             "segment": int(self.column("segment")[i]),
             "rows": [int(self.column("row_start")[i]), int(self.column("row_stop")[i])],
             "files": self.files(i),
             "source": self.source_record(i),
-            "limits": None if limits is None else limits.tolist(),
+            "limits": self._limits_record(i),
             "retired": bool(self.column("retired")[i]),
             "retired_reason": str(self.column("retired_reason")[i]),
             "retired_rows": int(self.column("retired_rows")[i]),
@@ -957,7 +960,6 @@ class Store:
         )
         # Done markers live in a subgroup of their own so zarr and xarray see a valid hierarchy.
         group.create_group("done", attributes={"about": "one empty object per finished work unit"})
-        _create_images_table(group)
         if LOCKS_GROUP not in group:
             group.create_group(LOCKS_GROUP, attributes={"about": _LOCKS_ABOUT})
         # One write of the whole attribute document: complete, and no longer marked incomplete.
@@ -1099,7 +1101,6 @@ class Store:
     ) -> int:
         """Write the records of ``images`` at table rows ``image_start...`` (uncommitted until
         the segment is recorded); returns the number of files written."""
-        group = _create_images_table(self._group)
         cols: dict[str, list] = {name: [] for name in _IMAGE_COLUMNS}
         f = file_start
         for k, img in enumerate(images):
@@ -1122,6 +1123,8 @@ class Store:
         cols["retired"] = [False] * len(images)
         cols["retired_reason"] = [""] * len(images)
         cols["retired_rows"] = [0] * len(images)
+        # Made by the first append at its size: one metadata write per column, not two.
+        group = _create_images_table(self._group, {"image": image_start + len(images), "file": f})
         for name, values in cols.items():
             dim, dtype, _ = _IMAGE_COLUMNS[name]
             at = image_start if dim == "image" else file_start
@@ -1399,8 +1402,8 @@ def _json_text(value: Any) -> str:
     return "" if value is None else json.dumps(_jsonable(value), sort_keys=True)
 
 
-def _create_images_table(group):
-    """The ``images/`` group with every column (empty), made once."""
+def _create_images_table(group, sizes: Mapping[str, int] | None = None):
+    """The ``images/`` group with every column, made once (of ``sizes[dim]`` records)."""
     if IMAGES_GROUP in group:
         table = group[IMAGES_GROUP]
     else:
@@ -1409,7 +1412,7 @@ def _create_images_table(group):
         if name not in table:
             table.create_array(
                 name,
-                shape=(0,),
+                shape=((sizes or {}).get(dim, 0),),
                 dtype=dtype,
                 chunks=(_IMAGE_CHUNK,),
                 fill_value=fill,
@@ -1421,7 +1424,8 @@ def _create_images_table(group):
 def _write_column(arr, at: int, values: list, dtype: Any) -> None:
     """Write ``values`` at ``at`` (growing the column to end there): only the chunks from
     ``at`` on are written, so an append costs what it adds."""
-    arr.resize((at + len(values),))
+    if arr.shape[0] != at + len(values):
+        arr.resize((at + len(values),))
     if values:
         arr[at : at + len(values)] = np.asarray(values, dtype=object if dtype is str else dtype)
 
