@@ -1160,7 +1160,7 @@ class Store:
             )
             if data.size:
                 arr[...] = data
-        group.attrs["images"] = list(plan.images)
+        _write_plan_ids(group, plan.images)
 
     def load_plan(self, index: int):
         """The plan saved for segment ``index`` (None if it was never saved)."""
@@ -1176,7 +1176,11 @@ class Store:
         tiles = np.zeros(len(tiles_2d), TILE_DTYPE)
         for i, f in enumerate(_TILE_FIELDS):
             tiles[f] = tiles_2d[:, i]
-        return Plan(tuple(group.attrs["images"]), tiles, windows, tile_start)
+        if "images" in group.array_keys():
+            ids = tuple(str(v) for v in group["images"][...])
+        else:  # schema 1 kept the ids in the plan group's attrs
+            ids = tuple(group.attrs["images"])
+        return Plan(ids, tiles, windows, tile_start)
 
     def repair(self) -> bool:
         """Undo a half-finished append (arrays grown, segment not yet recorded).
@@ -1397,6 +1401,20 @@ def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
+def _write_plan_ids(group, images: Sequence[str]) -> None:
+    """A plan's image ids as a string array (its group's attrs would grow with the images)."""
+    arr = group.create_array(
+        "images",
+        shape=(len(images),),
+        dtype=str,
+        chunks=(max(1, min(len(images), 65536)),),
+        fill_value="",
+        overwrite=True,
+    )
+    if len(images):
+        arr[...] = np.asarray(list(images), dtype=object)
+
+
 def _json_text(value: Any) -> str:
     """A record field as canonical JSON text (``""`` for None)."""
     return "" if value is None else json.dumps(_jsonable(value), sort_keys=True)
@@ -1461,11 +1479,22 @@ def upgrade(path: str | os.PathLike) -> str:
         if not fresh:  # left by an upgrade that failed before its commit
             del group[IMAGES_GROUP]
         store = Store(path, group)
+        plans = [
+            group["plans"][str(i)]
+            for i in range(len(attrs.get("segments") or []))
+            if "plans" in group and str(i) in group["plans"]
+        ]
         try:
             new_attrs = _upgrade_v1(store, attrs)
+            for p in plans:
+                if "images" in p.attrs:
+                    _write_plan_ids(p, p.attrs["images"])
         except BaseException as e:
             if IMAGES_GROUP in group:
                 del group[IMAGES_GROUP]
+            for p in plans:
+                if "images" in p.attrs and "images" in p.array_keys():
+                    del p["images"]
             if isinstance(e, OSError):
                 raise StoreError(
                     f"{path}: cannot write to the store ({e.strerror or e}); "
@@ -1474,6 +1503,9 @@ def upgrade(path: str | os.PathLike) -> str:
             raise
         # The commit: one write of the whole root document.
         group.attrs.put(_jsonable(new_attrs))
+        for p in plans:  # the ids are in their arrays now (load_plan reads those first)
+            if "images" in p.attrs:
+                p.attrs.put({})
         st = Store.open(path, mode="r")
         return (
             f"{path}: upgraded from schema 1 to {SCHEMA_VERSION} "

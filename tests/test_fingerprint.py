@@ -574,6 +574,11 @@ def _write_schema_1(path: Path) -> None:
                 "inputs": inputs,
             }
         )
+    for index in range(len(st.segments)):  # schema 1 kept a plan's image ids in its attrs
+        plan_group = group["plans"][str(index)]
+        ids = [str(v) for v in plan_group["images"][...]]
+        del plan_group["images"]
+        plan_group.attrs["images"] = ids
     attrs = {**group.attrs.asdict(), "elodin_schema": 1, "segments": segments}
     if retired:
         attrs["retired"] = retired
