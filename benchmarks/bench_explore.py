@@ -121,7 +121,7 @@ def main() -> None:
     rows = rng.choice(ex.rows, 40, replace=False)
     from pipeline.report.thumbnails import ThumbnailReader, window_boxes
 
-    reader = ThumbnailReader(ex.store.attrs)
+    reader = ThumbnailReader(ex.store)
     st = ex.store
     times = []
     for row in rows[20:]:

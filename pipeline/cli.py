@@ -645,6 +645,21 @@ def _cmd_unlock(args: argparse.Namespace) -> int:
     return 0
 
 
+# -------------------------------------------------------------------------------------- upgrade
+@command
+def _add_upgrade(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("upgrade", help="convert a store of an older schema to the current one")
+    p.add_argument("store", metavar="STORE")
+    p.set_defaults(func=_cmd_upgrade)
+
+
+def _cmd_upgrade(args: argparse.Namespace) -> int:
+    from .store import upgrade
+
+    print(upgrade(args.store))
+    return 0
+
+
 # ------------------------------------------------------------------------------------------ run
 @command
 def _add_run(sub: argparse._SubParsersAction) -> None:

@@ -6,8 +6,9 @@ image (``similar --image``), the report's and the explorer's thumbnails, and ``m
 Each keeps its own order of steps (the worker resamples raw windows of varying size before the
 stretch, the pixel baseline resamples after it); what they share is each step's one home:
 
-- the images a store was made from, reopened from its records (:func:`image_records`,
-  :func:`sources_from_attrs`, :meth:`CutoutReader.from_attrs`), with their HDU or variable;
+- the images a store was made from, reopened from their records in its images table
+  (:func:`store_sources`, :func:`recorded_limits`, :meth:`CutoutReader.from_store`), with
+  their HDU or variable;
 - cutting with the store's ``cutouts.fill`` (:meth:`CutoutReader.cut`, over
   :func:`pipeline.geometry.cut_windows`), and reading windows anywhere in an image in few, small
   reads (:func:`read_windows`, grouped by :func:`plan_reads`);
@@ -22,13 +23,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .errors import StoreError
 from .geometry import clip_boxes, cut_windows, read_box
 from .sources import ImageSource
+
+if TYPE_CHECKING:
+    from .store import Store
 
 __all__ = [
     "MAX_READ_PIXELS",
@@ -39,7 +43,7 @@ __all__ = [
     "read_windows",
     "recorded_limits",
     "resize",
-    "sources_from_attrs",
+    "store_sources",
 ]
 
 logger = logging.getLogger(__name__)
@@ -58,32 +62,46 @@ _BOX_READ_PIXELS = 4096 * 4096
 
 
 # ------------------------------------------------------------------------------ records
-def image_records(attrs: Mapping[str, Any]) -> dict[str, dict]:
-    """Every image the store recorded, ``{image id: record}`` (a later segment's record wins)."""
-    out: dict[str, dict] = {}
-    for seg in attrs.get("segments", []):
-        for image_id, record in (seg.get("inputs") or {}).items():
-            out[image_id] = dict(record or {})
-    return out
+def image_records(store: Store) -> dict[str, dict]:
+    """Every image in use in the store, ``{image id: record}`` (its row of the images table,
+    :meth:`pipeline.store.ImageTable.record`). Reads every record: for tests and small stores;
+    readers use the lazy :func:`store_sources` and :func:`recorded_limits`."""
+    table = store.images()
+    return {str(table.ids[i]): table.record(i) for i in table.current()}
 
 
-def sources_from_attrs(attrs: Mapping[str, Any]) -> dict[str, ImageSource]:
-    """Every image the store recorded, reopened lazily (headers only, no pixels)."""
-    out: dict[str, ImageSource] = {}
-    for image_id, record in image_records(attrs).items():
-        if record.get("source"):
-            out[image_id] = ImageSource.from_record(record["source"])
-    return out
+def store_sources(store: Store) -> Mapping[str, ImageSource]:
+    """Every image in use in the store, by id, reopened from its record on first access
+    (headers only, no pixels; exactly as fingerprinted, HDU and variable included)."""
+    return store.images().sources()
 
 
-def recorded_limits(attrs: Mapping[str, Any]) -> dict[str, np.ndarray]:
+class _RecordedLimits(Mapping):
+    """Image id -> the stretch limits the store recorded (float32, as the workers used them),
+    read from the images table on first access."""
+
+    def __init__(self, table) -> None:
+        self._table = table
+
+    def __getitem__(self, image: str) -> np.ndarray:
+        i = self._table.find(image)
+        value = None if i is None else self._table.limits(i)
+        if value is None:
+            raise KeyError(image)
+        return value
+
+    def __iter__(self):
+        ids = self._table.ids
+        return (str(ids[i]) for i in self._table.current() if self._table.limits(i) is not None)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+def recorded_limits(store: Store) -> Mapping[str, np.ndarray]:
     """The per-image stretch limits the store recorded (``scope: image``), float32 as the
-    fingerprint worker used them."""
-    return {
-        image_id: np.asarray(record["limits"], np.float32)
-        for image_id, record in image_records(attrs).items()
-        if record.get("limits") is not None
-    }
+    fingerprint worker used them; read lazily, per image asked for."""
+    return _RecordedLimits(store.images())
 
 
 def _source_from_files(image: str, record: Mapping[str, Any], where: str) -> ImageSource:
@@ -228,10 +246,12 @@ class CutoutReader:
         fill: float = np.nan,
         image_limits: Mapping[str, Any] | None = None,
     ) -> None:
-        self.sources: dict[str, ImageSource] = dict(sources or {})
+        # Mappings are kept as given: a store's are lazy (one record read per image used).
+        self.sources: Mapping[str, ImageSource] = sources if sources is not None else {}
         self.preprocess = dict(preprocess or {})
         self.fill = fill
-        self._limits: dict[str, Any] = dict(image_limits or {})
+        self._recorded: Mapping[str, Any] = image_limits if image_limits is not None else {}
+        self._limits: dict[str, Any] = {}
 
     @staticmethod
     def store_fill(attrs: Mapping[str, Any]) -> float:
@@ -240,34 +260,37 @@ class CutoutReader:
         return np.nan if fill is None else float(fill)
 
     @classmethod
-    def from_attrs(
+    def from_store(
         cls,
-        attrs: Mapping[str, Any],
+        store: Store,
         *,
         fill: float | None = None,
         recorded: bool = True,
-        require_sources: str | None = None,
+        require_sources: bool = False,
     ) -> CutoutReader:
-        """A reader of every image a store's ``attrs`` record, with its preprocessing and fill.
+        """A reader of every image in use in ``store``, with its preprocessing and fill.
 
         ``fill`` overrides the store's; ``recorded`` takes the per-image limits the store
-        recorded (:func:`recorded_limits`; else they are measured again). With ``require_sources`` (the store's
-        path, for the message), an image recorded without its source is reopened from its files
+        recorded (:func:`recorded_limits`; else they are measured again). With
+        ``require_sources``, an image recorded without its source is reopened from its files
         (stores written before sources were recorded) and one with neither is a StoreError;
         without it such images are left out.
         """
-        sources: dict[str, ImageSource] = {}
-        for image_id, record in image_records(attrs).items():
-            if record.get("source"):
-                # Exactly the image that was fingerprinted, HDU and variable included.
-                sources[image_id] = ImageSource.from_record(record["source"])
-            elif require_sources is not None:
-                sources[image_id] = _source_from_files(image_id, record, require_sources)
+        attrs = store.attrs
+        sources: Mapping[str, ImageSource] = store_sources(store)
+        if require_sources:
+            table = store.images()
+            missing = [i for i in table.current() if table.source_record(i) is None]
+            if missing:
+                sources = dict(sources)
+                for i in missing:
+                    image = str(table.ids[i])
+                    sources[image] = _source_from_files(image, table.record(i), str(store.path))
         return cls(
             sources,
             preprocess=attrs.get("preprocess") or {},
             fill=cls.store_fill(attrs) if fill is None else fill,
-            image_limits=recorded_limits(attrs) if recorded else None,
+            image_limits=recorded_limits(store) if recorded else None,
         )
 
     # -------------------------------------------------------------------- per image
@@ -285,12 +308,15 @@ class CutoutReader:
         if image not in self._limits:
             from .preprocess import image_limits_for, preprocess_settings
 
-            settings = preprocess_settings(self.preprocess)
-            self._limits[image] = (
-                image_limits_for(self.source(image), self.preprocess)
-                if settings["scope"] == "image"
-                else None
-            )
+            try:
+                self._limits[image] = self._recorded[image]
+            except KeyError:
+                settings = preprocess_settings(self.preprocess)
+                self._limits[image] = (
+                    image_limits_for(self.source(image), self.preprocess)
+                    if settings["scope"] == "image"
+                    else None
+                )
         return self._limits[image]
 
     def all_limits(self) -> dict[str, np.ndarray]:
@@ -298,6 +324,8 @@ class CutoutReader:
         measured now: for a reader sent to workers, which should not measure again."""
         from .preprocess import preprocess_settings
 
+        for image in self._recorded:
+            self.image_limits(image)
         if preprocess_settings(self.preprocess)["scope"] == "image":
             for image in self.sources:
                 self.image_limits(image)

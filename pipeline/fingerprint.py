@@ -2,8 +2,10 @@
 
 The flow, as :func:`fingerprint` reads::
 
-    sources  = open_sources(inputs)                      # lazy: headers only
+    listing  = InputListing.of(inputs)                   # ids, sizes, mtimes: no image opened
     store    = open or create the store; refuse another model/config
+    known    = compare_with_records(store, listing)      # one vectorised (path, size, mtime) check
+    sources  = open only the new or changed images       # lazy: headers only
     plan     = plan the new images (blobs: detection tasks per tile)
     segment  = save the plan, grow the store by its rows
     todo     = units of the touched segments without a done marker
@@ -35,7 +37,7 @@ from . import config
 from .errors import ConfigError, ElodinError, InputError, StoreError
 from .geometry import cut_windows, window_centres
 from .geometry import read_box as _read_box
-from .sources import ImageSource, open_sources
+from .sources import ImageSource
 from .store import Layout, Store, chunk_rows_for, pack_units
 from .tiling import Plan
 
@@ -425,22 +427,109 @@ def fingerprint_settings(**flags: Any) -> dict:
     }
 
 
-def _input_facts(src: ImageSource) -> dict:
-    """What the store records of an input: its files' size and mtime (how a changed input is
-    noticed) and the source's own fields (how a resume reopens it exactly, HDU and variable
-    included, without pickling anything)."""
-    import fsspec
+@dataclasses.dataclass(frozen=True)
+class InputListing:
+    """The run's inputs as a listing: image ids, their input specs and their files' size and
+    mtime, found without opening any image. Image ``k`` owns files
+    ``file_start[k]:file_start[k + 1]``."""
 
-    files = []
-    for p in src.paths:
+    ids: tuple[str, ...]
+    specs: tuple[tuple[str, ...], ...]
+    file_start: np.ndarray
+    paths: np.ndarray
+    sizes: np.ndarray
+    mtimes: np.ndarray
+
+    @classmethod
+    def of(cls, inputs: Sequence[str | os.PathLike]) -> InputListing:
+        from .sources import list_images, spec_path
+
+        listed = list_images(list(inputs))
+        paths = [spec_path(spec) for _, specs in listed for spec in specs]
+        sizes, mtimes = _stat_files(paths)
+        counts = [len(specs) for _, specs in listed]
+        return cls(
+            ids=tuple(sid for sid, _ in listed),
+            specs=tuple(specs for _, specs in listed),
+            file_start=np.r_[0, np.cumsum(counts)].astype(np.int64),
+            paths=np.asarray(paths, dtype=object),
+            sizes=sizes,
+            mtimes=mtimes,
+        )
+
+    def files(self, k: int) -> list[dict]:
+        """Image ``k``'s files as the store records them."""
+        lo, hi = int(self.file_start[k]), int(self.file_start[k + 1])
+        return [
+            {"path": str(self.paths[j]), "size": int(self.sizes[j]), "mtime": float(self.mtimes[j])}
+            for j in range(lo, hi)
+        ]
+
+
+def _stat_files(paths: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Size (-1: unknown) and mtime (POSIX seconds, NaN: unknown) of each file: a stat each,
+    no file opened. Local paths go through ``os.stat`` (what fsspec's local ``info`` reports)."""
+    from .store import parse_mtime
+
+    sizes = np.full(len(paths), -1, np.int64)
+    mtimes = np.full(len(paths), np.nan)
+    for j, p in enumerate(paths):
         try:
+            if "://" not in p:
+                st = os.stat(p)
+                sizes[j], mtimes[j] = st.st_size, st.st_mtime
+                continue
+            import fsspec
+
             fs, root = fsspec.core.url_to_fs(p)
             info = fs.info(root)
-            mtime = info.get("mtime") or info.get("LastModified") or ""
-            files.append({"path": p, "size": int(info.get("size") or 0), "mtime": str(mtime)})
+            sizes[j] = int(info.get("size") or 0)
+            mtimes[j] = parse_mtime(info.get("mtime") or info.get("LastModified"))
         except (OSError, ValueError):
-            files.append({"path": p, "size": None, "mtime": ""})
-    return {"files": files, "source": src.to_record()}
+            pass
+    return sizes, mtimes
+
+
+def compare_with_records(store: Store | None, listing: InputListing) -> tuple[dict, list[str]]:
+    """Which listed images the store knows, and which of those changed.
+
+    One vectorised comparison of (id, path, size, mtime) with the records in use: returns
+    ``known`` (image id -> its segment) and ``changed`` (known ids whose files differ in number,
+    path, size or mtime), in listing order.
+    """
+    if store is None or not listing.ids:
+        return {}, []
+    table = store.images()
+    cur = table.current()
+    if not len(cur):
+        return {}, []
+    rec_ids = table.ids[cur].astype(str)
+    order = np.argsort(rec_ids, kind="stable")
+    ids = np.asarray(listing.ids)
+    pos = np.clip(np.searchsorted(rec_ids[order], ids), 0, len(order) - 1)
+    found = rec_ids[order][pos] == ids
+    rec = np.where(found, cur[order[pos]], -1)  # table row of each listed image
+    f0, f1 = table.column("file_start"), table.column("file_stop")
+    n_listed = np.diff(listing.file_start)
+    same_count = found & ((f1[rec] - f0[rec]) == n_listed)
+    # File j of listed image k against file j - file_start[k] of its record.
+    owner = np.repeat(np.arange(len(ids)), n_listed)
+    check = same_count[owner]
+    j = np.flatnonzero(check)
+    k = owner[j]
+    rj = f0[rec[k]] + (j - listing.file_start[k])
+    differs = np.zeros(len(owner), bool)
+    if len(j):
+        r_path, r_size = table.column("file_path")[rj], table.column("file_size")[rj]
+        r_mtime = table.column("file_mtime")[rj]
+        m = listing.mtimes[j]
+        same_mtime = (r_mtime == m) | (np.isnan(r_mtime) & np.isnan(m))
+        differs[j] = (r_path != listing.paths[j]) | (r_size != listing.sizes[j]) | ~same_mtime
+    changed_files = np.bincount(owner, weights=differs, minlength=len(ids)) > 0
+    changed = found & (~same_count | changed_files)
+    segment = table.column("segment")
+    known = {listing.ids[i]: int(segment[rec[i]]) for i in np.flatnonzero(found)}
+    return known, [listing.ids[i] for i in np.flatnonzero(changed)]
 
 
 def _plan_digest(plan: Plan) -> str:
@@ -527,11 +616,15 @@ def _threads_per_host(client) -> tuple[tuple[str, int], ...]:
 
 
 def _segment_jobs(
-    store: Store, seg_index: int, plan: Plan, sources: dict[str, ImageSource], base: dict
+    store: Store,
+    seg_index: int,
+    plan: Plan,
+    sources: dict[str, ImageSource],
+    base: dict,
+    done: set[int],
 ) -> Iterable[UnitJob]:
     seg = store.segments[seg_index]
     layout: Layout = pack_units(plan.tile_start, chunk_rows=store.chunk_rows)
-    done = store.done_units()
     for u in range(layout.n_units):
         unit = seg.unit_start + u
         if unit in done:
@@ -610,13 +703,11 @@ def fingerprint(
         tile_size=tile_size,
         chunk_rows=chunk_rows,
     )
-    sources = open_sources(inputs, hdu=hdu, variable=variable)
-    if not sources:
+    # A listing (globs, directories, @lists expanded; sizes and mtimes), no image opened:
+    # only the images the store does not know yet are opened, under the lock.
+    listing = InputListing.of(inputs)
+    if not listing.ids:
         raise InputError("no input images")
-    from .preprocess import check_bands
-
-    for s in sources:
-        check_bands(s.n_bands, settings["preprocess"], image="+".join(s.paths))
     card = resolve(settings["model"])
     onnx_path = ensure_onnx(card, precision=settings["precision"])
     if not card.builtin:
@@ -649,7 +740,9 @@ def fingerprint(
     with Store.lock(store_path):
         return _fingerprint_locked(
             store_path,
-            sources,
+            listing,
+            hdu=hdu,
+            variable=variable,
             settings=settings,
             attrs=attrs,
             card=card,
@@ -666,8 +759,10 @@ def fingerprint(
 
 def _fingerprint_locked(
     store_path: str,
-    sources: list[ImageSource],
+    listing: InputListing,
     *,
+    hdu: int | str | None,
+    variable: str | None,
     settings: dict,
     attrs: dict,
     card,
@@ -681,27 +776,54 @@ def _fingerprint_locked(
     replace_changed: bool,
 ) -> FingerprintResult:
     """The part of :func:`fingerprint` that runs under the store's writer lock."""
+    from .preprocess import check_bands
+    from .sources import open_listed
+
     exists = Store.exists(store_path) and not Store.incomplete(store_path)
     existing = Store.open(store_path, mode="r+") if exists else None
+    position = {img: k for k, img in enumerate(listing.ids)}
+    known, changed = compare_with_records(existing, listing)
+
+    # Only images the store does not hold are opened (headers): a rerun over a known survey
+    # opens none. Each is checked against the settings first, so a setting the new images
+    # cannot take (bands) is named as such.
+    def opened(which) -> list[ImageSource]:
+        out = [
+            open_listed(img, listing.specs[k], hdu=hdu, variable=variable)
+            for k, img in enumerate(listing.ids)
+            if which(img)
+        ]
+        for s in out:
+            check_bands(s.n_bands, settings["preprocess"], image="+".join(s.paths))
+        return out
+
+    new = opened(lambda img: img not in known)
     if existing is not None:
         existing.check_compatible(attrs)
-    by_id = {s.id: s for s in sources}
-    if len(by_id) != len(sources):
-        raise InputError("two inputs have the same image id; give them distinct file names")
-    known = {
-        img: i for i, seg in enumerate(existing.segments if existing else []) for img in seg.images
-    }
-    changed = _changed_inputs(existing, known, by_id)
     if changed and not replace_changed:
         img = changed[0]
         raise StoreError(
-            f"{store_path}: input {img} ({by_id[img].paths[0]}) changed since it was "
-            "fingerprinted; use a new store or `elodin run --incremental`"
+            f"{store_path}: input {img} ({listing.paths[listing.file_start[position[img]]]}) "
+            "changed since it was fingerprinted; use a new store or `elodin run --incremental`"
         )
+    if changed:
+        again = {s.id: s for s in opened(lambda img: img in changed)}
+        # In listing order, as the run adds them.
+        new = sorted([*new, *again.values()], key=lambda s: position[s.id])
     # A changed input is fingerprinted again as new, after its old rows are retired; that is
     # the first write, so it waits until the new images are measured and planned.
-    touched = sorted({known[s.id] for s in sources if s.id in known and s.id not in changed})
-    new = [s for s in sources if s.id not in known or s.id in changed]
+    touched = sorted({seg for img, seg in known.items() if img not in changed})
+    images = listing.ids
+    if not new and existing is not None:
+        done = existing.done_units()
+        segs = existing.segments
+        if all(
+            all(u in done for u in range(segs[i].unit_start, segs[i].unit_stop)) for i in touched
+        ):
+            # Nothing new, nothing left to resume: no cluster, no write.
+            units = sum(segs[i].unit_stop - segs[i].unit_start for i in touched)
+            n = sum(segs[i].n_windows for i in touched)
+            return FingerprintResult(store_path, n, 0, units, images)
     # Measured before anything is written (an all-NaN image is refused here) and recorded, so a
     # resume and the report stretch with the same limits.
     new_limits = _image_limits(new, settings["preprocess"])
@@ -743,7 +865,15 @@ def _fingerprint_locked(
                     images=[s.id for s in new],
                     layout=pack_units(plan.tile_start, chunk_rows=st.chunk_rows),
                     plan_digest=_plan_digest(plan),
-                    inputs={s.id: {**_input_facts(s), "limits": new_limits.get(s.id)} for s in new},
+                    inputs={
+                        s.id: {
+                            "files": listing.files(position[s.id]),
+                            "source": s.to_record(),
+                            "limits": new_limits.get(s.id),
+                        }
+                        for s in new
+                    },
+                    plan=plan,
                 )
                 touched.append(index)
 
@@ -757,25 +887,32 @@ def _fingerprint_locked(
             "side": settings["cutouts"]["size"],
             "dtype": settings["dtype"],
         }
-        all_sources = dict(by_id)
+        all_sources = {s.id: s for s in new}
+        table = st.images()
+        done = st.done_units()
         jobs: list[UnitJob] = []
         total_units = n_windows = 0
         for index in touched:
             seg = st.segments[index]
+            total_units += seg.unit_stop - seg.unit_start
+            if all(u in done for u in range(seg.unit_start, seg.unit_stop)):
+                n_windows += seg.n_windows
+                continue  # nothing to resume: its plan is not even read
             plan = st.load_plan(index)
             n_windows += plan.n_windows
-            total_units += seg.unit_stop - seg.unit_start
-            for img in seg.images:
+            for i in table.in_segment(index):
+                img = str(table.ids[i])
                 # A segment is resumed as a whole: its other images are reopened from the record.
-                all_sources.setdefault(img, ImageSource.from_record(seg.inputs[img]["source"]))
-                if seg.inputs[img].get("limits") is not None:
-                    base["image_limits"][img] = np.asarray(seg.inputs[img]["limits"], np.float32)
-            jobs.extend(_segment_jobs(st, index, plan, all_sources, base))
+                if img not in all_sources:
+                    all_sources[img] = table.source(i)
+                limits = table.limits(i)
+                if limits is not None:
+                    base["image_limits"][img] = limits
+            jobs.extend(_segment_jobs(st, index, plan, all_sources, base, done))
         # Largest units first (units are independent; rows are fixed by the plan): the run
         # then ends on small ones, and no worker waits long for the last.
         jobs.sort(key=lambda j: -sum(len(t.windows) for t in j.tiles))
         _run_jobs(client, jobs, gpu=settings["gpu"], progress=progress)
-    images = tuple(s.id for s in sources)
     return FingerprintResult(
         store_path, n_windows, len(jobs), total_units - len(jobs), images, retired=len(changed)
     )
@@ -848,17 +985,6 @@ def _store_writes(path: str):
             f"{path}: cannot write to the store ({e.strerror or e}); fix that, then run the "
             "same command again"
         ) from None
-
-
-def _changed_inputs(store: Store | None, known: dict, by_id: dict) -> list[str]:
-    """Inputs already in the store whose files' size or mtime differ from its record."""
-    out = []
-    for img, i in known.items():
-        if img in by_id:
-            recorded = store.segments[i].inputs.get(img, {}).get("files")
-            if recorded is not None and recorded != _input_facts(by_id[img])["files"]:
-                out.append(img)
-    return out
 
 
 def _image_limits(sources: Sequence[ImageSource], preprocess: dict) -> dict:

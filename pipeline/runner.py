@@ -251,7 +251,7 @@ def _valid_total(store) -> int:
 
 
 def _retired_count(store) -> int:
-    return len(store.attrs.get("retired", []))
+    return store.n_retired()
 
 
 def _retired_since(store, state: dict) -> bool:

@@ -33,20 +33,28 @@ import numpy as np
 from .errors import StoreError
 
 __all__ = [
+    "IMAGES_GROUP",
     "REQUIRED_VARIABLES",
     "SCHEMA_VERSION",
+    "ImageTable",
     "Layout",
     "LockInfo",
+    "RecordedSources",
     "Segment",
     "Store",
     "WriterLock",
     "chunk_rows_for",
+    "image_rows",
     "pack_units",
+    "parse_mtime",
+    "upgrade",
 ]
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Schema 1 kept every image's record in the root attrs (segments[*].images / inputs, retired);
+# `elodin upgrade STORE` moves them into the images table.
 REQUIRED_VARIABLES = ("fingerprint", "top_class", "top_prob", "valid", "masked_fraction")
 COORDS = ("image", "x", "y", "width", "height", "ra", "dec")
 # dtype and fill of every per-row array the fingerprint stage writes
@@ -150,32 +158,240 @@ def chunk_rows_for(
 
 @dataclasses.dataclass(frozen=True)
 class Segment:
-    """Rows and units one run appended to the store."""
+    """Rows and units one run appended to the store, and where its images' records are.
 
-    images: tuple[str, ...]
+    The segment's images are the rows ``image_start:image_stop`` of the images table
+    (:meth:`Store.images`) and their files ``file_start:file_stop``; a segment record has a
+    fixed size, whatever the number of images.
+    """
+
     row_start: int
     row_stop: int
     unit_start: int
     unit_stop: int
     plan_digest: str
-    inputs: dict  # image id -> {"paths": [...], "size": int, "mtime": float, ...}
+    n_windows: int = 0
+    image_start: int = 0
+    image_stop: int = 0
+    file_start: int = 0
+    file_stop: int = 0
 
     def to_json(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["images"] = list(self.images)
-        return d
+        return dataclasses.asdict(self)
 
     @classmethod
     def from_json(cls, d: Mapping) -> Segment:
         return cls(
-            images=tuple(d["images"]),
-            row_start=int(d["row_start"]),
-            row_stop=int(d["row_stop"]),
-            unit_start=int(d["unit_start"]),
-            unit_stop=int(d["unit_stop"]),
+            **{
+                f.name: int(d[f.name])
+                for f in dataclasses.fields(cls)
+                if f.name != "plan_digest" and f.name in d
+            },
             plan_digest=str(d["plan_digest"]),
-            inputs=dict(d.get("inputs", {})),
         )
+
+
+# ------------------------------------------------------------------------------- images table
+IMAGES_GROUP = "images"
+_IMAGE_CHUNK = 1024
+# The images table: one row per image (dim ``image``) and one per file (dim ``file``; image i
+# owns files ``file_start[i]:file_stop[i]``). Numbers that are compared across the whole survey
+# (segment, rows, retired, file size and mtime) are numeric columns, read and compared as
+# arrays; what is only read to reopen one image (its source record, WCS header included, and
+# its stretch limits) is one JSON string per image.
+_IMAGE_COLUMNS: dict[str, tuple[str, Any, Any]] = {
+    "id": ("image", str, ""),
+    "segment": ("image", "int32", -1),
+    "row_start": ("image", "int64", -1),
+    "row_stop": ("image", "int64", -1),
+    "file_start": ("image", "int64", -1),
+    "file_stop": ("image", "int64", -1),
+    "source": ("image", str, ""),
+    "limits": ("image", str, ""),
+    "retired": ("image", "bool", False),
+    "retired_reason": ("image", str, ""),
+    "retired_rows": ("image", "int64", 0),
+    "file_path": ("file", str, ""),
+    "file_size": ("file", "int64", -1),
+    "file_mtime": ("file", "float64", np.nan),
+}
+_IMAGES_ABOUT = (
+    "one record per image (dim image) and per file (dim file); the root's segments say how "
+    "many rows are committed"
+)
+
+
+def parse_mtime(value: Any) -> float:
+    """A file's modification time as POSIX seconds (NaN when unknown); accepts what fsspec
+    filesystems report (a number, a datetime, an ISO string) and what schema-1 stores kept."""
+    import datetime
+
+    if value is None or value == "":
+        return float("nan")
+    if isinstance(value, datetime.datetime):
+        return value.timestamp()
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        pass
+    try:
+        return datetime.datetime.fromisoformat(str(value)).timestamp()
+    except ValueError:
+        return float("nan")
+
+
+class ImageTable:
+    """The committed image records of a store, read column by column (each column once).
+
+    ``len(table)`` is the number of records; a retired record stays, flagged, so the rows it
+    names keep their history. Columns come back as numpy arrays (:meth:`column`); one image's
+    full record is :meth:`record`, its source :meth:`source`.
+    """
+
+    def __init__(self, group, n_images: int, n_files: int) -> None:
+        self._group = group
+        self.n_images = int(n_images)
+        self.n_files = int(n_files)
+        self._cache: dict[str, np.ndarray] = {}
+        self._index: dict[str, int] | None = None
+
+    def __len__(self) -> int:
+        return self.n_images
+
+    def column(self, name: str) -> np.ndarray:
+        """One column over every committed record (``file_*``: over every file)."""
+        if name not in self._cache:
+            dim, dtype, _ = _IMAGE_COLUMNS[name]
+            n = self.n_images if dim == "image" else self.n_files
+            if self._group is None or n == 0 or name not in self._group:
+                values = np.zeros(0, dtype=object if dtype is str else dtype)
+            else:
+                values = self._group[name][:n]
+                if dtype is str:
+                    values = np.asarray(values, dtype=object)
+            self._cache[name] = values
+        return self._cache[name]
+
+    @property
+    def ids(self) -> np.ndarray:
+        return self.column("id")
+
+    def current(self) -> np.ndarray:
+        """Indices of the records in use (not retired)."""
+        return np.flatnonzero(~self.column("retired").astype(bool))
+
+    def in_segment(self, segment: int, *, retired: bool = False) -> np.ndarray:
+        """Indices of segment ``segment``'s records, in its plan's image order."""
+        mask = self.column("segment") == segment
+        if not retired:
+            mask &= ~self.column("retired").astype(bool)
+        return np.flatnonzero(mask)
+
+    def find(self, image: str) -> int | None:
+        """The index of the record in use for image id ``image`` (None: not in the store)."""
+        if self._index is None:
+            ids = self.ids
+            self._index = {str(ids[i]): int(i) for i in self.current()}
+        return self._index.get(image)
+
+    def files(self, i: int) -> list[dict]:
+        lo, hi = int(self.column("file_start")[i]), int(self.column("file_stop")[i])
+        paths, sizes = self.column("file_path"), self.column("file_size")
+        mtimes = self.column("file_mtime")
+        return [
+            {"path": str(paths[j]), "size": int(sizes[j]), "mtime": float(mtimes[j])}
+            for j in range(lo, hi)
+        ]
+
+    def limits(self, i: int) -> np.ndarray | None:
+        """Image ``i``'s stretch limits as the workers use them (float32), or None."""
+        value = self._limits_record(i)
+        return None if value is None else np.asarray(value, np.float32)
+
+    def _limits_record(self, i: int) -> Any:
+        text = str(self.column("limits")[i])
+        return json.loads(text) if text else None
+
+    def source_record(self, i: int) -> dict | None:
+        text = str(self.column("source")[i])
+        return json.loads(text) if text else None
+
+    def source(self, i: int):
+        """Image ``i`` reopened lazily, exactly as it was fingerprinted (HDU and variable)."""
+        from .sources import ImageSource
+
+        rec = self.source_record(i)
+        if rec is None:
+            raise StoreError(f"the store records no source for image {self.ids[i]!r}")
+        return ImageSource.from_record(rec)
+
+    def record(self, i: int) -> dict:
+        """Everything recorded of image ``i`` as one mapping (JSON-able)."""
+        return {
+            "id": str(self.ids[i]),
+            "segment": int(self.column("segment")[i]),
+            "rows": [int(self.column("row_start")[i]), int(self.column("row_stop")[i])],
+            "files": self.files(i),
+            "source": self.source_record(i),
+            "limits": self._limits_record(i),
+            "retired": bool(self.column("retired")[i]),
+            "retired_reason": str(self.column("retired_reason")[i]),
+            "retired_rows": int(self.column("retired_rows")[i]),
+        }
+
+    def sources(self) -> RecordedSources:
+        """The images in use, by id, reopened on first access."""
+        return RecordedSources(self)
+
+
+class RecordedSources(Mapping):
+    """A read-only mapping image id -> :class:`~pipeline.sources.ImageSource` over the images
+    in use; each source is made from its record when first asked for."""
+
+    def __init__(self, table: ImageTable) -> None:
+        self._table = table
+        self._made: dict[str, Any] = {}
+
+    def __getitem__(self, image: str):
+        if image not in self._made:
+            i = self._table.find(image)
+            if i is None or self._table.source_record(i) is None:
+                raise KeyError(image)
+            self._made[image] = self._table.source(i)
+        return self._made[image]
+
+    def _with_source(self) -> np.ndarray:
+        # Records without a source (stores written before sources were recorded) are not in
+        # the mapping, as __getitem__ says.
+        current = self._table.current()
+        recorded = self._table.column("source")
+        return current[[bool(str(recorded[i])) for i in current]] if len(current) else current
+
+    def __iter__(self):
+        ids = self._table.ids
+        return (str(ids[i]) for i in self._with_source())
+
+    def __len__(self) -> int:
+        return len(self._with_source())
+
+
+def image_rows(plan, layout: Layout) -> np.ndarray:
+    """``(n_images, 2)`` rows ``[start, stop)`` (relative to the segment) spanned by each image
+    of ``plan`` (``-1, -1`` for an image with no window); the range bounds the rows a retire
+    has to look at."""
+    n = len(plan.images)
+    out = np.full((n, 2), -1, np.int64)
+    if plan.n_windows == 0 or n == 0:
+        return out
+    rows = layout.window_rows()
+    img = np.repeat(plan.tiles["image"].astype(np.int64), np.diff(plan.tile_start))
+    start = np.full(n, np.iinfo(np.int64).max, np.int64)
+    stop = np.full(n, -1, np.int64)
+    np.minimum.at(start, img, rows)
+    np.maximum.at(stop, img, rows + 1)
+    has = stop >= 0
+    out[has, 0], out[has, 1] = start[has], stop[has]
+    return out
 
 
 # -------------------------------------------------------------------------------------- store
@@ -566,6 +782,7 @@ class Store:
                 f"{path}: not a readable Zarr v3 group ({type(e).__name__}: {e})"
             ) from None
         store = cls(path, group)
+        store._check_schema()
         if mode != "r" and not cls._other_writer(path):
             # Never while another run holds the lock: it may be half way through growing the
             # arrays, which repair would take for a killed run's leftovers.
@@ -648,17 +865,30 @@ class Store:
             raise StoreError(f"{path}: cannot remove the lock ({e.strerror or e})") from None
         return holder
 
-    def validate(self) -> None:
+    def _check_schema(self) -> None:
         attrs = self._group.attrs.asdict()
         if attrs.get("elodin_incomplete") and "elodin_schema" not in attrs:
             raise StoreError(
                 f"{self.path}: the run creating this store was interrupted before it wrote "
                 "anything; run the same `elodin fingerprint` command again"
             )
-        if attrs.get("elodin_schema") != SCHEMA_VERSION:
+        schema = attrs.get("elodin_schema")
+        if (
+            isinstance(schema, int)
+            and not isinstance(schema, bool)
+            and 1 <= schema < SCHEMA_VERSION
+        ):
             raise StoreError(
-                f"{self.path}: not an Elodin fingerprint store (schema {attrs.get('elodin_schema')!r}, expected {SCHEMA_VERSION})"
+                f"{self.path}: store schema {schema} is older than this Elodin's "
+                f"({SCHEMA_VERSION}); run `elodin upgrade {self.path}` first"
             )
+        if schema != SCHEMA_VERSION:
+            raise StoreError(
+                f"{self.path}: not an Elodin fingerprint store (schema {schema!r}, expected {SCHEMA_VERSION})"
+            )
+
+    def validate(self) -> None:
+        self._check_schema()
         names = set(self._group.array_keys())
         missing = [v for v in (*REQUIRED_VARIABLES, *COORDS) if v not in names]
         if missing:
@@ -775,6 +1005,19 @@ class Store:
         segs = self.segments
         return segs[-1].unit_stop if segs else 0
 
+    def images(self) -> ImageTable:
+        """The per-image records (files, size, mtime, source, limits, segment, rows, retired)
+        committed by the recorded segments; one read per column used, however many images."""
+        segs = self.segments
+        group = self._group.get(IMAGES_GROUP) if segs else None
+        return ImageTable(
+            group, segs[-1].image_stop if segs else 0, segs[-1].file_stop if segs else 0
+        )
+
+    def n_retired(self) -> int:
+        """Images retired so far (their rows are no longer valid)."""
+        return int(np.count_nonzero(self.images().column("retired")))
+
     def array(self, name: str):
         return self._group[name]
 
@@ -818,24 +1061,97 @@ class Store:
                 )
 
     def append_segment(
-        self, *, images: Sequence[str], layout: Layout, plan_digest: str, inputs: Mapping
+        self,
+        *,
+        images: Sequence[str],
+        layout: Layout,
+        plan_digest: str,
+        inputs: Mapping,
+        plan=None,
     ) -> Segment:
-        """Grow every row array by ``layout.n_rows`` and record the new segment."""
+        """Grow every row array by ``layout.n_rows`` and record the new segment.
+
+        ``inputs`` maps each image id to its record: ``files`` (``path``, ``size``, ``mtime``),
+        ``source`` (:meth:`ImageSource.to_record`) and ``limits``. ``plan`` (the segment's
+        plan) gives each image's row range; without it an image spans the segment's rows.
+
+        The order is the commit protocol: the images table grows first, then the row arrays,
+        and the segment record in the root attrs, written last and at once, makes both count.
+        A client killed before that leaves rows past the recorded segments, which
+        :meth:`repair` drops.
+        """
+        segs = self.segments
         start = self.n_rows
+        image_start = segs[-1].image_stop if segs else 0
+        file_start = segs[-1].file_stop if segs else 0
+        rows = (
+            image_rows(plan, layout)
+            if plan is not None
+            else np.tile([0, layout.n_rows], (len(images), 1)).astype(np.int64)
+        )
+        rows = np.where(rows >= 0, rows + start, -1)
+        n_files = self._append_images(
+            images, inputs, rows, image_start, file_start, segment=len(segs)
+        )
         seg = Segment(
-            images=tuple(images),
             row_start=start,
             row_stop=start + layout.n_rows,
             unit_start=self.n_units,
             unit_stop=self.n_units + layout.n_units,
             plan_digest=plan_digest,
-            inputs=_jsonable(dict(inputs)),
+            n_windows=int(layout.unit_windows[-1]),
+            image_start=image_start,
+            image_stop=image_start + len(images),
+            file_start=file_start,
+            file_stop=file_start + n_files,
         )
         for name in self._row_array_names():
             arr = self._group[name]
             arr.resize((seg.row_stop, *arr.shape[1:]))
         self._group.attrs["segments"] = [*self.attrs.get("segments", []), seg.to_json()]
         return seg
+
+    def _append_images(
+        self,
+        images: Sequence[str],
+        inputs: Mapping,
+        rows: np.ndarray,
+        image_start: int,
+        file_start: int,
+        *,
+        segment: int,
+    ) -> int:
+        """Write the records of ``images`` at table rows ``image_start...`` (uncommitted until
+        the segment is recorded); returns the number of files written."""
+        cols: dict[str, list] = {name: [] for name in _IMAGE_COLUMNS}
+        f = file_start
+        for k, img in enumerate(images):
+            rec = dict(inputs.get(img) or {})
+            files = rec.get("files") or []
+            cols["id"].append(str(img))
+            cols["row_start"].append(int(rows[k, 0]))
+            cols["row_stop"].append(int(rows[k, 1]))
+            cols["file_start"].append(f)
+            cols["file_stop"].append(f + len(files))
+            cols["source"].append(_json_text(rec.get("source")))
+            cols["limits"].append(_json_text(rec.get("limits")))
+            for fr in files:
+                cols["file_path"].append(str(fr["path"]))
+                size = fr.get("size")
+                cols["file_size"].append(-1 if size is None else int(size))
+                cols["file_mtime"].append(parse_mtime(fr.get("mtime")))
+            f += len(files)
+        cols["segment"] = [segment] * len(images)
+        cols["retired"] = [False] * len(images)
+        cols["retired_reason"] = [""] * len(images)
+        cols["retired_rows"] = [0] * len(images)
+        # Made by the first append at its size: one metadata write per column, not two.
+        group = _create_images_table(self._group, {"image": image_start + len(images), "file": f})
+        for name, values in cols.items():
+            dim, dtype, _ = _IMAGE_COLUMNS[name]
+            at = image_start if dim == "image" else file_start
+            _write_column(group[name], at, values, dtype)
+        return f - file_start
 
     def _row_array_names(self) -> list[str]:
         return [
@@ -866,7 +1182,7 @@ class Store:
             )
             if data.size:
                 arr[...] = data
-        group.attrs["images"] = list(plan.images)
+        _write_plan_ids(group, plan.images)
 
     def load_plan(self, index: int):
         """The plan saved for segment ``index`` (None if it was never saved)."""
@@ -882,7 +1198,11 @@ class Store:
         tiles = np.zeros(len(tiles_2d), TILE_DTYPE)
         for i, f in enumerate(_TILE_FIELDS):
             tiles[f] = tiles_2d[:, i]
-        return Plan(tuple(group.attrs["images"]), tiles, windows, tile_start)
+        if "images" in group.array_keys():
+            ids = tuple(str(v) for v in group["images"][...])
+        else:  # schema 1 kept the ids in the plan group's attrs
+            ids = tuple(group.attrs["images"])
+        return Plan(ids, tiles, windows, tile_start)
 
     def repair(self) -> bool:
         """Undo a half-finished append (arrays grown, segment not yet recorded).
@@ -894,6 +1214,16 @@ class Store:
         segs = self.segments
         expected = segs[-1].row_stop if segs else 0
         fixed = False
+        if IMAGES_GROUP in self._group:
+            counts = {
+                "image": segs[-1].image_stop if segs else 0,
+                "file": segs[-1].file_stop if segs else 0,
+            }
+            table = self._group[IMAGES_GROUP]
+            for name, (dim, _, _) in _IMAGE_COLUMNS.items():
+                if name in table and table[name].shape[0] > counts[dim]:
+                    table[name].resize((counts[dim],))
+                    fixed = True
         for name in self._row_array_names():
             arr = self._group[name]
             if arr.shape[0] != expected:
@@ -973,11 +1303,11 @@ class Store:
             yield start, arr[start : start + step]
 
     def retire_image(self, index: int, image: str, *, reason: str = "changed") -> int:
-        """Take ``image``'s rows in segment ``index`` out of use (``valid = False``) and move
-        its record to ``attrs["retired"]``, so the image can be fingerprinted again as new.
+        """Take ``image``'s rows in segment ``index`` out of use (``valid = False``) and flag
+        its record retired, so the image can be fingerprinted again as new.
 
         Only for a complete segment (no task will write those rows again). Returns the number
-        of rows retired.
+        of rows retired. The flag is written last: a retire killed half way is done again.
         """
         seg = self.segments[index]
         done = self.done_units()
@@ -985,25 +1315,27 @@ class Store:
             raise StoreError(
                 f"{self.path}: image {image} changed while the run that added it is unfinished; finish that run first"
             )
+        table = self.images()
+        i = table.find(image)
+        if i is None or int(table.column("segment")[i]) != index:
+            raise StoreError(f"{self.path}: segment {index} holds no image {image!r} in use")
+        lo, hi = int(table.column("row_start")[i]), int(table.column("row_stop")[i])
         valid, ids = self._group["valid"], self._group["image"]
         step = 64 * self.chunk_rows
         n = 0
-        for b in range(seg.row_start, seg.row_stop, step):
-            e = min(seg.row_stop, b + step)
-            mask = np.asarray(ids[b:e], dtype=object) == image
-            if mask.any():
-                v = valid[b:e]
-                n += int(np.count_nonzero(v & mask))
-                v[mask] = False
-                valid[b:e] = v
-        segments = self.attrs["segments"]
-        record = segments[index]["inputs"].pop(image, {})
-        segments[index]["images"] = [i for i in segments[index]["images"] if i != image]
-        retired = [
-            *self.attrs.get("retired", []),
-            {"id": image, "segment": index, "reason": reason, "rows": n, **record},
-        ]
-        self._group.attrs.update(_jsonable({"segments": segments, "retired": retired}))
+        if lo >= 0:
+            for b in range(lo - lo % self.chunk_rows, hi, step):
+                e = min(hi, b + step)
+                mask = np.asarray(ids[b:e], dtype=object) == image
+                if mask.any():
+                    v = valid[b:e]
+                    n += int(np.count_nonzero(v & mask))
+                    v[mask] = False
+                    valid[b:e] = v
+        group = self._group[IMAGES_GROUP]
+        group["retired_rows"][i] = n
+        group["retired_reason"][i] = reason
+        group["retired"][i] = True
         return n
 
     # -- writing (workers) ----------------------------------------------------------------
@@ -1089,3 +1421,186 @@ _TILE_FIELDS = ("image", "ty0", "ty1", "tx0", "tx1", "ry0", "ry1", "rx0", "rx1")
 def _jsonable(value: Any) -> Any:
     """Round-trip through JSON so comparisons see what the store holds (tuples -> lists)."""
     return json.loads(json.dumps(value, default=str))
+
+
+def _write_plan_ids(group, images: Sequence[str]) -> None:
+    """A plan's image ids as a string array (its group's attrs would grow with the images)."""
+    arr = group.create_array(
+        "images",
+        shape=(len(images),),
+        dtype=str,
+        chunks=(max(1, min(len(images), 65536)),),
+        fill_value="",
+        overwrite=True,
+    )
+    if len(images):
+        arr[...] = np.asarray(list(images), dtype=object)
+
+
+def _json_text(value: Any) -> str:
+    """A record field as canonical JSON text (``""`` for None)."""
+    return "" if value is None else json.dumps(_jsonable(value), sort_keys=True)
+
+
+def _create_images_table(group, sizes: Mapping[str, int] | None = None):
+    """The ``images/`` group with every column, made once (of ``sizes[dim]`` records)."""
+    if IMAGES_GROUP in group:
+        table = group[IMAGES_GROUP]
+    else:
+        table = group.create_group(IMAGES_GROUP, attributes={"about": _IMAGES_ABOUT})
+    for name, (dim, dtype, fill) in _IMAGE_COLUMNS.items():
+        if name not in table:
+            table.create_array(
+                name,
+                shape=((sizes or {}).get(dim, 0),),
+                dtype=dtype,
+                chunks=(_IMAGE_CHUNK,),
+                fill_value=fill,
+                dimension_names=(dim,),
+            )
+    return table
+
+
+def _write_column(arr, at: int, values: list, dtype: Any) -> None:
+    """Write ``values`` at ``at`` (growing the column to end there): only the chunks from
+    ``at`` on are written, so an append costs what it adds."""
+    if arr.shape[0] != at + len(values):
+        arr.resize((at + len(values),))
+    if values:
+        arr[at : at + len(values)] = np.asarray(values, dtype=object if dtype is str else dtype)
+
+
+# ------------------------------------------------------------------------------------ upgrade
+def upgrade(path: str | os.PathLike) -> str:
+    """Convert a store of an older schema to the current one, in place; returns what was done.
+
+    Schema 1 kept every image's record in the root attrs (``segments[*].images`` and
+    ``inputs``, ``retired``): rewritten at every append and parsed at every open. The records
+    move into the images table in the order a fresh run writes them (each segment's plan
+    order, retired records where they were), the segments get their table ranges, and the
+    root attrs lose the per-image facts. Runs under the writer lock; the root attrs are
+    rewritten last, in one write, so an upgrade that fails before that leaves the store as it
+    was (a partly written ``images/`` group is removed).
+    """
+    import zarr
+
+    path = str(path)
+    with Store.lock(path, command=f"elodin upgrade {path}"):
+        if not Store.exists(path):
+            raise StoreError(f"{path}: no fingerprint store here")
+        group = zarr.open_group(path, mode="r+", zarr_format=3)
+        attrs = group.attrs.asdict()
+        schema = attrs.get("elodin_schema")
+        if schema == SCHEMA_VERSION:
+            return f"{path}: already at schema {SCHEMA_VERSION}; nothing to do"
+        if schema != 1:
+            raise StoreError(
+                f"{path}: cannot upgrade schema {schema!r} (this Elodin reads {SCHEMA_VERSION})"
+            )
+        fresh = IMAGES_GROUP not in group
+        if not fresh:  # left by an upgrade that failed before its commit
+            del group[IMAGES_GROUP]
+        store = Store(path, group)
+        plans = [
+            group["plans"][str(i)]
+            for i in range(len(attrs.get("segments") or []))
+            if "plans" in group and str(i) in group["plans"]
+        ]
+        try:
+            new_attrs = _upgrade_v1(store, attrs)
+            for p in plans:
+                if "images" in p.attrs:
+                    _write_plan_ids(p, p.attrs["images"])
+        except BaseException as e:
+            if IMAGES_GROUP in group:
+                del group[IMAGES_GROUP]
+            for p in plans:
+                if "images" in p.attrs and "images" in p.array_keys():
+                    del p["images"]
+            if isinstance(e, OSError):
+                raise StoreError(
+                    f"{path}: cannot write to the store ({e.strerror or e}); "
+                    "it is unchanged, still at schema 1"
+                ) from None
+            raise
+        # The commit: one write of the whole root document.
+        group.attrs.put(_jsonable(new_attrs))
+        for p in plans:  # the ids are in their arrays now (load_plan reads those first)
+            if "images" in p.attrs:
+                p.attrs.put({})
+        st = Store.open(path, mode="r")
+        return (
+            f"{path}: upgraded from schema 1 to {SCHEMA_VERSION} "
+            f"({len(st.images())} image record(s) moved into {IMAGES_GROUP}/)"
+        )
+
+
+def _upgrade_v1(store: Store, attrs: Mapping[str, Any]) -> dict:
+    """Write schema 1's per-image records into the images table; return the new root attrs.
+
+    Nothing in the root document changes here (the caller commits), so a run killed half way
+    leaves a schema-1 store with an uncommitted ``images/`` group that the next upgrade
+    replaces.
+    """
+    retired = list(attrs.get("retired") or [])
+    chunk_rows = int(attrs["chunk_rows"])
+    segments: list[Segment] = []
+    n_images = n_files = 0
+    for index, seg in enumerate(attrs.get("segments") or []):
+        plan = store.load_plan(index)
+        if plan is None:
+            raise StoreError(
+                f"{store.path}: segment {index} has no saved plan; the store cannot be upgraded"
+            )
+        inputs = dict(seg.get("inputs") or {})
+        reasons: dict[str, dict] = {}
+        for r in retired:
+            if int(r.get("segment", -1)) == index:
+                inputs[str(r["id"])] = {k: r.get(k) for k in ("files", "source", "limits")}
+                reasons[str(r["id"])] = r
+        # The plan's order is the order the run appended its images in (retired ones too).
+        images = [i for i in plan.images if i]
+        missing = [i for i in images if i not in inputs]
+        if missing:
+            raise StoreError(
+                f"{store.path}: segment {index} records no input for image {missing[0]!r}; "
+                "the store cannot be upgraded"
+            )
+        layout = pack_units(plan.tile_start, chunk_rows=chunk_rows)
+        row_start = int(seg["row_start"])
+        if layout.n_rows != int(seg["row_stop"]) - row_start or layout.n_units != int(
+            seg["unit_stop"]
+        ) - int(seg["unit_start"]):
+            raise StoreError(
+                f"{store.path}: segment {index}'s rows or units do not follow from its saved "
+                "plan; the store cannot be upgraded"
+            )
+        rows = image_rows(plan, layout)
+        rows = np.where(rows >= 0, rows + row_start, -1)
+        files = store._append_images(images, inputs, rows, n_images, n_files, segment=index)
+        table = store._group[IMAGES_GROUP]
+        for k, img in enumerate(images):
+            if img in reasons:
+                r = reasons[img]
+                table["retired_rows"][n_images + k] = int(r.get("rows", 0))
+                table["retired_reason"][n_images + k] = str(r.get("reason", ""))
+                table["retired"][n_images + k] = True
+        segments.append(
+            Segment(
+                row_start=row_start,
+                row_stop=int(seg["row_stop"]),
+                unit_start=int(seg["unit_start"]),
+                unit_stop=int(seg["unit_stop"]),
+                plan_digest=str(seg["plan_digest"]),
+                n_windows=int(plan.n_windows),
+                image_start=n_images,
+                image_stop=n_images + len(images),
+                file_start=n_files,
+                file_stop=n_files + files,
+            )
+        )
+        n_images += len(images)
+        n_files += files
+    # Same keys in the same places as a fresh store's document, less the per-image ones.
+    new = {"segments": [s.to_json() for s in segments], "elodin_schema": SCHEMA_VERSION}
+    return {k: new.get(k, v) for k, v in attrs.items() if k != "retired"}

@@ -49,25 +49,47 @@ def test_read_raw_equals_cutting_the_whole_image(source):
     assert len(read_windows(source, windows[:0])) == 0
 
 
-def test_from_attrs_reopens_records_and_uses_recorded_limits(source):
-    attrs = {
-        "preprocess": {"scope": "image"},
-        "cutouts": {"fill": None},
-        "segments": [
-            {"inputs": {source.id: {"source": source.to_record(), "limits": [[1.0, 2.0]]}}},
-            {"inputs": {"gone": {"files": []}}},
-        ],
+def _store_of(path, source):
+    """A store recording ``source`` (with its limits) and an image recorded by files alone."""
+    from pipeline.store import Store, pack_units
+
+    s = Store.create(
+        path,
+        feature_dim=4,
+        topk=3,
+        chunk_rows=4,
+        attrs={
+            "model": "m",
+            "model_sha256": "abc",
+            "preprocess": {"scope": "image"},
+            "cutouts": {"fill": None},
+        },
+    )
+    inputs = {
+        source.id: {"files": [], "source": source.to_record(), "limits": [[1.0, 2.0]]},
+        "gone": {"files": []},
     }
-    assert set(image_records(attrs)) == {source.id, "gone"}
-    reader = CutoutReader.from_attrs(attrs)
+    s.append_segment(
+        images=[source.id, "gone"],
+        layout=pack_units(np.array([0, 2, 4]), chunk_rows=4),
+        plan_digest="d",
+        inputs=inputs,
+    )
+    return Store.open(path)
+
+
+def test_from_store_reopens_records_and_uses_recorded_limits(source, tmp_path):
+    store = _store_of(tmp_path / "s.zarr", source)
+    assert set(image_records(store)) == {source.id, "gone"}
+    reader = CutoutReader.from_store(store)
     assert set(reader.sources) == {source.id} and np.isnan(reader.fill)
     np.testing.assert_array_equal(reader.image_limits(source.id), [[1.0, 2.0]])
-    assert recorded_limits(attrs)[source.id].dtype == np.float32
+    assert recorded_limits(store)[source.id].dtype == np.float32
     # A stretch with the recorded limits maps them to the ends of the range.
     raw = np.array([[[[1.0, 2.0]]]], np.float32)
     rgb, frac = reader.prepare(raw, source.id)
     assert rgb.shape == (1, 3, 1, 2) and frac[0] == 0
     # The report's reader is the same reader (its fill for a `null` store is 0, as before).
-    thumbs = ThumbnailReader(attrs)
+    thumbs = ThumbnailReader(store)
     assert isinstance(thumbs, CutoutReader) and thumbs.fill == 0.0
     np.testing.assert_array_equal(thumbs.stretch(raw, source.id), rgb)

@@ -126,7 +126,7 @@ def test_cutout_is_the_stretched_window(server, store, table):
     assert status == 200 and ctype == "image/png"
     got = np.asarray(Image.open(io.BytesIO(body)).convert("RGB"))
     size = config.get_int("explore.thumb-px")
-    reader = ThumbnailReader(Store.open(store).attrs)
+    reader = ThumbnailReader(Store.open(store))
     box = window_boxes(
         table["x"][[row]], table["y"][[row]], table["width"][[row]], table["height"][[row]]
     )

@@ -504,3 +504,163 @@ def test_model_threads_setting_reaches_every_worker_session():
     ref = ModelRef("m", "m.onnx", "0" * 64, "auto", 5, per_host)
     assert ref.threads() == 3
     assert ModelRef("m", "m.onnx", "0" * 64, "auto", 5, ()).threads() is None
+
+
+# -------------------------------------------------------------------- survey scale (issue 14)
+def _corrupt_keeping_size_and_mtime(path: Path) -> None:
+    """Overwrite a file's bytes with garbage of the same length and put its mtime back: the
+    listing sees it unchanged, and anything that opens it fails."""
+    st = path.stat()
+    path.write_bytes(b"\0not a FITS file\0" * (st.st_size // 17) + b"\0" * (st.st_size % 17))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_a_no_op_rerun_opens_no_image_and_writes_nothing(tmp_path, client):
+    """Nothing new: the inputs are recognised from the store's records by (path, size, mtime)
+    alone. Every file is made unreadable first, so opening any one of them fails the run."""
+    files = [make_mosaic(tmp_path / f"p{i}.fits", ny=128, nx=128, seed=40 + i) for i in range(3)]
+    out = tmp_path / "noop.zarr"
+    first = fingerprint(files, out, client=client, progress=False, **SETTINGS)
+    assert first.units_run > 0
+    before = store_digest(out)
+    for f in files:
+        _corrupt_keeping_size_and_mtime(f)
+    # No client given either: a run with nothing to do starts no cluster.
+    again = fingerprint(files, out, progress=False, **SETTINGS)
+    assert again.units_run == 0 and again.units_skipped == first.units_run
+    assert again.n_cutouts == first.n_cutouts and again.images == first.images
+    assert store_digest(out) == before
+    # The same corruption with a new mtime is a changed input: refused, store untouched.
+    os.utime(files[0])
+    with pytest.raises(StoreError, match="p0.*changed since it was fingerprinted"):
+        fingerprint(files, out, progress=False, **SETTINGS)
+    assert store_digest(out) == before
+
+
+def _write_schema_1(path: Path) -> None:
+    """Rewrite a store in the layout schema 1 (the code before issue 14) wrote: every image's
+    record in the root attrs (``segments[*].images`` / ``inputs``, ``retired``), no
+    ``images/`` table. Field by field what that code's ``append_segment`` and
+    ``retire_image`` stored."""
+    import zarr
+
+    group = zarr.open_group(str(path), mode="r+", zarr_format=3)
+    st = Store.open(path)
+    table = st.images()
+    segments, retired = [], []
+    for index, seg in enumerate(st.segments):
+        inputs, images = {}, []
+        for i in table.in_segment(index, retired=True):
+            rec = table.record(i)
+            old = {
+                "files": [
+                    {"path": f["path"], "size": f["size"], "mtime": str(f["mtime"])}
+                    for f in rec["files"]
+                ],
+                "source": rec["source"],
+                "limits": rec["limits"],
+            }
+            if rec["retired"]:
+                retired.append(
+                    {
+                        "id": rec["id"],
+                        "segment": index,
+                        "reason": rec["retired_reason"],
+                        "rows": rec["retired_rows"],
+                        **old,
+                    }
+                )
+            else:
+                images.append(rec["id"])
+                inputs[rec["id"]] = old
+        segments.append(
+            {
+                "images": images,
+                "row_start": seg.row_start,
+                "row_stop": seg.row_stop,
+                "unit_start": seg.unit_start,
+                "unit_stop": seg.unit_stop,
+                "plan_digest": seg.plan_digest,
+                "inputs": inputs,
+            }
+        )
+    for index in range(len(st.segments)):  # schema 1 kept a plan's image ids in its attrs
+        plan_group = group["plans"][str(index)]
+        ids = [str(v) for v in plan_group["images"][...]]
+        del plan_group["images"]
+        plan_group.attrs["images"] = ids
+    attrs = {**group.attrs.asdict(), "elodin_schema": 1, "segments": segments}
+    if retired:
+        attrs["retired"] = retired
+    group.attrs.put(attrs)
+    del group["images"]
+
+
+def _tree(path: Path) -> dict[str, bytes]:
+    return {
+        str(f.relative_to(path)): f.read_bytes()
+        for f in sorted(path.rglob("*"))
+        if f.is_file() and "locks" not in f.parts
+    }
+
+
+def test_an_upgraded_schema_1_store_equals_a_fresh_one(tmp_path, client):
+    """A store in the old layout (two segments, one image retired and fingerprinted again) is
+    refused with the upgrade command, and `elodin upgrade` makes it the store a fresh run
+    writes, file for file."""
+    from pipeline.store import upgrade
+
+    a = make_mosaic(tmp_path / "a.fits", ny=128, nx=256, seed=50)
+    b = make_mosaic(tmp_path / "b.fits", ny=128, nx=128, seed=51)
+    fresh = tmp_path / "fresh.zarr"
+    fingerprint([a], fresh, client=client, progress=False, **SETTINGS)
+    fingerprint([a, b], fresh, client=client, progress=False, **SETTINGS)
+    time.sleep(0.01)
+    make_mosaic(a, ny=128, nx=256, seed=52)  # a changed: retired, then fingerprinted again
+    fingerprint([a, b], fresh, client=client, progress=False, replace_changed=True, **SETTINGS)
+    table = Store.open(fresh).images()
+    assert table.ids.tolist() == ["a", "b", "a"] and table.column("retired").tolist() == [
+        True,
+        False,
+        False,
+    ]
+    old = tmp_path / "old.zarr"
+    shutil.copytree(fresh, old)
+    _write_schema_1(old)
+    with pytest.raises(StoreError, match=r"schema 1 .*run `elodin upgrade .*old\.zarr`"):
+        Store.open(old)
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "upgrade", str(old)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "upgraded from schema 1 to 2 (3 image record(s)" in result.stdout
+    assert _tree(old) == _tree(fresh)
+    assert "already at schema 2" in upgrade(old)
+
+
+def test_a_failed_upgrade_leaves_the_store_as_it_was(tmp_path, clean_store, monkeypatch):
+    from pipeline import store as store_module
+
+    old = tmp_path / "old.zarr"
+    shutil.copytree(clean_store, old)
+    _write_schema_1(old)
+    before = store_digest(old)
+    real = store_module.Store._append_images
+
+    def fail_after_writing(self, *args, **kwargs):
+        real(self, *args, **kwargs)  # the table is half written when the disk goes
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(store_module.Store, "_append_images", fail_after_writing)
+    with pytest.raises(StoreError, match="No space left on device.*still at schema 1"):
+        store_module.upgrade(old)
+    assert store_digest(old) == before
+    monkeypatch.undo()
+    shutil.rmtree(old / "plans" / "0")  # a segment without its saved plan cannot be upgraded
+    before = store_digest(old)
+    with pytest.raises(StoreError, match="segment 0 has no saved plan"):
+        store_module.upgrade(old)
+    assert store_digest(old) == before

@@ -27,9 +27,9 @@ from pipeline.report.thumbnails import (
     downsample_factor,
     downsampled_image,
     read_windows,
-    sources_from_attrs,
     window_boxes,
 )
+from pipeline.sources import ImageSource
 from pipeline.store import Store
 from pipeline.testing import synthetic_mosaic
 
@@ -237,9 +237,7 @@ def test_overlay_of_a_large_factor(store, tmp_path):
 
 
 def test_downsampled_image_reads_like_numpy(mosaic):
-    (src,) = sources_from_attrs(
-        {"segments": [{"inputs": {"orion": {"source": _source_record(mosaic)}}}]}
-    ).values()
+    src = ImageSource.from_record(_source_record(mosaic))
     data = fits.getdata(mosaic).astype(np.float32)
     for f in (1, 3, 7):
         got = downsampled_image(src, f, tile=64)
@@ -282,7 +280,7 @@ def test_thumbnails_equal_a_direct_read_and_stretch(store, table, mosaic):
     from pipeline.preprocess import image_limits_for, stretch_cutouts
 
     st = Store.open(store)
-    reader = ThumbnailReader(st.attrs)
+    reader = ThumbnailReader(st)
     data = fits.getdata(mosaic).astype(np.float32)
     fill = st.attrs["cutouts"]["fill"]
     padded = np.pad(data, SIZE, constant_values=fill)
@@ -312,7 +310,7 @@ def test_windows_of_varying_size_are_read_and_stretched_alike(store, mosaic):
     from pipeline.preprocess import image_limits_for, stretch_cutouts
 
     st = Store.open(store)
-    reader = ThumbnailReader(st.attrs)
+    reader = ThumbnailReader(st)
     data = fits.getdata(mosaic).astype(np.float32)
     boxes = np.array(
         [(5, 7, 20, 20), (100, 40, 57, 57), (NX - 30, NY - 10, 48, 48), (0, 0, 33, 33)]
@@ -333,10 +331,11 @@ def test_a_moved_source_image_is_one_clear_error(store, tmp_path, mosaic):
 
     moved = tmp_path / "moved.zarr"
     shutil.copytree(store, moved)
-    group = zarr.open_group(str(moved), mode="r+", zarr_format=3)
-    segments = group.attrs["segments"]
-    segments[0]["inputs"]["orion"]["source"]["paths"] = [str(tmp_path / "gone.fits")]
-    group.attrs["segments"] = segments
+    # The image's record in the store's images table now names a file that is gone.
+    table = zarr.open_group(str(moved / "images"), mode="r+", zarr_format=3)
+    record = json.loads(str(table["source"][0]))
+    record["paths"] = [str(tmp_path / "gone.fits")]
+    table["source"][0] = json.dumps(record, sort_keys=True)
     with pytest.raises(InputError, match=r"gone\.fits.*reads its thumbnails back"):
         make_report(moved, tmp_path / "r")
 
@@ -353,9 +352,7 @@ class _CountingSource:
 
 
 def test_windows_are_read_by_neighbourhood(mosaic):
-    (src,) = sources_from_attrs(
-        {"segments": [{"inputs": {"orion": {"source": _source_record(mosaic)}}}]}
-    ).values()
+    src = ImageSource.from_record(_source_record(mosaic))
     data = fits.getdata(mosaic).astype(np.float32)
     # Crowded: a 4 x 4 block of touching windows is one read of their bounding box.
     crowd = np.array([(x, y, 16, 16) for y in range(0, 64, 16) for x in range(0, 64, 16)])

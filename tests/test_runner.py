@@ -112,7 +112,10 @@ def test_incremental_runs_do_nothing_absorb_refit_and_replace(tmp_path):
     ds = Store.open(store).dataset()
     assert not ds.valid.values[old_rows].any()
     assert len(_rows_of(store, "field1")) == 64
-    assert Store.open(store).attrs["retired"][0]["id"] == "field1"
+    table = Store.open(store).images()
+    (retired,) = np.flatnonzero(table.column("retired"))
+    assert table.ids[retired] == "field1" and table.record(retired)["retired_rows"] == 64
+    assert "retired" not in Store.open(store).attrs  # per-image facts live in the table
 
 
 def test_run_config_errors_are_one_line(tmp_path):

@@ -115,3 +115,94 @@ def test_analysis_variables_follow_growth(tmp_path):
     ds = Store.open(tmp_path / "s.zarr").dataset()
     assert ds.pca.shape == (25, 2) and ds.pca_components.shape == (2, 4)
     assert np.isnan(ds.pca.values[20:]).all()
+
+
+def _survey_store(path, n_images: int) -> Store:
+    """A store whose one segment holds ``n_images`` images with full records (a 3 kB WCS
+    header each, as real FITS patches have), two windows per image."""
+    from pipeline.tiling import TILE_DTYPE, Plan
+
+    s = Store.create(
+        path, feature_dim=4, topk=3, chunk_rows=8, attrs={"model": "m", "model_sha256": "abc"}
+    )
+    tiles = np.zeros(n_images, TILE_DTYPE)
+    tiles["image"] = np.arange(n_images)
+    plan = Plan(
+        tuple(f"p{i}" for i in range(n_images)),
+        tiles,
+        np.tile([0, 0, 8, 8], (2 * n_images, 1)),
+        np.arange(0, 2 * n_images + 1, 2),
+    )
+    header = "".join(
+        f"{f'KEY{k}':<8}= {k:>20} / a header card of eighty bytes{'':<19}" for k in range(40)
+    )
+    inputs = {
+        f"p{i}": {
+            "files": [{"path": f"/survey/p{i}.fits", "size": 1000 + i, "mtime": 1.5e9 + i}],
+            "source": {"id": f"p{i}", "paths": [f"/survey/p{i}.fits"], "kind": "fits",
+                       "shape": [64, 64], "n_bands": 1, "hdu": 0, "variable": None,
+                       "wcs_header": header},
+            "limits": [[0.0, float(i)]],
+        }
+        for i in range(n_images)
+    }  # fmt: skip
+    s.save_plan(0, plan)
+    s.append_segment(
+        images=plan.images,
+        layout=pack_units(plan.tile_start, chunk_rows=8),
+        plan_digest="d",
+        inputs=inputs,
+        plan=plan,
+    )
+    return s
+
+
+def test_root_metadata_does_not_grow_with_the_images(tmp_path):
+    """The root document holds facts that do not grow with the survey: 10 or 3000 images give
+    the same size (a few digits apart), and the records come back from the images table."""
+    _survey_store(tmp_path / "small.zarr", 10)
+    large = _survey_store(tmp_path / "large.zarr", 3000)
+    size = {p: (tmp_path / p / "zarr.json").stat().st_size for p in ("small.zarr", "large.zarr")}
+    assert size["large.zarr"] - size["small.zarr"] < 32, size
+    assert size["large.zarr"] < 2048  # 3000 records at ~3 kB would be ~10 MB
+    largest = {  # no JSON document anywhere in the store grows with the images (plans too)
+        p: max(f.stat().st_size for f in (tmp_path / p).rglob("*.json"))
+        for p in ("small.zarr", "large.zarr")
+    }
+    assert largest["large.zarr"] - largest["small.zarr"] < 32, largest
+    table = Store.open(large.path).images()
+    assert len(table) == 3000 and table.find("p2999") == 2999
+    rec = table.record(1234)
+    assert rec["files"] == [{"path": "/survey/p1234.fits", "size": 2234, "mtime": 1.5e9 + 1234}]
+    assert rec["rows"] == [2 * 1234, 2 * 1234 + 2] and rec["segment"] == 0
+    assert table.source(1234).shape == (64, 64) and table.limits(1234).tolist() == [[0, 1234]]
+    ds = large.dataset()  # xarray sees the rows, not the table
+    assert ds.sizes["cutout"] == 6000 and "id" not in ds
+    # Retiring flags the record; the root document is not rewritten.
+    before = (tmp_path / "large.zarr" / "zarr.json").read_bytes()
+    large.mark_done(0)
+    for u in range(1, large.n_units):
+        large.mark_done(u)
+    large.write_rows(
+        0,
+        {
+            "valid": np.ones(8, bool),
+            "image": np.array(["p0"] * 2 + ["p1"] * 2 + ["p2"] * 2 + ["p3"] * 2, dtype=object),
+        },
+    )
+    assert large.retire_image(0, "p1") == 2
+    assert (tmp_path / "large.zarr" / "zarr.json").read_bytes() == before
+    table = Store.open(large.path).images()
+    assert table.find("p1") is None and large.n_retired() == 1
+    assert Store.open(large.path).array("valid")[:8].tolist() == [1, 1, 0, 0, 1, 1, 1, 1]
+
+
+def test_half_finished_append_drops_uncommitted_image_records(tmp_path):
+    s = _store(tmp_path)
+    # Killed after the table grew but before the segment was recorded.
+    s._append_images(["z"], {"z": {"files": [{"path": "/z", "size": 1, "mtime": 2}]}},
+                     np.array([[20, 25]]), 1, 0, segment=1)  # fmt: skip
+    assert len(Store.open(s.path).images()) == 1  # readers see the committed records only
+    repaired = Store.open(s.path, mode="r+")
+    assert repaired._group["images"]["id"].shape == (1,)
+    assert repaired._group["images"]["file_path"].shape == (0,)

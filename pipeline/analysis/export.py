@@ -180,9 +180,9 @@ def annotate(t):
 
 
 def string_lengths(store: Store, extra: dict[str, int | None]) -> dict[str, int]:
-    """The longest string of each string column of the catalog (``image`` from the segments,
+    """The longest string of each string column of the catalog (``image`` from the images table,
     the others by one pass over their variable), for Parquet readers that want it up front."""
-    out = {"image": max((len(i) for s in store.segments for i in s.images), default=1)}
+    out = {"image": max((len(str(i)) for i in store.images().ids), default=1)}
     for name in extra:
         if store.array(name).dtype.kind not in "biuf":
             out[name] = max(

@@ -645,12 +645,13 @@ def data_state(store: Store, space: str = "pca") -> dict[str, Any]:
         ]
         for s in store.segments
     ]
-    retired = attrs.get("retired", [])
+    # Retiring is for good: which records are retired says what changed (one bool a record).
+    retired = np.flatnonzero(store.images().column("retired")).astype(np.int64)
     return {
         "space": space,
         "basis": basis,
         "segments": segments,
-        "retired": _digest(json.dumps(retired, sort_keys=True, default=str).encode()),
+        "retired": _digest(retired.tobytes()),
         "n_retired": len(retired),
     }
 

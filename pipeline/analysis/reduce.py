@@ -285,13 +285,13 @@ class PixelFeatures:
     def from_store(cls, store: Store, *, side: int) -> PixelFeatures:
         from ..cutouts import CutoutReader
 
-        reader = CutoutReader.from_attrs(store.attrs, require_sources=store.path)
-        bands = [int(src.n_bands) for src in reader.sources.values()]
+        reader = CutoutReader.from_store(store, require_sources=True)
+        # Sent to the workers with the features: a plain dict, not the store's lazy mapping.
+        sources = dict(reader.sources)
+        bands = [int(src.n_bands) for src in sources.values()]
         channels = 1 if bands and all(b == 1 for b in bands) else 3
         limits = reader.all_limits()
-        return cls(
-            store.path, reader.sources, reader.preprocess, limits, reader.fill, int(side), channels
-        )
+        return cls(store.path, sources, reader.preprocess, limits, reader.fill, int(side), channels)
 
     def block(self, start: int, stop: int) -> np.ndarray:
         """Features ``(stop - start, n_features)`` float32; NaN rows for empty slots."""

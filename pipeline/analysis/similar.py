@@ -224,21 +224,18 @@ def _check_row(st: Store, index: int) -> int:
 def _pixel_scale(st: Store, row: int) -> float | None:
     """Degrees per pixel of the image of ``row``: from its WCS, else from two of its cutouts."""
     image = str(st.array("image")[row])
-    for seg in st.segments:
-        rec = seg.inputs.get(image)
-        if rec and rec.get("files"):
-            try:
-                from astropy.wcs.utils import proj_plane_pixel_scales
+    table = st.images()
+    i = table.find(image)
+    if i is not None and table.source_record(i) is not None:
+        # The recorded WCS header: no file is opened.
+        from astropy.wcs.utils import proj_plane_pixel_scales
 
-                from ..sources import open_sources
-
-                src = next(
-                    (s for s in open_sources([rec["files"][0]["path"]]) if s.id == image), None
-                )
-                if src is not None and src.wcs is not None:
-                    return float(np.mean(proj_plane_pixel_scales(src.wcs.celestial)))
-            except (InputError, OSError, ValueError):
-                pass
+        try:
+            wcs = table.source(i).wcs
+        except (InputError, OSError, ValueError):
+            wcs = None
+        if wcs is not None:
+            return float(np.mean(proj_plane_pixel_scales(wcs.celestial)))
     # The file is gone or has no WCS here: the cutouts of the same chunk give the scale.
     c = st.chunk_rows
     s0 = row - row % c

@@ -58,10 +58,10 @@ class ThumbnailCache:
     """PNGs of store rows, read on demand and stretched as the fingerprint stage did
     (:class:`pipeline.report.thumbnails.ThumbnailReader`), least recently used dropped first."""
 
-    def __init__(self, attrs, *, size: int, capacity: int) -> None:
+    def __init__(self, store, *, size: int, capacity: int) -> None:
         from ..report.thumbnails import ThumbnailReader
 
-        self.reader = ThumbnailReader(attrs)
+        self.reader = ThumbnailReader(store)
         self.size = size
         self.capacity = capacity
         self._png: collections.OrderedDict[int, bytes] = collections.OrderedDict()
@@ -159,7 +159,7 @@ class Explorer:
         self._coords = {n: st.array(n) for n in ("x", "y", "width", "height", "ra", "dec")}
         self.labels = Labels(st, self.rows, read_only=read_only)
         self.thumbs = ThumbnailCache(
-            st.attrs,
+            st,
             size=config.get_int("explore.thumb-px", minimum=8),
             capacity=config.get_int("explore.thumbnail-cache", minimum=1),
         )

@@ -194,7 +194,7 @@ class _Builder:
         self.st, self.out, self.o = st, out, opts
         out.mkdir(parents=True, exist_ok=True)
         self.attrs = st.attrs
-        self.reader = ThumbnailReader(self.attrs)
+        self.reader = ThumbnailReader(st)
         self.notes: list[str] = []
         self.skipped: dict[str, str] = {}
         self.page: dict[str, Any] = {

@@ -2,7 +2,8 @@
 
 The store keeps no pixels. A cutout's window is rebuilt from its row's coordinates
 (:func:`pipeline.geometry.windows_from_centres`, the inverse of the centre convention),
-read from the image the store recorded (``segments[*].inputs[image]["source"]``) and stretched
+read from the image the store recorded (its record in the images table, :meth:`Store.images`)
+and stretched
 with the store's own preprocessing config, so a thumbnail shows what the model saw.
 
 Reads stay small and few: windows are grouped by image, then into row bands whose neighbours
@@ -15,21 +16,15 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import numpy as np
 
-from ..cutouts import (
-    CutoutReader,
-    plan_reads,
-    read_windows,
-    recorded_limits,
-    sources_from_attrs,
-)
+from ..cutouts import CutoutReader, plan_reads, read_windows, recorded_limits, store_sources
 from ..errors import InputError
 from ..geometry import windows_from_centres as window_boxes
 from ..sources import ImageSource
+from ..store import Store
 
 __all__ = [
     "ThumbnailReader",
@@ -37,7 +32,6 @@ __all__ = [
     "downsampled_image",
     "plan_reads",
     "read_windows",
-    "sources_from_attrs",
     "to_uint8",
     "window_boxes",
 ]
@@ -51,17 +45,20 @@ class ThumbnailReader(CutoutReader):
 
     Parameters
     ----------
-    attrs : mapping
-        The store's attrs (``segments`` with their ``inputs``, ``preprocess``, ``cutouts``).
+    store : Store
+        The store: its images table says where each image is (sources are made from their
+        records on first use), its attrs how cutouts were stretched (``preprocess``,
+        ``cutouts``).
     """
 
-    def __init__(self, attrs: Mapping[str, Any]) -> None:
+    def __init__(self, store: Store) -> None:
+        attrs = store.attrs
         super().__init__(
-            sources_from_attrs(attrs),
+            store_sources(store),
             preprocess=attrs.get("preprocess") or {},
             # A store's `fill: null` reads back as 0 here (see docs/ARCHITECTURE.md).
             fill=float((attrs.get("cutouts") or {}).get("fill") or 0.0),
-            image_limits=recorded_limits(attrs),
+            image_limits=recorded_limits(store),
         )
 
     def _reading(self, image: str, fn, *args, **kwargs):

@@ -38,7 +38,7 @@ from ._common import FITS_EXTENSIONS, IMAGE_EXTENSIONS, LIST_EXTENSIONS, ZARR_EX
 
 # Private names the tests reach for (the rule of file.fits[N], the TIFF direct reader).
 from ._common import _hdu_value as _hdu_value
-from .inputs import expand_inputs, open_sources
+from .inputs import expand_inputs, list_images, open_listed, open_sources, spec_path
 from .rasters import _ContiguousArray as _ContiguousArray
 from .source import ImageSource, clear_caches, sample_pixels
 
@@ -50,6 +50,9 @@ __all__ = [
     "ImageSource",
     "clear_caches",
     "expand_inputs",
+    "list_images",
+    "open_listed",
     "open_sources",
     "sample_pixels",
+    "spec_path",
 ]

@@ -284,6 +284,23 @@ def open_sources(
     InputError
         Anything wrong with an input, naming the file (and HDU / variable).
     """
+    listed = list_images(inputs, bands=bands)
+    sources = [open_listed(sid, specs, hdu=hdu, variable=variable) for sid, specs in listed]
+    logger.info("opened %d image source(s)", len(sources))
+    return sources
+
+
+def list_images(
+    inputs: Sequence[str | os.PathLike] | str | os.PathLike,
+    *,
+    bands: Sequence[str | os.PathLike] | None = None,
+) -> list[tuple[str, tuple[str, ...]]]:
+    """The images :func:`open_sources` would open, as ``(id, specs)``, without opening any.
+
+    A listing only (globs, directories, list files expanded; ids assigned): an incremental run
+    compares it with the store's records and opens only what is new. ``specs`` are the band
+    files' inputs (``file.fits[SCI]``); :func:`spec_path` gives each one's file.
+    """
     if isinstance(inputs, str | os.PathLike):
         inputs = [inputs]
     groups = [_split_combo(s) for s in expand_inputs(inputs or [])]
@@ -298,12 +315,20 @@ def open_sources(
         groups += [list(t) for t in zip(*lists, strict=True)]
     if not groups:
         raise InputError("no input images given")
-    ids = _assign_ids(groups)
-    sources = []
-    for sid, group in zip(ids, groups, strict=True):
-        sources.append(_make_source(sid, group, hdu=hdu, variable=variable))
-    logger.info("opened %d image source(s)", len(sources))
-    return sources
+    return [(sid, tuple(g)) for sid, g in zip(_assign_ids(groups), groups, strict=True)]
+
+
+def spec_path(spec: str) -> str:
+    """The file (or URL) of one input spec, without its ``[HDU]`` / ``:variable``: the path an
+    :class:`ImageSource` records for it."""
+    return _parse_spec(spec)[0]
+
+
+def open_listed(
+    sid: str, specs: Sequence[str], *, hdu: int | str | None = None, variable: str | None = None
+) -> ImageSource:
+    """Open one image of :func:`list_images` (headers only)."""
+    return _make_source(sid, list(specs), hdu=hdu, variable=variable)
 
 
 def _make_source(sid: str, group: list[str], *, hdu: Any, variable: str | None) -> ImageSource:

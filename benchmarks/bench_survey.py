@@ -1,0 +1,249 @@
+"""Survey scale with many small patches (issue 14): store metadata and incremental cost.
+
+    ELODIN__CACHE_DIR=... nice python benchmarks/bench_survey.py --patches 1000 --big 10000
+
+N FITS patches (``--side`` pixels, a TAN WCS each; one 64-pixel window per patch):
+
+1. **Largest JSON document in the store** after N patches (a real ``fingerprint`` run) and
+   after ``--big`` patches, beside the root document schema 1 would have written for the same
+   records (every record in the root attributes). The ``--big`` store is written through the
+   same store API from the real opened patches and their real plan, its units marked done
+   without inference (inference is not what this measures).
+2. **No-op rerun** over the N and the ``--big`` patches (nothing new: no image opened, no
+   cluster started), per file beyond the fixed start-up (the slope between a tenth and all of
+   the files), beside ``open_sources`` over the same files: opening every header, which every
+   rerun did before.
+3. **1 % new**: N/100 new patches added to the N-patch store, beside a fresh run of just those
+   patches into a new store, on the same Dask cluster.
+
+Figures are printed as one JSON line at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+MODEL = "efficientnet-lite0:native"
+SETTINGS = {"method": "sliding", "size": 64, "stride": 64, "model": MODEL}
+
+
+def make_patches(directory: Path, n: int, side: int, *, seed: int, start: int = 0) -> list[str]:
+    """``n`` FITS patches of ``side``^2 noise with a few sources and a TAN WCS."""
+    from astropy.io import fits
+    from astropy.wcs import WCS
+
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(start, start + n):
+        w = WCS(naxis=2)
+        w.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+        w.wcs.crval = [150.0 + (i % 100) * 0.01, 2.0 + (i // 100) * 0.01]
+        w.wcs.crpix = [side / 2, side / 2]
+        w.wcs.cdelt = [-0.2 / 3600, 0.2 / 3600]
+        data = rng.normal(100.0, 3.0, (side, side)).astype(np.float32)
+        y, x = rng.integers(4, side - 4, 2)
+        data[y - 2 : y + 3, x - 2 : x + 3] += 500.0
+        p = directory / f"patch{i:06d}.fits"
+        fits.PrimaryHDU(data, header=w.to_header()).writeto(p, overwrite=True)
+        paths.append(str(p))
+    return paths
+
+
+def largest_json(store: Path) -> tuple[int, str]:
+    sizes = [(f.stat().st_size, str(f.relative_to(store))) for f in store.rglob("*.json")]
+    return max(sizes)
+
+
+def schema1_root_size(store: Path) -> int:
+    """The root ``zarr.json`` schema 1 would hold for this store's records."""
+    from pipeline.store import Store
+
+    st = Store.open(store)
+    table = st.images()
+    segments = []
+    for index, seg in enumerate(st.segments):
+        inputs = {}
+        for i in table.in_segment(index):
+            rec = table.record(i)
+            files = [{**f, "mtime": str(f["mtime"])} for f in rec["files"]]
+            inputs[rec["id"]] = {"files": files, "source": rec["source"], "limits": rec["limits"]}
+        segments.append(
+            {
+                "images": list(inputs),
+                **{k: getattr(seg, k) for k in ("row_start", "row_stop", "unit_start")},
+                "unit_stop": seg.unit_stop,
+                "plan_digest": seg.plan_digest,
+                "inputs": inputs,
+            }
+        )
+    attrs = {**st.attrs, "elodin_schema": 1, "segments": segments}
+    body = {"zarr_format": 3, "node_type": "group", "attributes": attrs}
+    return len(json.dumps(body, indent=2).encode())
+
+
+def simulated_store(path: Path, files: list[str], like: Path) -> float:
+    """A store of ``files`` written through the store API (real headers, real plan, real
+    records), units marked done without inference; returns the seconds it took."""
+    from pipeline.fingerprint import (
+        InputListing,
+        _image_limits,
+        _plan_digest,
+        _plan_sources,
+        fingerprint_settings,
+    )
+    from pipeline.sources import open_sources
+    from pipeline.store import Store, pack_units
+
+    t0 = time.perf_counter()
+    ref = Store.open(like)
+    attrs = {
+        k: v
+        for k, v in ref.attrs.items()
+        if k not in ("elodin_schema", "chunk_rows", "segments", "created")
+    }
+    settings = fingerprint_settings(**{k: v for k, v in SETTINGS.items()})
+    sources = open_sources(files)
+    listing = InputListing.of(files)
+    limits = _image_limits(sources, settings["preprocess"])
+    plan = _plan_sources(None, sources, settings, None, 0)
+    st = Store.create(
+        path,
+        feature_dim=int(attrs["feature_dim"]),
+        topk=int(attrs["topk"]),
+        chunk_rows=ref.chunk_rows,
+        attrs=attrs,
+        dtype=attrs["fingerprint_dtype"],
+    )
+    st.save_plan(0, plan)
+    position = {img: k for k, img in enumerate(listing.ids)}
+    seg = st.append_segment(
+        images=[s.id for s in sources],
+        layout=pack_units(plan.tile_start, chunk_rows=st.chunk_rows),
+        plan_digest=_plan_digest(plan),
+        inputs={
+            s.id: {
+                "files": listing.files(position[s.id]),
+                "source": s.to_record(),
+                "limits": limits.get(s.id),
+            }
+            for s in sources
+        },
+        plan=plan,
+    )
+    for u in range(seg.unit_start, seg.unit_stop):
+        st.mark_done(u)
+    return time.perf_counter() - t0
+
+
+def timed(fn, *args, **kwargs) -> tuple[float, object]:
+    t0 = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return time.perf_counter() - t0, out
+
+
+def no_op(files: list[str], store: Path) -> dict:
+    """No-op rerun over all and over a tenth of ``files``; the slope is the per-file cost."""
+    from pipeline.fingerprint import fingerprint
+    from pipeline.sources import clear_caches, open_sources
+
+    tenth = files[: max(1, len(files) // 10)]
+    fingerprint(tenth, store, progress=False, **SETTINGS)  # warm: imports, model hash
+    t_all, r = timed(fingerprint, files, store, progress=False, **SETTINGS)
+    assert r.units_run == 0, r
+    t_tenth, _ = timed(fingerprint, tenth, store, progress=False, **SETTINGS)
+    clear_caches()
+    t_open, _ = timed(open_sources, files)
+    per_file = (t_all - t_tenth) / (len(files) - len(tenth))
+    return {
+        "files": len(files),
+        "no_op_s": round(t_all, 3),
+        "no_op_tenth_s": round(t_tenth, 3),
+        "no_op_ms_per_file": round(1e3 * per_file, 4),
+        "baseline_open_sources_s": round(t_open, 3),
+        "baseline_open_ms_per_file": round(1e3 * t_open / len(files), 4),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--patches", type=int, default=1000)
+    ap.add_argument("--big", type=int, default=10000, help="0: skip the large store")
+    ap.add_argument("--side", type=int, default=64)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--work", default=None, help="working directory (default: a temporary one)")
+    args = ap.parse_args()
+
+    from distributed import Client, LocalCluster
+
+    from pipeline.fingerprint import fingerprint
+
+    work = Path(args.work or tempfile.mkdtemp(prefix="bench-survey-"))
+    out: dict = {"side": args.side, "workers": args.workers, "cpus": os.cpu_count()}
+    try:
+        n = args.patches
+        t_make, files = timed(make_patches, work / "patches", n, args.side, seed=1)
+        out["make_patches_s"] = round(t_make, 2)
+        store = work / "survey.zarr"
+        with (
+            LocalCluster(
+                n_workers=args.workers, threads_per_worker=1, processes=True, dashboard_address=None
+            ) as cluster,
+            Client(cluster) as client,
+        ):
+            t_fp, r = timed(fingerprint, files, store, client=client, progress=False, **SETTINGS)
+            out["fingerprint"] = {"files": n, "s": round(t_fp, 2), "cutouts": r.n_cutouts}
+            size, name = largest_json(store)
+            out["json"] = {
+                str(n): {"largest": size, "file": name, "schema1_root": schema1_root_size(store)}
+            }
+            # 1 % new files, beside a fresh run of just them on the same cluster.
+            k = max(1, n // 100)
+            new = make_patches(work / "patches", k, args.side, seed=2, start=n)
+            grown = work / "grown.zarr"
+            shutil.copytree(store, grown)
+            t_add, r_add = timed(
+                fingerprint, files + new, grown, client=client, progress=False, **SETTINGS
+            )
+            t_fresh, _ = timed(
+                fingerprint, new, work / "fresh.zarr", client=client, progress=False, **SETTINGS
+            )
+            out["one_percent_new"] = {
+                "new_files": k,
+                "added_s": round(t_add, 2),
+                "units_run": r_add.units_run,
+                "baseline_fresh_run_of_new_s": round(t_fresh, 2),
+                "ratio": round(t_add / t_fresh, 2),
+            }
+            shutil.rmtree(grown)
+        out["no_op"] = {str(n): no_op(files, store)}
+        if args.big:
+            big_files = files + make_patches(
+                work / "patches", args.big - n, args.side, seed=3, start=n + k
+            )
+            big = work / "big.zarr"
+            t_sim = simulated_store(big, big_files, like=store)
+            size, name = largest_json(big)
+            out["json"][str(args.big)] = {
+                "largest": size,
+                "file": name,
+                "schema1_root": schema1_root_size(big),
+                "written_s": round(t_sim, 2),
+            }
+            out["no_op"][str(args.big)] = no_op(big_files, big)
+    finally:
+        if not args.work:
+            shutil.rmtree(work, ignore_errors=True)
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
