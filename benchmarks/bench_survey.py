@@ -96,12 +96,12 @@ def simulated_store(path: Path, files: list[str], like: Path) -> float:
     from pipeline.fingerprint import (
         InputListing,
         _image_limits,
-        _plan_digest,
         _plan_sources,
+        _record_segment,
         fingerprint_settings,
     )
     from pipeline.sources import open_sources
-    from pipeline.store import Store, pack_units
+    from pipeline.store import Store
 
     t0 = time.perf_counter()
     ref = Store.open(like)
@@ -123,22 +123,7 @@ def simulated_store(path: Path, files: list[str], like: Path) -> float:
         attrs=attrs,
         dtype=attrs["fingerprint_dtype"],
     )
-    st.save_plan(0, plan)
-    position = {img: k for k, img in enumerate(listing.ids)}
-    seg = st.append_segment(
-        images=[s.id for s in sources],
-        layout=pack_units(plan.tile_start, chunk_rows=st.chunk_rows),
-        plan_digest=_plan_digest(plan),
-        inputs={
-            s.id: {
-                "files": listing.files(position[s.id]),
-                "source": s.to_record(),
-                "limits": limits.get(s.id),
-            }
-            for s in sources
-        },
-        plan=plan,
-    )
+    seg = _record_segment(st, 0, plan, sources, listing, limits)
     for u in range(seg.unit_start, seg.unit_stop):
         st.mark_done(u)
     return time.perf_counter() - t0

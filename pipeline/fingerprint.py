@@ -860,21 +860,7 @@ def _fingerprint_locked(
                 if plan.n_windows == 0:
                     logger.warning("no cutouts planned for %s", ", ".join(s.id for s in new))
                 index = len(st.segments)
-                st.save_plan(index, plan)
-                st.append_segment(
-                    images=[s.id for s in new],
-                    layout=pack_units(plan.tile_start, chunk_rows=st.chunk_rows),
-                    plan_digest=_plan_digest(plan),
-                    inputs={
-                        s.id: {
-                            "files": listing.files(position[s.id]),
-                            "source": s.to_record(),
-                            "limits": new_limits.get(s.id),
-                        }
-                        for s in new
-                    },
-                    plan=plan,
-                )
+                _record_segment(st, index, plan, new, listing, new_limits)
                 touched.append(index)
 
         base = {
@@ -915,6 +901,35 @@ def _fingerprint_locked(
         _run_jobs(client, jobs, gpu=settings["gpu"], progress=progress)
     return FingerprintResult(
         store_path, n_windows, len(jobs), total_units - len(jobs), images, retired=len(changed)
+    )
+
+
+def _record_segment(
+    st: Store,
+    index: int,
+    plan: Plan,
+    sources: Sequence[ImageSource],
+    listing: InputListing,
+    limits: dict,
+):
+    """Save segment ``index``'s ``plan`` and append the segment: its units, and a record per
+    image (its files' size and mtime from ``listing``, its source, its stretch limits).
+    Returns the new segment."""
+    position = {img: k for k, img in enumerate(listing.ids)}
+    st.save_plan(index, plan)
+    return st.append_segment(
+        images=[s.id for s in sources],
+        layout=pack_units(plan.tile_start, chunk_rows=st.chunk_rows),
+        plan_digest=_plan_digest(plan),
+        inputs={
+            s.id: {
+                "files": listing.files(position[s.id]),
+                "source": s.to_record(),
+                "limits": limits.get(s.id),
+            }
+            for s in sources
+        },
+        plan=plan,
     )
 
 

@@ -78,7 +78,7 @@ def test_stale_after_retire_refit_or_append_without_reading_the_index(store, cap
     st, rows = store
     reads = []
     real = nn._read_checked
-    monkeypatch.setattr(nn, "_read_checked", lambda *a: reads.append(1) or real(*a))
+    monkeypatch.setattr(nn, "_read_checked", lambda *a, **k: reads.append(1) or real(*a, **k))
     nn._CACHE.clear()
     assert analysis.similar(st.path, cutout=int(rows[0]), n=3).meta["search"] == "index"
     assert reads == [1]

@@ -494,17 +494,7 @@ def load_index(
     hit = _CACHE.get(key) if cache else None
     if hit is not None:
         return hit, meta
-    try:
-        blob, intact = _read_checked(st, meta)
-        ids = np.asarray(st.array(IDS_VAR)[...], np.int64)
-    except Exception as e:  # zarr raises several types for a missing or corrupt chunk
-        raise StoreError(f"{damaged} ({type(e).__name__}: {e}){fix}") from None
-    if not intact:
-        raise StoreError(f"{damaged} (its checksum does not match){fix}")
-    try:
-        index = NeighborIndex._from(blob, ids, meta)
-    except (RuntimeError, ValueError, KeyError) as e:
-        raise StoreError(f"{damaged} ({' '.join(str(e).split())[:120]}){fix}") from None
+    index = _read_index(st, meta, meta)
     if cache:
         if len(_CACHE) > 4:
             _CACHE.clear()
@@ -555,27 +545,35 @@ def load_base(st: Store, meta: Mapping) -> NeighborIndex | None:
     hit = _CACHE.get(key)
     if hit is not None:
         return hit
-    damaged = f"{st.path}: the neighbour index is damaged"
-    fix = f"; run `elodin index {st.path} --rebuild`"
     bmeta = dict(st.array(BASE_VAR).attrs.asdict())
     if bmeta.get("of") != meta["sha256"] or bmeta.get("sha256") != meta["base_sha256"]:
         return None  # left by another index: not this one's
+    index = _read_index(st, meta, bmeta, name=BASE_VAR)
+    index.kind_ = "ivfpq-codes"
+    if len(_CACHE) > 4:
+        _CACHE.clear()
+    _CACHE[key] = index
+    return index
+
+
+def _read_index(
+    st: Store, meta: Mapping, saved: Mapping, *, name: str = INDEX_VAR
+) -> NeighborIndex:
+    """The index saved in array ``name`` (its attrs ``saved``), checksum verified and
+    deserialised; anything wrong is one StoreError line saying to rebuild."""
+    damaged = f"{st.path}: the neighbour index is damaged"
+    fix = f"; run `elodin index {st.path} --rebuild`"
     try:
-        blob, intact = _read_checked(st, bmeta, name=BASE_VAR)
+        blob, intact = _read_checked(st, saved, name=name)
         ids = np.asarray(st.array(IDS_VAR)[...], np.int64)
     except Exception as e:  # zarr raises several types for a missing or corrupt chunk
         raise StoreError(f"{damaged} ({type(e).__name__}: {e}){fix}") from None
     if not intact:
         raise StoreError(f"{damaged} (its checksum does not match){fix}")
     try:
-        index = NeighborIndex._from(blob, ids, meta)
+        return NeighborIndex._from(blob, ids, meta)
     except (RuntimeError, ValueError, KeyError) as e:
         raise StoreError(f"{damaged} ({' '.join(str(e).split())[:120]}){fix}") from None
-    index.kind_ = "ivfpq-codes"
-    if len(_CACHE) > 4:
-        _CACHE.clear()
-    _CACHE[key] = index
-    return index
 
 
 def _read_checked(st: Store, meta: Mapping, *, name: str = INDEX_VAR) -> tuple[np.ndarray, bool]:

@@ -376,22 +376,24 @@ class ExplorerPage:
         if keys and keys[0] in _KEY_LABELS:
             self._label(_KEY_LABELS[keys[0]])
 
+    def _set_labels(self, rows, name: str, status, saved: str) -> bool:
+        """Label ``rows``; ``status`` says it was saved (``saved`` and the counts) or refused."""
+        try:
+            result = self.ex.labels.set(rows, name)
+        except LabelRefused as e:
+            status.text = f'<span class="refused" style="color:#b00">{html.escape(str(e))}</span>'
+            return False
+        c = result["counts"]
+        status.text = saved + f"{c['interesting']} interesting, {c['not_interesting']} not.</span>"
+        return True
+
     def _label(self, name: str) -> None:
         if self.picked is None:
             self.status.text = "Pick a cutout first (click a point on the map)."
             return
-        try:
-            result = self.ex.labels.set(self.picked, name)
-        except LabelRefused as e:
-            self.status.text = (
-                f'<span class="refused" style="color:#b00">{html.escape(str(e))}</span>'
-            )
+        saved = f'<span class="saved">row {self.picked}: {name.replace("_", " ")} (saved). '
+        if not self._set_labels(self.picked, name, self.status, saved):
             return
-        c = result["counts"]
-        self.status.text = (
-            f'<span class="saved">row {self.picked}: {name.replace("_", " ")} (saved). '
-            f"{c['interesting']} interesting, {c['not_interesting']} not.</span>"
-        )
         self._render_details()
         if self.by == "label":
             self._draw()
@@ -458,19 +460,12 @@ class ExplorerPage:
         if not len(self.selection):
             self.select_status.text = "Nothing selected: box or lasso select on the map first."
             return
-        try:
-            result = self.ex.labels.set(self.selection, name)
-        except LabelRefused as e:
-            self.select_status.text = (
-                f'<span class="refused" style="color:#b00">{html.escape(str(e))}</span>'
-            )
-            return
-        c = result["counts"]
-        self.select_status.text = (
+        saved = (
             f'<span class="saved" data-rows="{len(self.selection)}" data-label="{name}">'
             f"{len(self.selection):,} rows: {name.replace('_', ' ')} (saved). "
-            f"{c['interesting']} interesting, {c['not_interesting']} not.</span>"
         )
+        if not self._set_labels(self.selection, name, self.select_status, saved):
+            return
         if self.picked is not None:
             self._render_details()
         if self.by == "label":
