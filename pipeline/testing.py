@@ -6,17 +6,19 @@ memory; :func:`store_digest` hashes every file of a store, so "the store is unch
 comparison. :func:`fingerprint_command` and :func:`error_lines` run the CLI as a user would
 and read its one-line errors. :func:`make_mosaic` is the small mosaic most tests cut,
 :func:`fingerprinted_store` a store made by the real fingerprint and reduce stages, and
-:func:`tiny_onnx` (with :data:`TINY_CARD`) a small real user ONNX model. :class:`KillOnUnits` SIGKILLs Dask worker processes at chosen
+:func:`tiny_onnx` (with :data:`TINY_CARD`) a small real user ONNX model, and
+:func:`local_compute` the suite's compute (a LocalCluster and its Client). :class:`KillOnUnits` SIGKILLs Dask worker processes at chosen
 work-unit starts and finishes, so chaos tests kill on progress, not on the clock.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import signal
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -28,11 +30,41 @@ __all__ = [
     "error_lines",
     "fingerprint_command",
     "fingerprinted_store",
+    "local_compute",
     "make_mosaic",
     "store_digest",
     "synthetic_mosaic",
     "tiny_onnx",
 ]
+
+
+@contextlib.contextmanager
+def local_compute(
+    n_workers: int = 2,
+    *,
+    threads_per_worker: int = 1,
+    processes: bool = True,
+    dashboard_address: str | None = None,
+    **cluster_kwargs,
+) -> Iterator:
+    """A :class:`distributed.LocalCluster` (worker processes by default) and a Client on it,
+    both closed on exit; ``cluster_kwargs`` (``resources``, ``env``...) go to the cluster.
+
+    Yields the :class:`distributed.Client`.
+    """
+    from distributed import Client, LocalCluster
+
+    with (
+        LocalCluster(
+            n_workers=n_workers,
+            threads_per_worker=threads_per_worker,
+            processes=processes,
+            dashboard_address=dashboard_address,
+            **cluster_kwargs,
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        yield client
 
 
 def synthetic_mosaic(

@@ -100,14 +100,9 @@ def rng() -> np.random.Generator:
 
 @pytest.fixture(scope="module")
 def client():
-    from distributed import Client, LocalCluster
+    from pipeline.testing import local_compute
 
-    with (
-        LocalCluster(
-            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
-        ) as cluster,
-        Client(cluster) as c,
-    ):
+    with local_compute(n_workers=2) as c:
         yield c
 
 

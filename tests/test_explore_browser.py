@@ -111,6 +111,33 @@ class Page:
             "imgs => imgs.map(i => i.complete && i.naturalWidth > 0)"
         )
 
+    def select(self, tool: str, fractions) -> np.ndarray:
+        """Drag ``tool`` (``box-select``, ``lasso-select``) through ``fractions`` of the map's
+        frame (a box: two corners; a lasso: its vertices, closed back to the first); returns
+        the drag's points in data coordinates."""
+        p = self.page
+        p.evaluate(f"() => {{ Bokeh.documents[0].get_model_by_name('{tool}').active = true; }}")
+        m = self.map()
+        left, top, w, h = m["frame"]
+        screen = [(m["left"] + left + fx * w, m["top"] + top + fy * h) for fx, fy in fractions]
+        path = screen[1:] + (screen[:1] if len(screen) > 2 else [])
+        p.mouse.move(*screen[0])
+        p.mouse.down()
+        for pt in path:
+            p.mouse.move(*pt, steps=8 if len(screen) == 2 else 6)
+        p.mouse.up()
+        return np.array([p.evaluate(_INVERT_JS, list(pt)) for pt in screen])
+
+    def selection_gallery(self, rows: np.ndarray) -> list[int]:
+        """Open the Selection tab, wait for its count to be ``len(rows)``; the rows shown."""
+        p = self.page
+        p.get_by_text("Selection", exact=True).click()
+        p.locator(f'.elodin-selection .selection-count[data-count="{len(rows)}"]').wait_for(
+            timeout=30000
+        )
+        shown = p.locator('.elodin-selection .gallery[data-kind="selection"] figure')
+        return [int(r) for r in shown.evaluate_all("fs => fs.map(f => f.dataset.row)")]
+
     def close(self) -> None:
         self.page.close()
 
@@ -239,16 +266,7 @@ def test_a_box_selection_exports_the_rows_inside(browser, fresh):
     with ExplorerProcess(fresh) as server:
         page = Page(browser, server.url)
         p = page.page
-        p.evaluate("() => { Bokeh.documents[0].get_model_by_name('box-select').active = true; }")
-        m = page.map()
-        left, top, w, h = m["frame"]
-        a = (m["left"] + left + 0.05 * w, m["top"] + top + 0.1 * h)
-        b = (m["left"] + left + 0.35 * w, m["top"] + top + 0.95 * h)
-        p.mouse.move(*a)
-        p.mouse.down()
-        p.mouse.move(*b, steps=8)
-        p.mouse.up()
-        (x0, y0), (x1, y1) = p.evaluate(_INVERT_JS, list(a)), p.evaluate(_INVERT_JS, list(b))
+        (x0, y0), (x1, y1) = page.select("box-select", [(0.05, 0.1), (0.35, 0.95)])
         st = Store.open(fresh)
         valid = np.flatnonzero(st.array("valid")[...])
         e = st.array("embedding")[...][valid]
@@ -257,13 +275,7 @@ def test_a_box_selection_exports_the_rows_inside(browser, fresh):
             & (e[:, 1] >= min(y0, y1)) & (e[:, 1] <= max(y0, y1))
         ]  # fmt: skip
         assert 5 < len(inside) < len(valid)
-        p.get_by_text("Selection", exact=True).click()
-        p.locator(f'.elodin-selection .selection-count[data-count="{len(inside)}"]').wait_for(
-            timeout=30000
-        )
-        shown = p.locator('.elodin-selection .gallery[data-kind="selection"] figure')
-        rows = [int(r) for r in shown.evaluate_all("fs => fs.map(f => f.dataset.row)")]
-        assert rows == inside[:24].tolist()
+        assert page.selection_gallery(inside) == inside[:24].tolist()
         p.locator(".elodin-export button").click()
         done = p.locator(".elodin-export-status .exported")
         done.wait_for(timeout=60000)
@@ -282,30 +294,13 @@ def test_a_lasso_selection_is_labelled_and_the_map_coloured_by_a_variable(browse
     with ExplorerProcess(fresh) as server:
         page = Page(browser, server.url)
         p = page.page
-        p.evaluate("() => { Bokeh.documents[0].get_model_by_name('lasso-select').active = true; }")
-        m = page.map()
-        left, top, w, h = m["frame"]
-        ox, oy = m["left"] + left, m["top"] + top
-        screen = [(ox + 0.06 * w, oy + 0.9 * h), (ox + 0.55 * w, oy + 0.93 * h),
-                  (ox + 0.45 * w, oy + 0.5 * h), (ox + 0.1 * w, oy + 0.15 * h)]  # fmt: skip
-        p.mouse.move(*screen[0])
-        p.mouse.down()
-        for pt in screen[1:] + screen[:1]:
-            p.mouse.move(*pt, steps=6)
-        p.mouse.up()
-        poly = np.array([p.evaluate(_INVERT_JS, list(pt)) for pt in screen])
+        poly = page.select("lasso-select", [(0.06, 0.9), (0.55, 0.93), (0.45, 0.5), (0.1, 0.15)])
         st = Store.open(fresh)
         valid = np.flatnonzero(st.array("valid")[...])
         e = st.array("embedding")[...][valid].astype(np.float64)
         inside = valid[MplPath(poly).contains_points(e)]
         assert 5 < len(inside) < len(valid)
-        p.get_by_text("Selection", exact=True).click()
-        p.locator(f'.elodin-selection .selection-count[data-count="{len(inside)}"]').wait_for(
-            timeout=30000
-        )
-        shown = p.locator('.elodin-selection .gallery[data-kind="selection"] figure')
-        rows = [int(r) for r in shown.evaluate_all("fs => fs.map(f => f.dataset.row)")]
-        assert rows == inside[:24].tolist()
+        assert page.selection_gallery(inside) == inside[:24].tolist()
         p.locator(".elodin-select-label-interesting button").click()
         p.locator(
             f'.elodin-select-status .saved[data-rows="{len(inside)}"][data-label="interesting"]'

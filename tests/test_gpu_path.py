@@ -226,18 +226,11 @@ def test_cuda_graph_without_fixed_batches_is_refused(tmp_path):
 def one_gpu_worker():
     """One worker process offering GPU=1 with two threads (the CPU provider stands in for the
     device: what is checked is how units share the worker, not CUDA)."""
-    from distributed import Client, LocalCluster
+    from pipeline.testing import local_compute
 
-    with (
-        LocalCluster(
-            n_workers=1,
-            threads_per_worker=2,
-            processes=True,
-            dashboard_address=":0",
-            resources={"GPU": 1},
-        ) as cluster,
-        Client(cluster) as client,
-    ):
+    with local_compute(
+        n_workers=1, threads_per_worker=2, dashboard_address=":0", resources={"GPU": 1}
+    ) as client:
         yield client
 
 
@@ -308,16 +301,13 @@ def test_cli_gpu_without_cuda_is_one_line_before_anything_is_written(tmp_path):
 
 
 def test_gpu_run_on_workers_without_the_gpu_resource_is_refused(tmp_path):
-    from distributed import Client, LocalCluster
-
     from pipeline.errors import ConfigError
     from pipeline.fingerprint import fingerprint
-    from pipeline.testing import synthetic_mosaic
+    from pipeline.testing import local_compute, synthetic_mosaic
 
     mosaic = synthetic_mosaic(tmp_path / "m.fits", shape=(128, 128), seed=2, n_sources=3)
     with (
-        LocalCluster(n_workers=1, threads_per_worker=1, dashboard_address=":0") as cluster,
-        Client(cluster) as client,
+        local_compute(n_workers=1, dashboard_address=":0") as client,
         pytest.raises(ConfigError, match="no Dask worker offers the resource GPU"),
     ):
         fingerprint(
@@ -335,22 +325,16 @@ def test_worker_processes_of_a_multi_gpu_job_take_one_device_each():
     """Processes of one job that all see the job's GPUs (a SLURM job with gres gpu:2 and
     processes: 2) take the device matching their place in the job; config still wins."""
     import dask.config
-    from distributed import Client, LocalCluster
 
     from pipeline.models.runtime import provider_options
+    from pipeline.testing import local_compute
 
     def device():
         return provider_options("CUDAExecutionProvider").get("device_id")
 
-    with (
-        LocalCluster(
-            n_workers=2,
-            threads_per_worker=1,
-            dashboard_address=":0",
-            env={"CUDA_VISIBLE_DEVICES": "0,1"},
-        ) as cluster,
-        Client(cluster) as client,
-    ):
+    with local_compute(
+        n_workers=2, dashboard_address=":0", env={"CUDA_VISIBLE_DEVICES": "0,1"}
+    ) as client:
         workers = list(client.scheduler_info(n_workers=-1)["workers"])
 
         def on_each(fn):  # as tasks, where sessions are made

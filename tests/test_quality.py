@@ -38,14 +38,9 @@ def _bench():
 
 @pytest.fixture(scope="module")
 def client():
-    from distributed import Client, LocalCluster
+    from pipeline.testing import local_compute
 
-    with (
-        LocalCluster(
-            n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None
-        ) as cluster,
-        Client(cluster) as c,
-    ):
+    with local_compute(n_workers=1) as c:
         yield c
 
 

@@ -210,14 +210,9 @@ def fullmem():
 def test_filesystem_failing_mid_run(fullmem, mosaic):
     """fsspec URL store on a filesystem that fills up; the cluster's workers are threads of
     this process so they see the same in-memory filesystem."""
-    from distributed import Client, LocalCluster
+    from pipeline.testing import local_compute
 
-    with (
-        LocalCluster(
-            n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None
-        ) as cluster,
-        Client(cluster) as client,
-    ):
+    with local_compute(n_workers=1, threads_per_worker=2, processes=False) as client:
         reference = "fullmem://reference.zarr"
         fingerprint([mosaic], reference, client=client, progress=False, **SETTINGS)
         used = (1 << 62) - fullmem.budget[0]
