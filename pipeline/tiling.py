@@ -24,12 +24,16 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .config import INT_LIMIT
 from .errors import ConfigError, InputError
 from .geometry import window_centres
+
+if TYPE_CHECKING:
+    from .windowgrid import WindowGrid
 
 __all__ = [
     "EDGE_POLICIES",
@@ -279,19 +283,23 @@ class Plan:
 
     images: tuple[str, ...]
     tiles: np.ndarray
-    windows: np.ndarray
+    windows: np.ndarray | None
     tile_start: np.ndarray
     input_index: np.ndarray | None = None
+    grid: WindowGrid | None = None
 
     def __post_init__(self):
         if self.tiles.dtype != TILE_DTYPE:
             raise ValueError(f"tiles must have dtype {TILE_DTYPE}, got {self.tiles.dtype}")
         if self.tile_start.shape != (self.tiles.size + 1,):
             raise ValueError("tile_start must have one entry more than tiles")
-        if self.windows.ndim != 2 or self.windows.shape[1] != 4:
-            raise ValueError("windows must be an (N, 4) array")
-        if int(self.tile_start[-1]) != self.windows.shape[0]:
-            raise ValueError("tile_start[-1] must equal the number of windows")
+        if (self.windows is None) == (self.grid is None):
+            raise ValueError("a plan has either its windows or the grid they follow from")
+        if self.windows is not None:
+            if self.windows.ndim != 2 or self.windows.shape[1] != 4:
+                raise ValueError("windows must be an (N, 4) array")
+            if int(self.tile_start[-1]) != self.windows.shape[0]:
+                raise ValueError("tile_start[-1] must equal the number of windows")
 
     @property
     def n_tiles(self) -> int:
@@ -299,11 +307,39 @@ class Plan:
 
     @property
     def n_windows(self) -> int:
-        return int(self.windows.shape[0])
+        return int(self.tile_start[-1])
+
+    @property
+    def is_formula(self) -> bool:
+        """True for a plan whose windows follow from its :attr:`grid` (nothing per window)."""
+        return self.grid is not None
 
     def tile_windows(self, t: int) -> np.ndarray:
-        """The ``(n, 4)`` windows tile ``t`` owns (a view)."""
+        """The ``(n, 4)`` windows tile ``t`` owns (a view of a data plan, derived from the
+        grid for a formula plan)."""
+        if self.grid is not None:
+            return self.grid.tile_windows(self.tiles[t])
         return self.windows[self.tile_start[t] : self.tile_start[t + 1]]
+
+    def window_range(self, start: int, stop: int) -> np.ndarray:
+        """Windows ``start:stop`` in plan order, ``(stop - start, 4)``: only the tiles they
+        fall in are derived."""
+        if self.grid is None:
+            return self.windows[start:stop]
+        t0 = int(np.searchsorted(self.tile_start, start, side="right")) - 1
+        t1 = int(np.searchsorted(self.tile_start, stop, side="left"))
+        parts = [_EMPTY_WINDOWS]
+        for t in range(max(t0, 0), t1):
+            first = int(self.tile_start[t])
+            lo, hi = max(start, first), min(stop, int(self.tile_start[t + 1]))
+            if hi > lo:
+                parts.append(self.tile_windows(t)[lo - first : hi - first])
+        return np.concatenate(parts)
+
+    def all_windows(self) -> np.ndarray:
+        """Every window, ``(N, 4)``: the plan's own array, or derived (32 bytes per window: for
+        small plans and tests; the run derives a unit's windows at a time)."""
+        return self.window_range(0, self.n_windows)
 
     def window_tiles(self) -> np.ndarray:
         """``(N,)`` tile number of every window."""
@@ -311,7 +347,19 @@ class Plan:
 
     def centres(self) -> tuple[np.ndarray, np.ndarray]:
         """Stored centres ``x0 + (w - 1) / 2``, ``y0 + (h - 1) / 2`` of all windows."""
-        return window_centres(self.windows)
+        return window_centres(self.all_windows())
+
+    def digest(self) -> str:
+        """SHA-256 of what fixes the windows and their order: the windows (data plans) or the
+        grid (formula plans), the tiles and the image ids."""
+        import hashlib
+
+        h = hashlib.sha256()
+        first = self.windows if self.grid is None else self.grid.to_array()
+        for arr in (first, self.tile_start, self.tiles):
+            h.update(np.ascontiguousarray(arr).tobytes())
+        h.update("\0".join(self.images).encode())
+        return h.hexdigest()
 
     @classmethod
     def empty(cls, images: tuple[str, ...] = ()) -> Plan:
@@ -329,6 +377,10 @@ class Plan:
         plans = list(plans)
         if not plans:
             return cls.empty()
+        if any(p.grid is not None for p in plans):
+            if len(plans) == 1:
+                return plans[0]
+            raise ValueError("formula plans are made for all their images at once (plan_grid)")
         images = [""] * max(len(p.images) for p in plans)
         for p in plans:
             for i, name in enumerate(p.images):
@@ -465,12 +517,13 @@ def _axis_groups(starts: np.ndarray, length: int, size: int, ts: int):
     return counts, first
 
 
-def _plan_sliding(ny, nx, *, size, stride, edge, ts, image_index, image_id) -> Plan:
-    """Sliding plan built directly in plan order, one vectorised step per tile row.
+def _sliding_tiles(ny, nx, *, size, stride, edge, ts, image_index):
+    """Tiles of a sliding plan and their window counts, without the windows.
 
     Ownership is separable (a window's tile row depends on ``y0`` only, its tile column on
     ``x0`` only) and the starts are sorted, so each tile owns the product of a contiguous run
-    of row starts and a contiguous run of column starts: no sort, no per-window Python loop.
+    of row starts and a contiguous run of column starts. Returns ``tiles``, ``tile_start`` and
+    the per-axis starts and groups the windows are filled from.
     """
     xs = _axis_starts(nx, size=size, stride=stride, edge=edge)
     ys = _axis_starts(ny, size=size, stride=stride, edge=edge)
@@ -490,7 +543,15 @@ def _plan_sliding(ny, nx, *, size, stride, edge, ts, image_index, image_id) -> P
     tiles["ry1"] = np.repeat(np.minimum(ys[first_y[tys] + cnt_y[tys] - 1] + size, ny), txs.size)
     tiles["rx0"] = np.tile(xs[fx], tys.size)
     tiles["rx1"] = np.tile(np.minimum(xs[fx + cx - 1] + size, nx), tys.size)
+    return tiles, tile_start, (xs, ys, cx, fx, tys, cnt_y, first_y)
 
+
+def _plan_sliding(ny, nx, *, size, stride, edge, ts, image_index, image_id) -> Plan:
+    """Sliding plan built directly in plan order, one vectorised step per tile row: no sort,
+    no per-window Python loop."""
+    tiles, tile_start, (xs, ys, cx, fx, tys, cnt_y, first_y) = _sliding_tiles(
+        ny, nx, size=size, stride=stride, edge=edge, ts=ts, image_index=image_index
+    )
     windows = np.empty((int(tile_start[-1]), 4), dtype=np.int64)
     windows[:, 2:] = size
     layouts: dict[int, tuple[np.ndarray, np.ndarray]] = {}
