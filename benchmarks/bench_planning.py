@@ -5,6 +5,10 @@ Tiles are 2048 x 2048 pixels over one virtual square mosaic (no pixels exist: pl
 - sliding, window 64, stride 64: 1024 windows per tile. At 10^6 tiles that is 10^9 windows, 32 GB
   of int64 boxes, which does not fit this machine; it is measured up to 10^5 tiles (10^8 windows)
   and at 10^6 tiles with 512-pixel windows (16 per tile) instead.
+- formula (what ``elodin fingerprint`` plans for sliding windows): the same sliding plan as a
+  :class:`pipeline.windowgrid.WindowGrid` (tiles and counts, nothing per window), with the work
+  units packed and the plan's digest, over the one mosaic and over a survey of 4096^2 patches
+  (4 tiles each): 10^9 windows at 10^6 tiles. Its baseline is the listed sliding plan above.
 - sparse (catalog or blob style): 20 windows per tile at random positions and sizes 32..128,
   assigned with the generic sort-based :func:`pipeline.tiling.assign_windows`.
 
@@ -24,7 +28,9 @@ import tracemalloc
 
 import numpy as np
 
+from pipeline.store import pack_units
 from pipeline.tiling import assign_windows, plan_image, sliding_windows
+from pipeline.windowgrid import plan_grid
 
 TILE = 2048
 
@@ -48,6 +54,18 @@ def measure(fn):
 
 def sliding(side: int, size: int):
     return lambda: plan_image((side, side), method="sliding", size=size, tile_size=TILE)
+
+
+def formula(shapes: np.ndarray, size: int):
+    """Plan as the fingerprint stage does: the grid, its work units, its digest."""
+
+    def run():
+        plan = plan_grid(shapes, method="sliding", size=size, tile_size=TILE)
+        pack_units(plan.tile_start, chunk_rows=4096)
+        plan.digest()
+        return plan
+
+    return run
 
 
 def sparse_windows(side: int, per_tile: int, seed: int = 0) -> np.ndarray:
@@ -107,6 +125,13 @@ def main() -> None:
             )
             s, peak, plan = measure(sliding(side, 512))
             row(f"sliding 512/512, side {side}", plan.n_tiles, plan.n_windows, s, peak)
+        del plan
+        s, peak, plan = measure(formula(np.array([[side, side]]), 64))
+        row(f"formula 64/64, side {side}", plan.n_tiles, plan.n_windows, s, peak)
+        del plan
+        patches = np.tile([[2 * TILE, 2 * TILE]], (n // 4, 1))
+        s, peak, plan = measure(formula(patches, 64))
+        row(f"formula 64/64, {n // 4:,} patches 4096^2", plan.n_tiles, plan.n_windows, s, peak)
         del plan
         windows = sparse_windows(side, 20)
         s, peak, plan = measure(
