@@ -188,7 +188,7 @@ def bare_loop(image: str, model: str, batch: int) -> None:
     t2 = time.perf_counter()
     for b in range(0, plan.n_windows, batch):
         cut = cut_windows(
-            data, (0, src.shape[0], 0, src.shape[1]), plan.windows[b : b + batch], fill=np.nan
+            data, (0, src.shape[0], 0, src.shape[1]), plan.window_range(b, b + batch), fill=np.nan
         )
         rgb, _ = stretch_cutouts(cut, image_limits=limits)
         session.infer(rgb, logits=False)

@@ -119,7 +119,9 @@ def training_cutouts(
         tile = plan.tiles[t]
         source = by_id[plan.images[int(tile["image"])]]
         box = (int(tile["ry0"]), int(tile["ry1"]), int(tile["rx0"]), int(tile["rx1"]))
-        cut = reader.cut(source.read(*box), box, plan.windows[chosen[owner == t]])
+        first = int(plan.tile_start[t])
+        wins = plan.tile_windows(int(t))[chosen[owner == t] - first]
+        cut = reader.cut(source.read(*box), box, wins)
         parts.append(reader.prepare(cut, source.id)[0])
     if not parts:
         return np.zeros((0, 3, 1, 1), np.float32)
