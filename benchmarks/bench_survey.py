@@ -15,6 +15,10 @@ N FITS patches (``--side`` pixels, a TAN WCS each; one 64-pixel window per patch
    rerun did before.
 3. **1 % new**: N/100 new patches added to the N-patch store, beside a fresh run of just those
    patches into a new store, on the same Dask cluster.
+4. **Patches vs one mosaic** (``--ratio 1024,10000``; each N a square): N patches against one
+   FITS mosaic of ``sqrt(N) * side`` pixels a side with the same windows, each fingerprinted
+   by a client process of its own on one shared Dask cluster: the time ratio, and the client's
+   peak RSS at each N.
 
 Figures are printed as one JSON line at the end.
 """
@@ -158,6 +162,74 @@ def no_op(files: list[str], store: Path) -> dict:
     }
 
 
+# A client process of its own per run: its peak RSS is that run's alone.
+_CHILD = """
+import json, resource, sys, time
+from distributed import Client
+from pipeline.fingerprint import fingerprint
+settings = json.loads(sys.argv[4])
+t0 = time.perf_counter()
+with Client(sys.argv[1]) as client:
+    r = fingerprint([sys.argv[3]], sys.argv[2], client=client, progress=False, **settings)
+print(json.dumps({"s": time.perf_counter() - t0, "cutouts": r.n_cutouts,
+                  "rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def client_run(address: str, store: Path, inputs: list[str]) -> dict:
+    """Fingerprint ``inputs`` (through an @list) from a fresh client process."""
+    import subprocess
+    import sys
+
+    listing = store.with_suffix(".list")
+    listing.write_text("\n".join(inputs) + "\n")
+    done = subprocess.run(
+        [sys.executable, "-c", _CHILD, address, str(store), f"@{listing}", json.dumps(SETTINGS)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def make_mosaic_like(path: Path, n: int, side: int) -> str:
+    """One mosaic of ``sqrt(n) * side`` pixels a side: the windows of ``n`` patches."""
+    from pipeline.testing import synthetic_mosaic
+
+    k = round(n**0.5)
+    if k * k != n:
+        raise SystemExit(f"--ratio: {n} is not a square")
+    return str(synthetic_mosaic(path, shape=(k * side, k * side), seed=5, n_sources=n // 50 + 1))
+
+
+def patches_vs_mosaic(work: Path, sizes: list[int], side: int, workers: int) -> dict:
+    from distributed import LocalCluster
+
+    out = {}
+    with LocalCluster(
+        n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None
+    ) as cluster:
+        # A first run warms the workers (sessions, imports) for both cases alike.
+        warm = make_patches(work / "warm", 4, side, seed=9)
+        client_run(cluster.scheduler_address, work / "warm.zarr", warm)
+        for n in sizes:
+            files = make_patches(work / f"ratio{n}", n, side, seed=11)
+            mosaic = make_mosaic_like(work / f"mosaic{n}.fits", n, side)
+            p = client_run(cluster.scheduler_address, work / f"patches{n}.zarr", files)
+            m = client_run(cluster.scheduler_address, work / f"mosaic{n}.zarr", [mosaic])
+            out[str(n)] = {
+                "patches_s": round(p["s"], 2),
+                "patches_cutouts": p["cutouts"],
+                "patches_client_rss_mib": round(p["rss_mib"]),
+                "baseline_mosaic_s": round(m["s"], 2),
+                "mosaic_cutouts": m["cutouts"],
+                "mosaic_client_rss_mib": round(m["rss_mib"]),
+                "ratio": round(p["s"] / m["s"], 2),
+            }
+            shutil.rmtree(work / f"ratio{n}", ignore_errors=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--patches", type=int, default=1000)
@@ -165,7 +237,20 @@ def main() -> None:
     ap.add_argument("--side", type=int, default=64)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--work", default=None, help="working directory (default: a temporary one)")
+    ap.add_argument(
+        "--ratio", default="", help="N,N,...: patches vs one mosaic only (e.g. 1024,10000)"
+    )
     args = ap.parse_args()
+    if args.ratio:
+        work = Path(args.work or tempfile.mkdtemp(prefix="bench-survey-"))
+        try:
+            sizes = [int(v) for v in args.ratio.split(",")]
+            ratio = patches_vs_mosaic(work, sizes, args.side, args.workers)
+        finally:
+            if not args.work:
+                shutil.rmtree(work, ignore_errors=True)
+        print(json.dumps({"side": args.side, "workers": args.workers, "patches_vs_mosaic": ratio}))
+        return
 
     from distributed import Client, LocalCluster
 
