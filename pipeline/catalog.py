@@ -12,6 +12,12 @@ as astropy and pandas number them.
 - x/y (0-based pixels) directly, on the image named by an ``image`` column, or on the single
   input when there is no such column.
 
+Rows are placed a block of ``2**20`` at a time, and each image is offered only the rows that
+may fall on it: those inside its sky footprint (a k-d tree of the block's unit vectors queried
+with the circle through the image's corners and edges) or naming it in the image column. So a
+catalog of 10^7 rows over 10^5 images costs the rows near each image, not rows x images, and
+memory is bounded by the block.
+
 Each row becomes one window centred on its position (see :func:`pipeline.tiling.catalog_windows`:
 the stored centre is within half a pixel of it). A row that falls on two overlapping images goes
 to the first of them, in input order, so it is fingerprinted once. Rows that fall on no image
@@ -350,6 +356,77 @@ def _pixels(table, info: Mapping, source, rows: np.ndarray) -> tuple[np.ndarray,
     return np.where(far, np.nan, x), np.where(far, np.nan, y)
 
 
+# Catalog rows placed at a time (memory per block: a few arrays of this length).
+_BLOCK_ROWS = 1 << 20
+# A footprint wider than this chord (about 29 degrees) is not a small field: all rows are
+# offered to the image (all-sky projections do not lie inside the circle of their corners).
+_MAX_CHORD = 0.5
+
+
+def _unit_vectors(ra: np.ndarray, dec: np.ndarray) -> np.ndarray:
+    ra, dec = np.radians(ra), np.radians(dec)
+    return np.stack([np.cos(dec) * np.cos(ra), np.cos(dec) * np.sin(ra), np.sin(dec)], axis=1)
+
+
+def _footprints(sources: Sequence) -> tuple[np.ndarray, np.ndarray]:
+    """Each image's sky circle (unit-vector centre, chord radius) holding its pixel area;
+    radius ``inf`` where no small circle is known (no WCS, a wide or odd projection)."""
+    centres = np.zeros((len(sources), 3))
+    radii = np.full(len(sources), np.inf)
+    for i, s in enumerate(sources):
+        if s.wcs is None:
+            continue
+        ny, nx = s.shape[-2:]
+        # Centre, corners and edge midpoints of the pixel area (-0.5 .. n - 0.5).
+        xs = np.array([0.5, 0, 0.5, 1, 1, 1, 0.5, 0, 0]) * nx - 0.5
+        ys = np.array([0.5, 0, 0, 0, 0.5, 1, 1, 1, 0.5]) * ny - 0.5
+        with np.errstate(invalid="ignore"):
+            ra, dec = s.pixel_to_radec(xs, ys)
+        if not (np.isfinite(ra).all() and np.isfinite(dec).all()):
+            continue
+        v = _unit_vectors(ra, dec)
+        chord = float(np.linalg.norm(v[1:] - v[0], axis=1).max())
+        if chord <= _MAX_CHORD:
+            centres[i] = v[0]
+            radii[i] = 1.1 * chord + 1e-9  # edges bulge past the corners' circle a little
+    return centres, radii
+
+
+def _candidate_rows(
+    table, info: Mapping, sources: Sequence, block: np.ndarray, labels, by_name: Mapping
+) -> list[np.ndarray]:
+    """For each source, the rows of ``block`` that may fall on it (a superset), in order."""
+    if labels is not None:  # the rows naming it in the image column
+        names, inverse = np.unique(labels[block], return_inverse=True)
+        order = np.argsort(inverse, kind="stable")
+        bounds = np.searchsorted(inverse[order], np.arange(len(names) + 1))
+        parts: list[list[np.ndarray]] = [[] for _ in sources]
+        for k, name in enumerate(names):
+            for i in by_name.get(str(name), ()):
+                parts[i].append(block[order[bounds[k] : bounds[k + 1]]])
+        return [np.sort(np.concatenate(p)) if p else block[:0] for p in parts]
+    if info["kind"] == "xy" or len(sources) == 1:
+        return [block] * len(sources)
+    from sklearn.neighbors import KDTree
+
+    lon = np.asarray(table[info["lon"]], dtype=np.float64)[block]
+    lat = np.asarray(table[info["lat"]], dtype=np.float64)[block]
+    finite = np.isfinite(lon) & np.isfinite(lat)
+    rows = block[finite]
+    centres, radii = _footprints(sources)
+    small = np.isfinite(radii)
+    out = [block] * len(sources)
+    if small.any() and rows.size:
+        tree = KDTree(_unit_vectors(lon[finite], lat[finite]))
+        near = tree.query_radius(centres[small], radii[small])
+        for i, idx in zip(np.flatnonzero(small), near, strict=True):
+            out[i] = rows[np.sort(idx)]
+    elif small.any():
+        for i in np.flatnonzero(small):
+            out[i] = rows
+    return out
+
+
 def catalog_to_windows(
     table,
     sources: Sequence,
@@ -380,19 +457,39 @@ def catalog_to_windows(
             "the image of each row"
         )
     labels = None if image_col is None else np.char.strip(np.asarray(table[image_col]).astype(str))
+    if info["kind"] == "radec":
+        for source in sources:  # each image must be able to place rows: one line if not
+            if source.wcs is None:
+                _pixels(table, info, source, np.zeros(0, np.int64))
+    by_name: dict[str, list[int]] = {}
+    if labels is not None:
+        for i, source in enumerate(sources):
+            for name in _image_names(source):
+                by_name.setdefault(name, []).append(i)
     free = np.ones(n, dtype=bool)
+    taken: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in sources]
+    # Rows are placed a block at a time, each image offered only the rows near it (its sky
+    # footprint, or its name in the image column): the work is O(rows + rows near images),
+    # not O(rows x images), and memory is bounded by the block.
+    for lo in range(0, n, _BLOCK_ROWS):
+        block = np.arange(lo, min(n, lo + _BLOCK_ROWS), dtype=np.int64)
+        candidates = _candidate_rows(table, info, sources, block, labels, by_name)
+        for i, source in enumerate(sources):
+            rows = candidates[i]
+            rows = rows[free[rows]]
+            if not rows.size:
+                continue
+            x, y = _pixels(table, info, source, rows)
+            sizes = _sizes_for(table, info, source, size, rows)
+            windows, inside = catalog_windows(x, y, sizes, source.shape)
+            free[rows[inside]] = False
+            taken[i].append((rows[inside], windows[inside]))
     plans, placed = [], {}
     for i, source in enumerate(sources):
-        rows = np.flatnonzero(free)
-        if labels is not None:
-            rows = rows[np.isin(labels[rows], list(_image_names(source)))]
-        x, y = _pixels(table, info, source, rows)
-        sizes = _sizes_for(table, info, source, size, rows)
-        windows, inside = catalog_windows(x, y, sizes, source.shape)
-        rows = rows[inside]
-        free[rows] = False
+        rows = np.concatenate([np.zeros(0, np.int64)] + [r for r, _ in taken[i]])
+        windows = np.concatenate([np.zeros((0, 4), np.int64)] + [w for _, w in taken[i]])
         plan = assign_windows(
-            windows[inside],
+            windows,
             source.shape,
             tile_size=tile_size,
             image_index=first_index + i,

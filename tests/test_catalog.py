@@ -353,3 +353,69 @@ def padded_read(src, x0, y0, w, h, fill=np.nan):
     ys, ye, xs, xe = max(y0, 0), min(y0 + h, ny), max(x0, 0), min(x0 + w, nx)
     out[ys - y0 : ye - y0, xs - x0 : xe - x0] = src.read(ys, ye, xs, xe)[0]
     return out
+
+
+def place_one_by_one(table, sources, size: int) -> dict[str, list[int]]:
+    """Reference: every image in turn offered every row not yet placed (the rows' first image)."""
+    from pipeline.tiling import catalog_windows
+
+    free = np.ones(len(table), bool)
+    out = {}
+    for s in sources:
+        rows = np.flatnonzero(free)
+        x, y = s.radec_to_pixel(np.asarray(table["ra"])[rows], np.asarray(table["dec"])[rows])
+        _, inside = catalog_windows(x, y, size, s.shape)
+        free[rows[inside]] = False
+        out[s.id] = sorted(rows[inside].tolist())
+    return out
+
+
+def test_rows_go_to_their_first_image_when_images_are_offered_only_nearby_rows(tmp_path, rng):
+    """Many overlapping and separate images, rows near, on and far from them: the same rows per
+    image as offering every image every free row."""
+    paths = [
+        write_image(tmp_path / f"f{i}.fits", tan_wcs(crval=(150.1 + 0.01 * (i % 4), 2.2 + 0.012 * (i // 4))), seed=i)
+        for i in range(8)
+    ]  # fmt: skip
+    src = open_sources(paths)
+    ra = np.r_[rng.uniform(150.09, 150.14, 3000), rng.uniform(0, 360, 200)]
+    dec = np.r_[rng.uniform(2.19, 2.24, 3000), rng.uniform(-90, 90, 200)]
+    Table({"ra": ra, "dec": dec}).write(tmp_path / "cat.ecsv")
+    table = read_catalog(tmp_path / "cat.ecsv")
+    plans, report = catalog_to_windows(table, src, size=9, tile_size=64)
+    expected = place_one_by_one(table, src, 9)
+    assert {
+        s.id: sorted(p.input_index.tolist()) for s, p in zip(src, plans, strict=True)
+    } == expected
+    assert report.n_placed == sum(len(v) for v in expected.values()) > 500
+
+
+def test_a_catalog_of_a_million_rows_is_placed_in_bounded_memory(tmp_path, rng, monkeypatch):
+    """10^6 rows over 16 small images, most rows on no image: each image projects only the
+    rows near it, and the placement's memory is a few arrays of a block, not rows x images."""
+    import tracemalloc
+
+    from pipeline.sources.source import ImageSource
+
+    paths = [
+        write_image(tmp_path / f"f{i}.fits", tan_wcs(crval=(150.0 + 0.05 * (i % 4), 2.0 + 0.05 * (i // 4))), seed=i)
+        for i in range(16)
+    ]  # fmt: skip
+    src = open_sources(paths)
+    n = 10**6
+    table = Table({"ra": rng.uniform(149.9, 150.3, n), "dec": rng.uniform(1.9, 2.3, n)})
+    projected = []
+    real = ImageSource.radec_to_pixel
+
+    def counting(self, ra, dec):
+        projected.append(np.size(ra))
+        return real(self, ra, dec)
+
+    monkeypatch.setattr(ImageSource, "radec_to_pixel", counting)
+    tracemalloc.start()
+    _, report = catalog_to_windows(table, src, size=16, tile_size=128)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert 0 < report.n_placed < n // 10
+    assert sum(projected) < 3 * report.n_placed  # not 16 x 10^6
+    assert peak < 200 * 2**20
