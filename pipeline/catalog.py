@@ -18,7 +18,7 @@ with the circle through the image's corners and edges) or naming it in the image
 catalog of 10^7 rows over 10^5 images costs the rows near each image, not rows x images, and
 memory is bounded by the block.
 
-Each row becomes one window centred on its position (see :func:`pipeline.tiling.catalog_windows`:
+Each row becomes one window centred on its position (see :func:`catalog_windows`:
 the stored centre is within half a pixel of it). A row that falls on two overlapping images goes
 to the first of them, in input order, so it is fingerprinted once. Rows that fall on no image
 are reported (count and row numbers, logged as a warning and returned), never dropped in
@@ -42,12 +42,13 @@ import numpy as np
 
 from . import config as _config
 from .errors import CatalogError
-from .tiling import MAX_WINDOW_SIDE, Plan, assign_windows, catalog_windows
+from .tiling import MAX_WINDOW_SIDE, Plan, _shape, assign_windows
 
 __all__ = [
     "FORMATS",
     "CatalogReport",
     "catalog_to_windows",
+    "catalog_windows",
     "plan_catalog",
     "read_catalog",
 ]
@@ -354,6 +355,47 @@ def _pixels(table, info: Mapping, source, rows: np.ndarray) -> tuple[np.ndarray,
     err = np.hypot(dra * np.cos(np.radians(lat)), dec2 - lat)
     far = ~(err < 1e-6)
     return np.where(far, np.nan, x), np.where(far, np.nan, y)
+
+
+def catalog_windows(x, y, sizes, shape) -> tuple[np.ndarray, np.ndarray]:
+    """Windows centred on catalog positions, and which positions lie inside the image.
+
+    ``x0 = floor(x - (w - 1) / 2 + 0.5)``, so the stored centre ``x0 + (w - 1) / 2`` is the
+    catalog position rounded to the grid of possible centres: whole pixels for odd sides, pixel
+    corners for even ones (within 0.5 pixel, ties rounded up). Windows are never shifted to fit:
+    near an edge they pass it and the reader pads them, so the object stays centred.
+
+    A position is inside when ``-0.5 <= x < nx - 0.5`` and likewise for ``y`` (the pixel area
+    of the image). Rows outside are returned with ``inside = False`` for the caller to report;
+    non-finite positions are outside and get a zero window.
+
+    Returns
+    -------
+    windows : (N, 4) int64
+    inside : (N,) bool
+    """
+    ny, nx = _shape(shape)
+    x = np.asarray(x, dtype=np.float64).ravel()
+    y = np.asarray(y, dtype=np.float64).ravel()
+    sizes = np.broadcast_to(np.asarray(sizes), x.shape)
+    if sizes.size and (
+        not np.issubdtype(sizes.dtype, np.integer)
+        or sizes.min() <= 0
+        or sizes.max() > MAX_WINDOW_SIDE
+    ):
+        # The callers check the user's sizes (one line naming the row): this is a bug.
+        raise ValueError(f"catalog window sizes must be integers in 1..{MAX_WINDOW_SIDE}")
+    finite = np.isfinite(x) & np.isfinite(y)
+    inside = finite & (x >= -0.5) & (x < nx - 0.5) & (y >= -0.5) & (y < ny - 0.5)
+    half = (sizes - 1) / 2.0
+    out = np.zeros((x.size, 4), dtype=np.int64)
+    # Clipped first: a finite but absurd position (1e300 in a bad catalog row) is outside and
+    # reported, and must not overflow the int64 cast on the way.
+    out[:, 0] = np.floor(np.where(finite, np.clip(x - half + 0.5, -1e15, 1e15), 0.0))
+    out[:, 1] = np.floor(np.where(finite, np.clip(y - half + 0.5, -1e15, 1e15), 0.0))
+    out[:, 2] = sizes
+    out[:, 3] = sizes
+    return out, inside
 
 
 # Catalog rows placed at a time (memory per block: a few arrays of this length).

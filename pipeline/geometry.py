@@ -25,6 +25,7 @@ __all__ = [
     "read_box",
     "shift_inside",
     "window_centres",
+    "window_radec",
     "windows_from_centres",
 ]
 
@@ -115,3 +116,14 @@ def cut_windows(
         if ye > ys and xe > xs:
             out[i, :, ys:ye, xs:xe] = data[:, y + ys : y + ye, x + xs : x + xe]
     return out
+
+
+def window_radec(windows, wcs) -> tuple[np.ndarray, np.ndarray]:
+    """ICRS RA/Dec in degrees of the windows' stored centres; NaN without a celestial WCS."""
+    w = np.asarray(windows, dtype=np.int64).reshape(-1, 4)
+    if wcs is None or not wcs.has_celestial:
+        nan = np.full(w.shape[0], np.nan)
+        return nan, nan.copy()
+    x, y = window_centres(w)
+    sky = wcs.celestial.pixel_to_world(x, y).icrs
+    return np.asarray(sky.ra.deg, dtype=np.float64), np.asarray(sky.dec.deg, dtype=np.float64)

@@ -42,14 +42,12 @@ __all__ = [
     "TILE_DTYPE",
     "Plan",
     "assign_windows",
-    "catalog_windows",
     "full_window",
     "owner_pixels",
     "plan_image",
     "sliding_count",
     "sliding_windows",
     "tile_grid",
-    "window_radec",
 ]
 
 logger = logging.getLogger(__name__)
@@ -203,58 +201,6 @@ def full_window(shape) -> np.ndarray:
     """The one window covering the whole image: ``[[0, 0, nx, ny]]``."""
     ny, nx = _shape(shape)
     return np.array([[0, 0, nx, ny]], dtype=np.int64)
-
-
-def catalog_windows(x, y, sizes, shape) -> tuple[np.ndarray, np.ndarray]:
-    """Windows centred on catalog positions, and which positions lie inside the image.
-
-    ``x0 = floor(x - (w - 1) / 2 + 0.5)``, so the stored centre ``x0 + (w - 1) / 2`` is the
-    catalog position rounded to the grid of possible centres: whole pixels for odd sides, pixel
-    corners for even ones (within 0.5 pixel, ties rounded up). Windows are never shifted to fit:
-    near an edge they pass it and the reader pads them, so the object stays centred.
-
-    A position is inside when ``-0.5 <= x < nx - 0.5`` and likewise for ``y`` (the pixel area
-    of the image). Rows outside are returned with ``inside = False`` for the caller to report;
-    non-finite positions are outside and get a zero window.
-
-    Returns
-    -------
-    windows : (N, 4) int64
-    inside : (N,) bool
-    """
-    ny, nx = _shape(shape)
-    x = np.asarray(x, dtype=np.float64).ravel()
-    y = np.asarray(y, dtype=np.float64).ravel()
-    sizes = np.broadcast_to(np.asarray(sizes), x.shape)
-    if sizes.size and (
-        not np.issubdtype(sizes.dtype, np.integer)
-        or sizes.min() <= 0
-        or sizes.max() > MAX_WINDOW_SIDE
-    ):
-        # The callers check the user's sizes (one line naming the row): this is a bug.
-        raise ValueError(f"catalog window sizes must be integers in 1..{MAX_WINDOW_SIDE}")
-    finite = np.isfinite(x) & np.isfinite(y)
-    inside = finite & (x >= -0.5) & (x < nx - 0.5) & (y >= -0.5) & (y < ny - 0.5)
-    half = (sizes - 1) / 2.0
-    out = np.zeros((x.size, 4), dtype=np.int64)
-    # Clipped first: a finite but absurd position (1e300 in a bad catalog row) is outside and
-    # reported, and must not overflow the int64 cast on the way.
-    out[:, 0] = np.floor(np.where(finite, np.clip(x - half + 0.5, -1e15, 1e15), 0.0))
-    out[:, 1] = np.floor(np.where(finite, np.clip(y - half + 0.5, -1e15, 1e15), 0.0))
-    out[:, 2] = sizes
-    out[:, 3] = sizes
-    return out, inside
-
-
-def window_radec(windows, wcs) -> tuple[np.ndarray, np.ndarray]:
-    """ICRS RA/Dec in degrees of the windows' stored centres; NaN without a celestial WCS."""
-    w = np.asarray(windows, dtype=np.int64).reshape(-1, 4)
-    if wcs is None or not wcs.has_celestial:
-        nan = np.full(w.shape[0], np.nan)
-        return nan, nan.copy()
-    x, y = window_centres(w)
-    sky = wcs.celestial.pixel_to_world(x, y).icrs
-    return np.asarray(sky.ra.deg, dtype=np.float64), np.asarray(sky.dec.deg, dtype=np.float64)
 
 
 # --------------------------------------------------------------------------- plan

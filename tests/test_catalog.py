@@ -14,7 +14,7 @@ from astropy.wcs import WCS
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from pipeline.catalog import catalog_to_windows, plan_catalog, read_catalog
+from pipeline.catalog import catalog_to_windows, catalog_windows, plan_catalog, read_catalog
 from pipeline.errors import CatalogError
 from pipeline.sources import open_sources
 
@@ -357,7 +357,6 @@ def padded_read(src, x0, y0, w, h, fill=np.nan):
 
 def place_one_by_one(table, sources, size: int) -> dict[str, list[int]]:
     """Reference: every image in turn offered every row not yet placed (the rows' first image)."""
-    from pipeline.tiling import catalog_windows
 
     free = np.ones(len(table), bool)
     out = {}

@@ -10,20 +10,20 @@ from astropy.wcs import WCS
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pipeline.catalog import catalog_windows
 from pipeline.errors import ConfigError, InputError
+from pipeline.geometry import window_radec
 from pipeline.tiling import (
     EDGE_POLICIES,
     TILE_DTYPE,
     Plan,
     assign_windows,
-    catalog_windows,
     full_window,
     owner_pixels,
     plan_image,
     sliding_count,
     sliding_windows,
     tile_grid,
-    window_radec,
 )
 
 SETTINGS = settings(max_examples=60, deadline=None)
