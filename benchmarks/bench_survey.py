@@ -33,33 +33,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
+from pipeline.testing import make_patches
 
 MODEL = "efficientnet-lite0:native"
 SETTINGS = {"method": "sliding", "size": 64, "stride": 64, "model": MODEL}
-
-
-def make_patches(directory: Path, n: int, side: int, *, seed: int, start: int = 0) -> list[str]:
-    """``n`` FITS patches of ``side``^2 noise with a few sources and a TAN WCS."""
-    from astropy.io import fits
-    from astropy.wcs import WCS
-
-    directory.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    paths = []
-    for i in range(start, start + n):
-        w = WCS(naxis=2)
-        w.wcs.ctype = ["RA---TAN", "DEC--TAN"]
-        w.wcs.crval = [150.0 + (i % 100) * 0.01, 2.0 + (i // 100) * 0.01]
-        w.wcs.crpix = [side / 2, side / 2]
-        w.wcs.cdelt = [-0.2 / 3600, 0.2 / 3600]
-        data = rng.normal(100.0, 3.0, (side, side)).astype(np.float32)
-        y, x = rng.integers(4, side - 4, 2)
-        data[y - 2 : y + 3, x - 2 : x + 3] += 500.0
-        p = directory / f"patch{i:06d}.fits"
-        fits.PrimaryHDU(data, header=w.to_header()).writeto(p, overwrite=True)
-        paths.append(str(p))
-    return paths
 
 
 def largest_json(store: Path) -> tuple[int, str]:

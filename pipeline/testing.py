@@ -4,7 +4,8 @@
 celestial TAN WCS, strip by strip through a memory map, so a 16k x 16k mosaic never sits in
 memory; :func:`store_digest` hashes every file of a store, so "the store is unchanged" is one
 comparison. :func:`fingerprint_command` and :func:`error_lines` run the CLI as a user would
-and read its one-line errors. :func:`make_mosaic` is the small mosaic most tests cut,
+and read its one-line errors. :func:`make_mosaic` is the small mosaic most tests cut, :func:`make_patches` a survey of many
+small files,
 :func:`fingerprinted_store` a store made by the real fingerprint and reduce stages, and
 :func:`tiny_onnx` (with :data:`TINY_CARD`) a small real user ONNX model, and
 :func:`local_compute` the suite's compute (a LocalCluster and its Client). :class:`KillOnUnits` SIGKILLs Dask worker processes at chosen
@@ -32,6 +33,7 @@ __all__ = [
     "fingerprinted_store",
     "local_compute",
     "make_mosaic",
+    "make_patches",
     "store_digest",
     "synthetic_mosaic",
     "tiny_onnx",
@@ -188,6 +190,34 @@ def fingerprint_command(
 def error_lines(stderr: str) -> list[str]:
     """The ``elodin: error: ...`` lines of a command's standard error."""
     return [line for line in stderr.splitlines() if line.startswith("elodin: error:")]
+
+
+def make_patches(
+    directory: str | os.PathLike, n: int, side: int, *, seed: int, start: int = 0
+) -> list[str]:
+    """``n`` FITS patches ``patch{start..}.fits`` of ``side``^2 sky noise, one bright source
+    each and a TAN WCS each (neighbouring patches on a 100-wide grid of 36 arcsec steps): a
+    survey of many small files."""
+    from astropy.io import fits
+    from astropy.wcs import WCS
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(start, start + n):
+        w = WCS(naxis=2)
+        w.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+        w.wcs.crval = [150.0 + (i % 100) * 0.01, 2.0 + (i // 100) * 0.01]
+        w.wcs.crpix = [side / 2, side / 2]
+        w.wcs.cdelt = [-0.2 / 3600, 0.2 / 3600]
+        data = rng.normal(100.0, 3.0, (side, side)).astype(np.float32)
+        y, x = rng.integers(4, side - 4, 2)
+        data[y - 2 : y + 3, x - 2 : x + 3] += 500.0
+        p = directory / f"patch{i:06d}.fits"
+        fits.PrimaryHDU(data, header=w.to_header()).writeto(p, overwrite=True)
+        paths.append(str(p))
+    return paths
 
 
 def make_mosaic(path: str | os.PathLike, *, ny: int = 640, nx: int = 768, seed: int = 1) -> Path:

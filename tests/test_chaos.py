@@ -20,7 +20,7 @@ import pytest
 
 from pipeline.fingerprint import fingerprint
 from pipeline.store import Store, pack_units
-from pipeline.testing import KillOnUnits, fingerprint_command, make_mosaic
+from pipeline.testing import KillOnUnits, fingerprint_command, make_mosaic, make_patches
 
 MODEL = "efficientnet-lite0:native"
 # 1024 x 1024 pixels in 32-pixel windows: 256 tiles of 64 pixels, 1024 cutouts, 16 units.
@@ -203,8 +203,8 @@ def _cli(mosaic: Path, out: Path) -> list[str]:
 
 
 def _units_done(out: Path) -> int:
-    done = out / "done"  # Store.mark_done's markers: one file per finished unit
-    return len(os.listdir(done)) if done.is_dir() else 0
+    done = out / "done"  # Store.mark_done's markers: one file per finished unit, any layout
+    return sum(len(files) for _, _, files in os.walk(done)) if done.is_dir() else 0
 
 
 # When the client dies, by the run's own progress: as soon as it holds the writer lock (the
@@ -241,3 +241,76 @@ def test_client_killed_then_rerun(tmp_path, mosaic, clean, moment):
     assert "Traceback" not in rerun.stderr
     assert_equal_to_clean(clean, out)
     assert Store.lock_holder(out) is None
+
+
+# ----------------------------------------------------------------------- a survey of many files
+# 1,024 FITS patches of 32^2, one 32-pixel window each: the mosaic's 1,024 cutouts and 16 units,
+# each unit reading 64 files.
+N_PATCHES = 1024
+
+
+@pytest.fixture(scope="module")
+def patches(tmp_path_factory) -> list[str]:
+    return make_patches(tmp_path_factory.mktemp("patches"), N_PATCHES, 32, seed=4)
+
+
+@pytest.fixture(scope="module")
+def clean_patches(tmp_path_factory, patches, client) -> Path:
+    out = tmp_path_factory.mktemp("patches-clean") / "clean.zarr"
+    fingerprint(patches, out, client=client, progress=False, **SETTINGS)
+    return out
+
+
+def assert_each_patch_once(clean: Path, other: Path, patches: list[str]) -> None:
+    a = Store.open(clean).dataset().load()
+    b = Store.open(other).dataset().load()
+    valid = b.valid.values
+    ids = [str(v) for v in b.image.values[valid]]
+    assert len(ids) == len(set(ids)) == len(patches), "a patch lost or stored twice"
+    assert len(Store.open(other).images()) == len(patches)
+    for name in ROW_NAMES:
+        np.testing.assert_array_equal(a[name].values, b[name].values, err_msg=name)
+    np.testing.assert_allclose(
+        a.fingerprint.values, b.fingerprint.values, atol=1e-4, equal_nan=True
+    )
+    assert Store.open(other).done_units() == set(range(Store.open(other).n_units))
+
+
+def test_workers_killed_over_a_survey_of_many_files(tmp_path, patches, clean_patches):
+    """The chaos test over 1,024 files: workers SIGKILLed as units start and finish; every
+    patch ends in the store exactly once, as in a clean run."""
+    cluster, client = _cluster()
+    log = tmp_path / "kills"
+    with cluster, client:
+        client.register_plugin(KillOnUnits(log, at_start=(2, 9), at_finish=(5,)))
+        out = tmp_path / "chaos.zarr"
+        result = fingerprint(patches, out, client=client, progress=False, **SETTINGS)
+        assert {(e, n) for e, n, _ in KillOnUnits.kills(log)} == {
+            ("start", 2),
+            ("start", 9),
+            ("finish", 5),
+        }
+        assert result.n_cutouts == N_PATCHES and result.units_skipped == 0
+    assert_each_patch_once(clean_patches, out, patches)
+
+
+def test_client_killed_over_many_files_then_rerun(tmp_path, patches, clean_patches):
+    """``elodin fingerprint @list`` over 1,024 files SIGKILLed (whole process group) once a
+    quarter of its units are done; the same command resumes to the clean run's store."""
+    listing = tmp_path / "patches.txt"
+    listing.write_text("\n".join(patches) + "\n")
+    env = {**os.environ, "ELODIN__FINGERPRINT__CHUNK_ROWS": "64"}
+    out = tmp_path / "killed.zarr"
+    cli = fingerprint_command(f"@{listing}", out=out, model=MODEL, size=32, tile_size=64, workers=2)
+    proc = subprocess.Popen(
+        cli, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    while proc.poll() is None and _units_done(out) < 4:
+        time.sleep(0.01)  # polling the run's progress on disk, not waiting for a time
+    assert proc.poll() is None, "the run ended before a quarter of its units were done"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    rerun = subprocess.run(cli, env=env, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "Traceback" not in rerun.stderr
+    assert_each_patch_once(clean_patches, out, patches)
