@@ -2,7 +2,7 @@
 
 ``connect(scheduler)`` is a context manager yielding a :class:`distributed.Client`; it owns the
 cluster it started and closes it (and, for SLURM, cancels its jobs) on the way out, also when the
-run fails. The Dask cluster lives here; groups of fingerprints live in ``analysis/clustering.py``.
+run fails. The Dask cluster lives here; groups of fingerprints live in ``analysis/clustering/``.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ Two passes over the store's per-row variables, block by block:
    drawn on each mosaic overlay (their colours need every cluster id, known after pass 1).
 
 Then only the chosen rows' windows are read back from the source images (thumbnails.py), once
-each, and the figures are drawn. Memory follows the number of rows shown, never the store.
+each, and the figures are drawn (sections.py; the query's neighbours come from query.py). Memory follows the number of rows shown, never the store.
 Missing analysis variables skip their figures with a note on the page and in the log; they
 never stop the report.
 """
@@ -21,7 +21,6 @@ import dataclasses
 import json
 import logging
 import os
-import re
 import time
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,8 @@ from ..analysis.similar import METRICS, distances
 from ..errors import ConfigError, InputError
 from ..store import Store
 from . import figures
+from .query import _similar_via_analysis
+from .sections import _UNCLUSTERED, _Sections
 from .select import KSmallest, grid_cells, iter_rows, random_keys, take_rows
 from .thumbnails import (
     ThumbnailReader,
@@ -55,8 +56,6 @@ _ANALYSIS_VARIABLES = (
     "fingerprint",
     "top_class",
 )
-# The frame colour of every cutout when the store has no clusters yet.
-_UNCLUSTERED = (255, 200, 40)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,10 +174,6 @@ def build_report(
     return report
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")[:60] or "image"
-
-
 def _json_default(v):
     if isinstance(v, np.generic):
         return v.item()
@@ -187,8 +182,9 @@ def _json_default(v):
     return str(v)
 
 
-class _Builder:
-    """One report's state, filled stage by stage by :meth:`run`."""
+class _Builder(_Sections):
+    """One report's state, filled stage by stage by :meth:`run`: the passes over the store and
+    the thumbnails here, the figures and the page in :class:`.sections._Sections`."""
 
     def __init__(self, st: Store, out: Path, opts: ReportOptions) -> None:
         self.st, self.out, self.o = st, out, opts
@@ -500,299 +496,3 @@ class _Builder:
 
     def frames(self, rows) -> list[tuple[int, int, int]]:
         return [self.colour_of(self.meta["cluster"][self.at[int(r)]]) for r in rows]
-
-    # ------------------------------------------------------------------ figures
-    def embedding_map(self) -> None:
-        if not self.do_grid or not len(self.grid_rows):
-            return
-        g, rows = self.n_cells, self.grid_rows
-        space = self.axis_labels[0].rsplit(" ", 1)[0]
-        gm = figures.embedding_grid(
-            self.out / "embedding-grid.png",
-            rows,
-            self.grid_cell_ids,
-            self.thumbs(rows),
-            self.frames(rows),
-            n_cells=g,
-            title=f"{space} map: {len(rows)} cutouts, one per occupied cell of {g} x {g}",
-        )
-        self.manifest["grid"] = {
-            "file": gm.path.name, "count": gm.count, "n_cells": g, "cell": gm.cell,
-            "origin": list(gm.origin), "size": list(gm.size), "rows": rows.tolist(),
-            "cells": self.grid_cell_ids.tolist(), "lo": self.lo.tolist(), "hi": self.hi.tolist(),
-            "space": self.emb_name,
-        }  # fmt: skip
-        self.page["grid"] = {
-            "file": gm.path.name,
-            "caption": (
-                f"The {self.n_valid} valid cutouts placed by their {space} coordinates on a "
-                f"{g} x {g} grid; each occupied cell shows the cutout nearest its centre "
-                f"({gm.count} cells), framed in its cluster's colour."
-            ),
-        }
-
-    def interactive(self) -> None:
-        rows = self.sample_rows
-        if not self.emb_name or not len(rows):
-            if self.emb_name and not self.o.max_points:
-                self.skip("interactive", "report.max-points is 0.")
-            return
-        from bokeh.embed import components
-
-        from .interactive import bokeh_resources, embedding_plot
-
-        idx = [self.at[int(r)] for r in rows]
-        m = self.meta
-        plot = embedding_plot(
-            np.asarray(take_rows(self.st, self.emb_name, rows)[:, :2], dtype=np.float64),
-            rows=rows,
-            images=m["image"][idx],
-            x=m["x"][idx],
-            y=m["y"][idx],
-            ra=m["ra"][idx],
-            dec=m["dec"][idx],
-            clusters=m["cluster"][idx],
-            thumbs=self.thumbs_all[idx],
-            colours=self.palette if self.have["cluster"] else {0: _UNCLUSTERED},
-            title=f"{len(rows)} of {self.n_valid} cutouts",
-            axis_labels=self.axis_labels,
-            clustered=self.have["cluster"],
-        )
-        script, div = components(plot)
-        shown = len(rows)
-        self.page.update(
-            bokeh_js=bokeh_resources(),
-            bokeh_script=script,
-            bokeh_div=div,
-            interactive_note=(
-                f"All {shown} valid cutouts are shown."
-                if shown >= self.n_valid
-                else f"{shown} of {self.n_valid} valid cutouts are shown: a uniform random "
-                f"sample (seed {self.o.seed}; at most report.max-points = {self.o.max_points})."
-            ),
-        )
-        self.manifest["interactive"] = {
-            "n_points": shown,
-            "n_valid": self.n_valid,
-            "rows": rows.tolist(),
-        }
-
-    def clusters(self) -> None:
-        if not self.have["cluster"]:
-            return
-        counts, palette = self.cluster_counts, self.palette
-        ids = sorted(counts)
-        figures.cluster_sizes_chart(
-            self.out / "cluster-sizes.png", ids, [counts[c] for c in ids], palette
-        )
-        n_real = sum(1 for c in ids if c >= 0)
-        noise = f"; {counts[-1]} cutouts are noise (cluster -1)" if -1 in counts else ""
-        algo = (self.attrs.get("cluster") or {}).get("algorithm") if isinstance(
-            self.attrs.get("cluster"), dict
-        ) else None  # fmt: skip
-        self.page["sizes"] = {
-            "file": "cluster-sizes.png",
-            "caption": f"{n_real} clusters" + (f" ({algo})" if algo else "") + noise,
-        }
-        self.page["legend"] = [
-            ("noise" if c < 0 else f"cluster {c} ({counts[c]})", figures.hex_colour(palette[c]))
-            for c in ids
-        ]
-        self.manifest["clusters"] = {str(c): counts[c] for c in ids}
-        if not self.do_near:
-            self.notes.append(
-                "Galleries show random cutouts only: the store has no PCA to find the cutouts "
-                "nearest each centre."
-            )
-        galleries = []
-        for c, (nr, rr) in self.gallery_rows.items():
-            col = [self.colour_of(c)]
-            sheet = figures.render_sheet(
-                self.out / f"gallery-cluster-{c}.png",
-                [
-                    ("nearest the centre (PCA space)", self.thumbs(nr), col * len(nr),
-                     [f"#{r}" for r in nr]),
-                    (f"random (seed {self.o.seed})", self.thumbs(rr), col * len(rr),
-                     [f"#{r}" for r in rr]),
-                ],
-                title=f"Cluster {c}: {counts[c]} cutouts",
-                columns=max(self.o.n_nearest, self.o.n_random, 1),
-            )  # fmt: skip
-            galleries.append({"cluster": c, "file": sheet.path.name, "count": sheet.count,
-                              "nearest": nr.tolist(), "random": rr.tolist()})  # fmt: skip
-        self.manifest["galleries"] = galleries
-        self.page["galleries"] = [
-            {**g, "caption": f"Cluster {g['cluster']} ({counts[g['cluster']]} cutouts)"}
-            for g in galleries
-        ]
-
-    def pca(self) -> None:
-        if not self.have["pca_explained_variance_ratio"]:
-            return
-        ratio = np.asarray(self.st.array("pca_explained_variance_ratio")[...], dtype=np.float64)
-        figures.explained_variance_chart(self.out / "pca-variance.png", ratio)
-        self.page["pca"] = {
-            "file": "pca-variance.png",
-            "caption": (
-                f"Explained variance of the {len(ratio)} PCA components of the fingerprints "
-                f"(bars) and cumulative (line): {np.sum(ratio):.1%} kept."
-            ),
-        }
-        self.manifest["pca"] = {"file": "pca-variance.png", "n_components": len(ratio)}
-
-    def overlays(self) -> None:
-        overlays = []
-        for k, (image, cv) in enumerate(self.canvases.items()):
-            name = f"overlay-{k}-{_slug(image)}.png"
-            cv["canvas"].convert("RGB").save(self.out / name)
-            shape = list(self.reader.sources[image].shape)
-            overlays.append({"image": image, "file": name, "factor": cv["factor"],
-                             "size": list(cv["canvas"].size), "n_windows": cv["n"],
-                             "shape": shape})  # fmt: skip
-        self.manifest["overlays"] = overlays
-        outline = "outlined in their cluster's colour" if self.have["cluster"] else "outlined"
-        self.page["overlays"] = [
-            {
-                **o,
-                # Small images are shown enlarged (whole factors) so their windows stay visible.
-                "display_width": o["size"][0] * max(1, min(4, 900 // max(1, o["size"][0]))),
-                "caption": (
-                    f"{o['image']}: {o['shape'][1]} x {o['shape'][0]} pixels, downsampled "
-                    f"1:{o['factor']}, with its {o['n_windows']} windows {outline}."
-                ),
-            }
-            for o in overlays
-        ]
-        if not overlays:
-            self.skip("overlays", "No source images recorded in the store.")
-
-    def similar(self) -> None:
-        q = self.query_row
-        rows = self.sim_rows
-        if q is None or rows is None or not len(rows):
-            if q is not None:
-                self.skip("similar", "Nothing to compare the query with (no PCA or fingerprints).")
-            return
-        i = self.at[q]
-        m = self.meta
-        sheet = figures.render_sheet(
-            self.out / "similar.png",
-            [
-                (f"query: row {q} ({m['image'][i]} x {m['x'][i]:.0f}, y {m['y'][i]:.0f})",
-                 self.thumbs([q]), self.frames([q]), [f"#{q}"]),
-                (f"{len(rows)} nearest: {self.sim_how}", self.thumbs(rows), self.frames(rows),
-                 [f"#{r} d={d:.3g}" for r, d in zip(rows, self.sim_dist, strict=True)]),
-            ],
-            title=f"Cutouts similar to row {q}",
-            columns=max(3, min(9, len(rows))),
-        )  # fmt: skip
-        self.manifest["similar"] = {
-            "file": sheet.path.name, "query": q, "rows": [int(r) for r in rows],
-            "distances": [float(d) for d in self.sim_dist], "how": self.sim_how,
-            "count": len(rows),
-        }  # fmt: skip
-        self.page["similar"] = {
-            "file": sheet.path.name,
-            "caption": f"Query: row {q}, {self.query_why}. Its {len(rows)} nearest cutouts by "
-            f"{self.sim_how}; captions give row and distance.",
-        }
-
-    def outliers(self) -> None:
-        rows, scores = self.top_outliers.rows(), -self.top_outliers.keys()
-        if not self.have["outlier_score"] or not len(rows):
-            return
-        sheet = figures.render_sheet(
-            self.out / "outliers.png",
-            [("highest outlier score first", self.thumbs(rows), self.frames(rows),
-              [f"#{r} s={s:.3g}" for r, s in zip(rows, scores, strict=True)])],
-            title=f"Top {len(rows)} outliers of {self.n_valid} cutouts",
-            columns=8,
-        )  # fmt: skip
-        self.manifest["outliers"] = {"file": sheet.path.name, "rows": rows.tolist(),
-                                     "scores": scores.tolist(), "count": sheet.count}  # fmt: skip
-        self.page["outliers"] = {
-            "file": sheet.path.name,
-            "caption": f"The {len(rows)} cutouts with the highest outlier_score "
-            "(captions give row and score).",
-        }
-
-    # ------------------------------------------------------------------ the page
-    def write_page(self) -> Path:
-        from .. import __version__
-        from .html import render_index
-
-        attrs, have = self.attrs, self.have
-        cut = attrs.get("cutouts") or {}
-        pre = attrs.get("preprocess") or {}
-        images = list(self.image_counts.items())
-        facts = [
-            ("store", self.st.path),
-            ("cutouts", f"{self.n_valid} valid of {self.st.n_rows} rows, from {len(images)} image(s)"),
-            ("images", ", ".join(f"{i} ({n})" for i, n in images[:12]) + (" ..." if len(images) > 12 else "")),
-            ("model", f"{attrs.get('model', '?')} ({attrs.get('feature_dim', '?')} features)"),
-            ("cutout method", ", ".join(f"{k} {v}" for k, v in cut.items() if v is not None)),
-            ("stretch", ", ".join(f"{k} {v}" for k, v in pre.items() if v is not None)),
-            ("analysis", ", ".join(n for n in ("pca", "cluster", "embedding", "outlier_score") if have[n]) or "none yet"),
-            ("made", attrs.get("created", "?")),
-        ]  # fmt: skip
-        self.page.update(
-            store_name=Path(self.st.path).name,
-            store_path=self.st.path,
-            facts=facts,
-            notes=self.notes,
-            skipped=self.skipped,
-            version=__version__,
-            made=time.strftime("%Y-%m-%d %H:%M:%S"),
-        )
-        return render_index(self.out / "index.html", self.page)
-
-
-def _similar_via_analysis(st: Store, row: int | None, n: int, metric: str):
-    """``(rows, distances, how)`` from :func:`pipeline.analysis.similar` (streamed over the
-    store, honouring ``analysis.similar.exclude-overlaps``), or ``(None, None, "")`` when the
-    variable the metric needs is missing; the report then searches by
-    brute force."""
-    if row is None or n <= 0:
-        return None, None, ""
-    from ..analysis import similar
-
-    need = "top_class" if metric == "jaccard" else "pca"
-    try:
-        st.array(need)
-    except KeyError:
-        return None, None, ""
-    what = {
-        "l2": "L2 distance in PCA space",
-        "cosine": "cosine distance in PCA space",
-        "jaccard": "1 - Jaccard index of the top-k ImageNet classes",
-    }[metric]
-    found = _similar_from_graph(st, row, n, metric)
-    if found is not None:
-        return (*found, f"{what} (the store's k-NN graph, `elodin neighbors`)")
-    table = similar(st, cutout=row, n=n, metric=metric)
-    return (
-        np.asarray(table["index"], dtype=np.int64),
-        np.asarray(table["distance"], dtype=np.float64),
-        f"{what} (pipeline.analysis.similar)",
-    )
-
-
-def _similar_from_graph(st: Store, row: int, n: int, metric: str):
-    """``(rows, distances)``: the query's first ``n`` neighbours in the store's k-NN graph when
-    it has at least ``n`` per row in ``metric`` and still matches the store (one row read, no
-    search); None otherwise, or when ``analysis.similar.exclude-overlaps`` asks for a filter
-    the graph did not apply."""
-    if metric == "jaccard" or config.get("analysis.similar.exclude-overlaps", False):
-        return None
-    try:
-        from ..analysis.index import GRAPH_DIST_VAR, GRAPH_VAR, graph_for
-    except ImportError:
-        return None
-    if graph_for(st, n, metric=metric) is None:
-        return None
-    rows = np.asarray(st.array(GRAPH_VAR)[row][:n], np.int64)
-    dist = np.asarray(st.array(GRAPH_DIST_VAR)[row][:n], np.float64)
-    keep = rows >= 0
-    if keep.sum() < n:
-        return None
-    return rows[keep], dist[keep]
