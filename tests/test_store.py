@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline.errors import StoreError
-from pipeline.store import Store, pack_units
+from pipeline.store import Store, block_rows_for, pack_units
 
 
 @settings(max_examples=200, deadline=None)
@@ -76,6 +76,14 @@ def test_grow_write_and_read_back_with_xarray(tmp_path):
     assert ds.valid.values.sum() == 10 and np.isnan(ds.fingerprint.values[10:]).all()
     with pytest.raises(ValueError, match="chunk boundary"):
         s.write_rows(3, {"valid": np.ones(5, bool)})
+
+
+def test_one_block_size_rule_whole_chunks(tmp_path):
+    s = _store(tmp_path)  # chunks of 5 rows
+    assert s.block_rows() == 64 * 5  # the default: 64 chunks
+    assert s.block_rows(12) == 10 and s.block_rows(3) == 5  # whole chunks, at least one
+    starts = [start for start, _ in s.iter_blocks("valid", block_rows=12)]
+    assert starts == [0, 10] and block_rows_for(5, 12) == 10
 
 
 def test_half_finished_append_is_repaired_on_open(tmp_path):

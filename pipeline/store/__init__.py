@@ -17,12 +17,21 @@ from __future__ import annotations
 
 from .core import Store
 from .images import IMAGES_GROUP, ImageTable, RecordedSources, parse_mtime
-from .layout import Layout, Segment, chunk_rows_for, image_rows, pack_units
+from .layout import (
+    BLOCK_CHUNKS,
+    Layout,
+    Segment,
+    block_rows_for,
+    chunk_rows_for,
+    image_rows,
+    pack_units,
+)
 from .lock import LockInfo, WriterLock
 from .schema import COORDS, REQUIRED_VARIABLES, SCHEMA_VERSION
 from .upgrades import upgrade
 
 __all__ = [
+    "BLOCK_CHUNKS",
     "COORDS",
     "IMAGES_GROUP",
     "REQUIRED_VARIABLES",
@@ -34,6 +43,7 @@ __all__ = [
     "Segment",
     "Store",
     "WriterLock",
+    "block_rows_for",
     "chunk_rows_for",
     "image_rows",
     "pack_units",

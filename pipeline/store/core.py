@@ -34,7 +34,7 @@ from ..errors import StoreError
 from . import plans
 from ._common import _fs, _jsonable
 from .images import IMAGES_GROUP, ImageTable, append_records, truncate_records
-from .layout import Layout, Segment, image_rows
+from .layout import Layout, Segment, block_rows_for, image_rows
 from .lock import (
     _LOCKS_ABOUT,
     LOCKS_GROUP,
@@ -269,6 +269,11 @@ class Store:
     def chunk_rows(self) -> int:
         return int(self.attrs["chunk_rows"])
 
+    def block_rows(self, block_rows: int | None = None) -> int:
+        """Rows per block when streaming a per-row variable: ``block_rows`` (default 64
+        chunks, :data:`~pipeline.store.layout.BLOCK_CHUNKS`) rounded down to whole chunks."""
+        return block_rows_for(self.chunk_rows, block_rows)
+
     @property
     def segments(self) -> list[Segment]:
         return [Segment.from_json(s) for s in self.attrs.get("segments", [])]
@@ -502,8 +507,7 @@ class Store:
     def iter_blocks(self, name: str, *, block_rows: int | None = None):
         """Yield ``(start, values)`` over a per-row variable in chunk-aligned blocks."""
         arr = self._group[name]
-        step = block_rows or 64 * self.chunk_rows
-        step = max(self.chunk_rows, step - step % self.chunk_rows)
+        step = self.block_rows(block_rows)
         for start in range(0, arr.shape[0], step):
             yield start, arr[start : start + step]
 
@@ -526,7 +530,7 @@ class Store:
             raise StoreError(f"{self.path}: segment {index} holds no image {image!r} in use")
         lo, hi = int(table.column("row_start")[i]), int(table.column("row_stop")[i])
         valid, ids = self._group["valid"], self._group["image"]
-        step = 64 * self.chunk_rows
+        step = self.block_rows()
         n = 0
         if lo >= 0:
             for b in range(lo - lo % self.chunk_rows, hi, step):

@@ -12,7 +12,19 @@ from collections.abc import Mapping
 
 import numpy as np
 
-__all__ = ["Layout", "Segment", "chunk_rows_for", "image_rows", "pack_units"]
+__all__ = [
+    "BLOCK_CHUNKS",
+    "Layout",
+    "Segment",
+    "block_rows_for",
+    "chunk_rows_for",
+    "image_rows",
+    "pack_units",
+]
+
+# Chunks per block when a stage streams a per-row variable (Store.block_rows): large enough
+# that a read is many chunks, small enough that a block of fingerprints stays in memory.
+BLOCK_CHUNKS = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,3 +164,13 @@ def image_rows(plan, layout: Layout) -> np.ndarray:
     has = stop >= 0
     out[has, 0], out[has, 1] = start[has], stop[has]
     return out
+
+
+def block_rows_for(chunk_rows: int, block_rows: int | None = None) -> int:
+    """Rows per block of a store chunked by ``chunk_rows``: ``block_rows`` (default
+    ``BLOCK_CHUNKS`` chunks) rounded down to whole chunks, and at least one chunk, so a block
+    never splits a chunk between two readers or writers."""
+    if chunk_rows < 1:
+        raise ValueError("chunk_rows must be >= 1")
+    step = block_rows or BLOCK_CHUNKS * chunk_rows
+    return max(chunk_rows, step - step % chunk_rows)
