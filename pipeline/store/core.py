@@ -289,7 +289,10 @@ class Store:
         segs = self.segments
         group = self._group.get(IMAGES_GROUP) if segs else None
         return ImageTable(
-            group, segs[-1].image_stop if segs else 0, segs[-1].file_stop if segs else 0
+            group,
+            segs[-1].image_stop if segs else 0,
+            segs[-1].file_stop if segs else 0,
+            path=self.path,
         )
 
     def n_retired(self) -> int:

@@ -8,6 +8,7 @@ committed records column by column; :class:`RecordedSources` reopens the images 
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -75,12 +76,15 @@ class ImageTable:
     full record is :meth:`record`, its source :meth:`source`.
     """
 
-    def __init__(self, group, n_images: int, n_files: int) -> None:
+    def __init__(self, group, n_images: int, n_files: int, *, path: str = "") -> None:
         self._group = group
         self.n_images = int(n_images)
         self.n_files = int(n_files)
+        self.path = str(path)
         self._cache: dict[str, np.ndarray] = {}
         self._index: dict[str, int] | None = None
+        # Parsed JSON fields, by (column, record): each record's text is parsed at most once.
+        self._parsed: dict[tuple[str, int], Any] = {}
 
     def __len__(self) -> int:
         return self.n_images
@@ -130,27 +134,59 @@ class ImageTable:
             for j in range(lo, hi)
         ]
 
+    def _json(self, name: str, i: int) -> Any:
+        """Record ``i``'s JSON column ``name`` parsed (None when empty), once per record."""
+        key = (name, int(i))
+        if key not in self._parsed:
+            text = str(self.column(name)[i])
+            self._parsed[key] = json.loads(text) if text else None
+        return self._parsed[key]
+
+    def has(self, name: str) -> np.ndarray:
+        """Indices of the records in use whose JSON column ``name`` (``source``, ``limits``) is
+        recorded; tests the raw text, parses nothing."""
+        current = self.current()
+        if not len(current):
+            return current
+        text = self.column(name)
+        return current[np.fromiter((bool(str(text[i])) for i in current), bool, len(current))]
+
     def limits(self, i: int) -> np.ndarray | None:
         """Image ``i``'s stretch limits as the workers use them (float32), or None."""
-        value = self._limits_record(i)
+        value = self._json("limits", i)
         return None if value is None else np.asarray(value, np.float32)
 
-    def _limits_record(self, i: int) -> Any:
-        text = str(self.column("limits")[i])
-        return json.loads(text) if text else None
-
     def source_record(self, i: int) -> dict | None:
-        text = str(self.column("source")[i])
-        return json.loads(text) if text else None
+        rec = self._json("source", i)
+        return None if rec is None else copy.deepcopy(rec)
 
-    def source(self, i: int):
-        """Image ``i`` reopened lazily, exactly as it was fingerprinted (HDU and variable)."""
+    def source(self, i: int, *, from_files: bool = False):
+        """Image ``i`` reopened lazily, exactly as it was fingerprinted (HDU and variable).
+
+        With ``from_files``, a record without a source (stores written before sources were
+        recorded name only their files) is reopened from its files by path instead; without
+        it such a record is a StoreError.
+        """
         from ..sources import ImageSource
 
-        rec = self.source_record(i)
-        if rec is None:
+        rec = self._json("source", i)
+        if rec is not None:
+            return ImageSource.from_record(rec)
+        if not from_files:
             raise StoreError(f"the store records no source for image {self.ids[i]!r}")
-        return ImageSource.from_record(rec)
+        return self._source_from_files(i)
+
+    def _source_from_files(self, i: int):
+        from ..sources import open_sources
+
+        image = str(self.ids[i])
+        paths = [f["path"] for f in self.files(i)]
+        if not paths:
+            raise StoreError(
+                f"{self.path}: the store does not record the file of image {image}; the pixel baseline cannot read it"
+            )
+        opened = open_sources([paths[0] if len(paths) == 1 else "+".join(paths)])
+        return next((s for s in opened if s.id == image), opened[0])
 
     def record(self, i: int) -> dict:
         """Everything recorded of image ``i`` as one mapping (JSON-able)."""
@@ -160,7 +196,7 @@ class ImageTable:
             "rows": [int(self.column("row_start")[i]), int(self.column("row_stop")[i])],
             "files": self.files(i),
             "source": self.source_record(i),
-            "limits": self._limits_record(i),
+            "limits": copy.deepcopy(self._json("limits", i)),
             "retired": bool(self.column("retired")[i]),
             "retired_reason": str(self.column("retired_reason")[i]),
             "retired_rows": int(self.column("retired_rows")[i]),
@@ -178,21 +214,22 @@ class RecordedSources(Mapping):
     def __init__(self, table: ImageTable) -> None:
         self._table = table
         self._made: dict[str, Any] = {}
+        self._ids: np.ndarray | None = None
 
     def __getitem__(self, image: str):
         if image not in self._made:
             i = self._table.find(image)
-            if i is None or self._table.source_record(i) is None:
+            if i is None or self._table._json("source", i) is None:
                 raise KeyError(image)
             self._made[image] = self._table.source(i)
         return self._made[image]
 
     def _with_source(self) -> np.ndarray:
         # Records without a source (stores written before sources were recorded) are not in
-        # the mapping, as __getitem__ says.
-        current = self._table.current()
-        recorded = self._table.column("source")
-        return current[[bool(str(recorded[i])) for i in current]] if len(current) else current
+        # the mapping, as __getitem__ says. The table is a snapshot: computed once.
+        if self._ids is None:
+            self._ids = self._table.has("source")
+        return self._ids
 
     def __iter__(self):
         ids = self._table.ids
