@@ -214,3 +214,57 @@ def test_half_finished_append_drops_uncommitted_image_records(tmp_path):
     repaired = Store.open(s.path, mode="r+")
     assert repaired._group["images"]["id"].shape == (1,)
     assert repaired._group["images"]["file_path"].shape == (0,)
+
+
+def test_done_markers_are_sharded_and_a_range_lists_only_its_shards(tmp_path, monkeypatch):
+    """A unit's marker lives in the shard of its number; asking for a range of units lists
+    only the shards it overlaps (a resume costs its segment, not every marker ever written)."""
+    import fsspec.implementations.local as local
+
+    s = _store(tmp_path)
+    for u in (5, 4095, 4096, 2 * 4096 + 1):
+        s.mark_done(u)
+    done = tmp_path / "s.zarr" / "done"
+    assert (done / "000000" / "0000000005").is_file()
+    assert (done / "000002" / "0000008193").is_file()
+    listed: list[str] = []
+    real_ls = local.LocalFileSystem.ls
+
+    def spy(self, path, *args, **kwargs):
+        listed.append(str(path))
+        return real_ls(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(local.LocalFileSystem, "ls", spy)
+    assert s.done_units(range(0, 10)) == {5}
+    assert listed and all(p.rstrip("/").endswith("done/000000") for p in listed), listed
+    listed.clear()
+    assert s.done_units(range(4000, 4100)) == {4095, 4096}
+    assert not any("000002" in p for p in listed), listed
+    monkeypatch.undo()
+    assert s.done_units() == {5, 4095, 4096, 8193} and s.done_units(range(0)) == set()
+    s.clear_done([4096])
+    assert Store.open(s.path).done_units() == {5, 4095, 8193}
+
+
+def test_flat_markers_of_an_older_store_are_still_read_and_cleared(tmp_path):
+    """A store made before the markers were sharded kept them as done/<unit>: they count,
+    beside new sharded ones, and clearing a unit removes both."""
+    import json
+
+    s = _store(tmp_path)
+    done = tmp_path / "s.zarr" / "done"
+    meta = json.loads((done / "zarr.json").read_text())
+    del meta["attributes"]["shard_units"]  # what an older Elodin's create wrote
+    (done / "zarr.json").write_text(json.dumps(meta))
+    for u in (1, 2, 5000):
+        (done / f"{u:010d}").write_text("done\n")
+    old = Store.open(s.path, mode="r+")
+    old.mark_done(2)  # redone since: a sharded marker beside the flat one
+    old.mark_done(3)
+    assert old.done_units() == {1, 2, 3, 5000}
+    assert old.done_units(range(0, 3)) == {1, 2}
+    old.clear_done([2, 5000])
+    assert Store.open(s.path).done_units() == {1, 3}
+    new = _store(tmp_path / "new")
+    (tmp_path / "new" / "s.zarr" / "done" / f"{7:010d}").write_text("done\n")
+    assert new.done_units() == set(), "a store made now never reads flat markers"

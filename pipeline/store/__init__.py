@@ -8,6 +8,7 @@ One module per job:
   store (:func:`chunk_rows_for`), segments and each image's row range (pure numpy);
 - :mod:`.images`: the images table (:class:`ImageTable`, :class:`RecordedSources`);
 - :mod:`.plans`: each segment's plan kept in the store;
+- :mod:`.done`: the done markers, sharded by unit number;
 - :mod:`.lock`: the writer lock (:class:`WriterLock`, :class:`LockInfo`);
 - :mod:`.core`: :class:`Store`, which opens, creates, grows and writes a store;
 - :mod:`.upgrades`: ``elodin upgrade`` (:func:`upgrade`).

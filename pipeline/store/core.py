@@ -25,13 +25,12 @@ import logging
 import os
 import time
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..errors import StoreError
-from . import plans
+from . import done, plans
 from ._common import _fs, _jsonable
 from .images import IMAGES_GROUP, ImageTable, append_records, truncate_records
 from .layout import Layout, Segment, block_rows_for, image_rows
@@ -62,6 +61,7 @@ class Store:
     def __init__(self, path: str | os.PathLike, group) -> None:
         self.path = str(path)
         self._group = group
+        self._flat: bool | None = None
 
     # -- opening ------------------------------------------------------------------------
     @staticmethod
@@ -239,7 +239,7 @@ class Store:
             dimension_names=("cutout",),
         )
         # Done markers live in a subgroup of their own so zarr and xarray see a valid hierarchy.
-        group.create_group("done", attributes={"about": "one empty object per finished work unit"})
+        group.create_group(done.DONE_GROUP, attributes=done.done_attrs())
         if LOCKS_GROUP not in group:
             group.create_group(LOCKS_GROUP, attributes={"about": _LOCKS_ABOUT})
         # One write of the whole attribute document: complete, and no longer marked incomplete.
@@ -522,8 +522,8 @@ class Store:
         of rows retired. The flag is written last: a retire killed half way is done again.
         """
         seg = self.segments[index]
-        done = self.done_units()
-        if any(u not in done for u in range(seg.unit_start, seg.unit_stop)):
+        units = range(seg.unit_start, seg.unit_stop)
+        if len(self.done_units(units)) < len(units):
             raise StoreError(
                 f"{self.path}: image {image} changed while the run that added it is unfinished; finish that run first"
             )
@@ -559,28 +559,27 @@ class Store:
             arr = self._group[name]
             arr[start : start + len(data)] = data
 
-    def _done_dir(self) -> str:
-        return f"{_fs(self.path)[1]}/done"
+    def _flat_markers(self) -> bool:
+        # Read once per Store: a store made before the markers were sharded stays so.
+        if self._flat is None:
+            self._flat = done.has_flat_markers(*_fs(self.path))
+        return self._flat
 
     def mark_done(self, unit: int) -> None:
-        fs, _ = _fs(self.path)
-        with fs.open(f"{self._done_dir()}/{unit:010d}", "w") as f:
-            f.write("done\n")
+        """Record unit ``unit`` finished (after all its rows are written)."""
+        done.mark_done(*_fs(self.path), unit)
 
-    def done_units(self) -> set[int]:
-        """Units whose marker exists (one directory listing, cheap for 10^6 units)."""
-        fs, _ = _fs(self.path)
-        try:
-            names = fs.ls(self._done_dir(), detail=False)
-        except FileNotFoundError:
-            return set()
-        return {int(Path(n).name) for n in names if Path(n).name.isdigit()}
+    def done_units(self, units: range | None = None) -> set[int]:
+        """Units whose marker exists, of ``units`` (None: every unit).
+
+        Lists only the marker shards that ``units`` overlaps (4,096 units each), so asking
+        for a segment's units costs what the segment holds.
+        """
+        return done.done_units(*_fs(self.path), units, flat=self._flat_markers())
 
     def clear_done(self, units: Sequence[int]) -> None:
         """Forget units (their rows will be written again)."""
-        fs, _ = _fs(self.path)
-        for u in units:
-            fs.rm(f"{self._done_dir()}/{u:010d}")
+        done.clear_done(*_fs(self.path), units, flat=self._flat_markers())
 
     # -- a few rows at a time (the explorer's labels) --------------------------------------
     def write_values(self, name: str, rows: Sequence[int], values: np.ndarray) -> None:
