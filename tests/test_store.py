@@ -268,3 +268,30 @@ def test_flat_markers_of_an_older_store_are_still_read_and_cleared(tmp_path):
     new = _store(tmp_path / "new")
     (tmp_path / "new" / "s.zarr" / "done" / f"{7:010d}").write_text("done\n")
     assert new.done_units() == set(), "a store made now never reads flat markers"
+
+
+def test_empty_and_filled_rows_follow_the_store_schema(tmp_path):
+    """One schema: the arrays Store.create makes and the rows a unit writes share every dtype
+    and fill (an empty slot reads back as the array's fill value)."""
+    from pipeline.store import empty_rows, filled_rows, row_schema
+
+    s = _store(tmp_path)
+    schema = row_schema(4, 3)
+    assert set(schema) == {n for n in s._group.array_keys() if n not in ("images",)}
+    empty = empty_rows(5, feature_dim=4, topk=3)
+    for name, var in schema.items():
+        arr = s.array(name)
+        assert arr.shape[1:] == empty[name].shape[1:] == var.tail, name
+        stored = np.asarray(arr[10:15])  # rows never written: the fill value
+        if var.dtype is str:
+            assert empty[name].tolist() == [""] * 5 == [str(v) for v in stored], name
+        else:
+            assert empty[name].dtype == arr.dtype, name
+            np.testing.assert_array_equal(empty[name], stored, err_msg=name)
+    rows = filled_rows(5, {"x": [np.arange(2.0), np.arange(1.0)], "top_class": [np.ones((3, 3), "i4")]},
+                       feature_dim=4, topk=3)  # fmt: skip
+    assert rows["valid"].tolist() == [True] * 3 + [False] * 2
+    assert rows["x"][:3].tolist() == [0, 1, 0] and np.isnan(rows["x"][3:]).all()
+    assert (rows["top_class"][3:] == -1).all() and np.isnan(rows["fingerprint"]).all()
+    with pytest.raises(ValueError, match="different numbers of rows"):
+        filled_rows(5, {"x": [np.arange(2.0)], "y": [np.arange(3.0)]}, feature_dim=4, topk=3)

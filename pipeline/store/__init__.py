@@ -3,7 +3,8 @@ it (DESIGN.md, "The store"; docs/ARCHITECTURE.md, "store/").
 
 One module per job:
 
-- :mod:`.schema`: the schema version, the variables and coordinates a store holds;
+- :mod:`.schema`: the schema version, the variables and coordinates a store holds, every
+  per-row variable's dtype and fill (:func:`row_schema`, :func:`empty_rows`);
 - :mod:`.layout`: work units that own whole chunks (:func:`pack_units`), the chunk size of a new
   store (:func:`chunk_rows_for`), segments and each image's row range (pure numpy);
 - :mod:`.images`: the images table (:class:`ImageTable`, :class:`RecordedSources`);
@@ -28,7 +29,15 @@ from .layout import (
     pack_units,
 )
 from .lock import LockInfo, WriterLock
-from .schema import COORDS, REQUIRED_VARIABLES, SCHEMA_VERSION
+from .schema import (
+    COORDS,
+    REQUIRED_VARIABLES,
+    SCHEMA_VERSION,
+    RowVariable,
+    empty_rows,
+    filled_rows,
+    row_schema,
+)
 from .upgrades import upgrade
 
 __all__ = [
@@ -41,13 +50,17 @@ __all__ = [
     "Layout",
     "LockInfo",
     "RecordedSources",
+    "RowVariable",
     "Segment",
     "Store",
     "WriterLock",
     "block_rows_for",
     "chunk_rows_for",
+    "empty_rows",
+    "filled_rows",
     "image_rows",
     "pack_units",
     "parse_mtime",
+    "row_schema",
     "upgrade",
 ]

@@ -44,7 +44,7 @@ from .lock import (
     other_writer,
     unlock,
 )
-from .schema import _ROW_ARRAYS, COORDS, REQUIRED_VARIABLES, SCHEMA_VERSION
+from .schema import COORDS, REQUIRED_VARIABLES, SCHEMA_VERSION, row_schema
 
 __all__ = ["Store"]
 
@@ -209,35 +209,18 @@ class Store:
             zarr_format=3,
             attributes={"elodin_incomplete": True},
         )
-        rows = (0,)
-        arrays = {
-            "fingerprint": (
-                (0, feature_dim),
-                dtype,
-                np.nan,
-                ("cutout", "feature"),
-                (chunk_rows, feature_dim),
-            ),
-            "top_class": ((0, topk), "int32", -1, ("cutout", "topk"), (chunk_rows, topk)),
-            "top_prob": ((0, topk), "float32", np.nan, ("cutout", "topk"), (chunk_rows, topk)),
-        }
-        for name, (dt, fill) in _ROW_ARRAYS.items():
-            arrays[name] = (rows, dt, fill, ("cutout",), (chunk_rows,))
-        for name, (shape, dt, fill, dims, chunks) in arrays.items():
+        for name, var in row_schema(feature_dim, topk, dtype).items():
             arr = group.create_array(
-                name, shape=shape, dtype=dt, chunks=chunks, fill_value=fill, dimension_names=dims
+                name,
+                shape=(0, *var.tail),
+                dtype=var.dtype,
+                chunks=(chunk_rows, *var.tail),
+                fill_value=var.fill,
+                dimension_names=("cutout", *var.dims),
             )
             if name not in COORDS:
                 # The CF attribute xarray reads to tell coordinates from data variables.
                 arr.attrs["coordinates"] = " ".join(COORDS)
-        group.create_array(
-            "image",
-            shape=rows,
-            dtype=str,
-            chunks=(chunk_rows,),
-            fill_value="",
-            dimension_names=("cutout",),
-        )
         # Done markers live in a subgroup of their own so zarr and xarray see a valid hierarchy.
         group.create_group(done.DONE_GROUP, attributes=done.done_attrs())
         if LOCKS_GROUP not in group:
