@@ -78,10 +78,12 @@ def store_sources(store: Store) -> Mapping[str, ImageSource]:
 
 class _RecordedLimits(Mapping):
     """Image id -> the stretch limits the store recorded (float32, as the workers used them),
-    read from the images table on first access."""
+    read from the images table on first access (each record parsed at most once: the table
+    memoises; listing the ids tests the raw column)."""
 
     def __init__(self, table) -> None:
         self._table = table
+        self._with: np.ndarray | None = None
 
     def __getitem__(self, image: str) -> np.ndarray:
         i = self._table.find(image)
@@ -90,31 +92,23 @@ class _RecordedLimits(Mapping):
             raise KeyError(image)
         return value
 
+    def _recorded(self) -> np.ndarray:
+        if self._with is None:
+            self._with = self._table.has("limits")
+        return self._with
+
     def __iter__(self):
         ids = self._table.ids
-        return (str(ids[i]) for i in self._table.current() if self._table.limits(i) is not None)
+        return (str(ids[i]) for i in self._recorded())
 
     def __len__(self) -> int:
-        return sum(1 for _ in self)
+        return len(self._recorded())
 
 
 def recorded_limits(store: Store) -> Mapping[str, np.ndarray]:
     """The per-image stretch limits the store recorded (``scope: image``), float32 as the
     fingerprint worker used them; read lazily, per image asked for."""
     return _RecordedLimits(store.images())
-
-
-def _source_from_files(image: str, record: Mapping[str, Any], where: str) -> ImageSource:
-    """Stores written before sources were recorded name only their files: reopen by path."""
-    from .sources import open_sources
-
-    paths = [f["path"] for f in record.get("files", [])]
-    if not paths:
-        raise StoreError(
-            f"{where}: the store does not record the file of image {image}; the pixel baseline cannot read it"
-        )
-    opened = open_sources([paths[0] if len(paths) == 1 else "+".join(paths)])
-    return next((s for s in opened if s.id == image), opened[0])
 
 
 # ------------------------------------------------------------------------------ reading
@@ -280,12 +274,11 @@ class CutoutReader:
         sources: Mapping[str, ImageSource] = store_sources(store)
         if require_sources:
             table = store.images()
-            missing = [i for i in table.current() if table.source_record(i) is None]
-            if missing:
+            missing = np.setdiff1d(table.current(), table.has("source"))
+            if len(missing):
                 sources = dict(sources)
                 for i in missing:
-                    image = str(table.ids[i])
-                    sources[image] = _source_from_files(image, table.record(i), str(store.path))
+                    sources[str(table.ids[i])] = table.source(int(i), from_files=True)
         return cls(
             sources,
             preprocess=attrs.get("preprocess") or {},

@@ -203,8 +203,10 @@ def _cli(mosaic: Path, out: Path) -> list[str]:
 
 
 def _units_done(out: Path) -> int:
-    done = out / "done"  # Store.mark_done's markers: one file per finished unit, any layout
-    return sum(len(files) for _, _, files in os.walk(done)) if done.is_dir() else 0
+    done = out / "done"  # Store.mark_done's markers: one file per finished unit, in shards
+    return (
+        sum(1 for p in done.rglob("*") if p.name.isdigit() and p.is_file()) if done.is_dir() else 0
+    )
 
 
 # When the client dies, by the run's own progress: as soon as it holds the writer lock (the

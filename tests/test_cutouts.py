@@ -93,3 +93,39 @@ def test_from_store_reopens_records_and_uses_recorded_limits(source, tmp_path):
     thumbs = ThumbnailReader(store)
     assert isinstance(thumbs, CutoutReader) and thumbs.fill == 0.0
     np.testing.assert_array_equal(thumbs.stretch(raw, source.id), rgb)
+
+
+def test_recorded_limits_and_sources_parse_each_record_once(source, tmp_path, monkeypatch):
+    """Listing, counting and reading every recorded limit (a reader's ``all_limits``) parses
+    each record's JSON at most once, and the legacy record (files only) is reopened by
+    ``ImageTable.source(i, from_files=True)``: with no file recorded, one StoreError."""
+    import json
+
+    from pipeline.errors import StoreError
+    from pipeline.store import images as images_module
+
+    store = _store_of(tmp_path / "s.zarr", source)
+    parsed: list[str] = []
+
+    class CountingJson:
+        @staticmethod
+        def loads(text):
+            parsed.append(text)
+            return json.loads(text)
+
+    monkeypatch.setattr(images_module, "json", CountingJson)
+    limits = recorded_limits(store)
+    assert len(limits) == 1 and list(limits) == [source.id] and not parsed  # raw column only
+    reader = CutoutReader.from_store(store)
+    reader.all_limits()
+    reader.all_limits()
+    assert len(limits) == 1 and list(reader.sources) == [source.id]
+    assert len(parsed) == len(set(parsed)) == 1  # the one limits record, once
+    table = store.images()
+    assert table.source(table.find(source.id), from_files=True).id == source.id
+    with pytest.raises(StoreError, match="records no source"):
+        table.source(table.find("gone"))
+    with pytest.raises(StoreError, match="does not record the file of image gone"):
+        table.source(table.find("gone"), from_files=True)
+    with pytest.raises(StoreError, match="does not record the file of image gone"):
+        CutoutReader.from_store(store, require_sources=True)

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline.errors import StoreError
-from pipeline.store import Store, pack_units
+from pipeline.store import Store, block_rows_for, pack_units
 
 
 @settings(max_examples=200, deadline=None)
@@ -76,6 +76,14 @@ def test_grow_write_and_read_back_with_xarray(tmp_path):
     assert ds.valid.values.sum() == 10 and np.isnan(ds.fingerprint.values[10:]).all()
     with pytest.raises(ValueError, match="chunk boundary"):
         s.write_rows(3, {"valid": np.ones(5, bool)})
+
+
+def test_one_block_size_rule_whole_chunks(tmp_path):
+    s = _store(tmp_path)  # chunks of 5 rows
+    assert s.block_rows() == 64 * 5  # the default: 64 chunks
+    assert s.block_rows(12) == 10 and s.block_rows(3) == 5  # whole chunks, at least one
+    starts = [start for start, _ in s.iter_blocks("valid", block_rows=12)]
+    assert starts == [0, 10] and block_rows_for(5, 12) == 10
 
 
 def test_half_finished_append_is_repaired_on_open(tmp_path):
@@ -206,3 +214,84 @@ def test_half_finished_append_drops_uncommitted_image_records(tmp_path):
     repaired = Store.open(s.path, mode="r+")
     assert repaired._group["images"]["id"].shape == (1,)
     assert repaired._group["images"]["file_path"].shape == (0,)
+
+
+def test_done_markers_are_sharded_and_a_range_lists_only_its_shards(tmp_path, monkeypatch):
+    """A unit's marker lives in the shard of its number; asking for a range of units lists
+    only the shards it overlaps (a resume costs its segment, not every marker ever written)."""
+    import fsspec.implementations.local as local
+
+    s = _store(tmp_path)
+    for u in (5, 4095, 4096, 2 * 4096 + 1):
+        s.mark_done(u)
+    done = tmp_path / "s.zarr" / "done"
+    assert (done / "000000" / "0000000005").is_file()
+    assert (done / "000002" / "0000008193").is_file()
+    listed: list[str] = []
+    real_ls = local.LocalFileSystem.ls
+
+    def spy(self, path, *args, **kwargs):
+        listed.append(str(path))
+        return real_ls(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(local.LocalFileSystem, "ls", spy)
+    assert s.done_units(range(0, 10)) == {5}
+    assert listed and all(p.rstrip("/").endswith("done/000000") for p in listed), listed
+    listed.clear()
+    assert s.done_units(range(4000, 4100)) == {4095, 4096}
+    assert not any("000002" in p for p in listed), listed
+    monkeypatch.undo()
+    assert s.done_units() == {5, 4095, 4096, 8193} and s.done_units(range(0)) == set()
+    s.clear_done([4096])
+    assert Store.open(s.path).done_units() == {5, 4095, 8193}
+
+
+def test_flat_markers_of_an_older_store_are_still_read_and_cleared(tmp_path):
+    """A store made before the markers were sharded kept them as done/<unit>: they count,
+    beside new sharded ones, and clearing a unit removes both."""
+    import json
+
+    s = _store(tmp_path)
+    done = tmp_path / "s.zarr" / "done"
+    meta = json.loads((done / "zarr.json").read_text())
+    del meta["attributes"]["shard_units"]  # what an older Elodin's create wrote
+    (done / "zarr.json").write_text(json.dumps(meta))
+    for u in (1, 2, 5000):
+        (done / f"{u:010d}").write_text("done\n")
+    old = Store.open(s.path, mode="r+")
+    old.mark_done(2)  # redone since: a sharded marker beside the flat one
+    old.mark_done(3)
+    assert old.done_units() == {1, 2, 3, 5000}
+    assert old.done_units(range(0, 3)) == {1, 2}
+    old.clear_done([2, 5000])
+    assert Store.open(s.path).done_units() == {1, 3}
+    new = _store(tmp_path / "new")
+    (tmp_path / "new" / "s.zarr" / "done" / f"{7:010d}").write_text("done\n")
+    assert new.done_units() == set(), "a store made now never reads flat markers"
+
+
+def test_empty_and_filled_rows_follow_the_store_schema(tmp_path):
+    """One schema: the arrays Store.create makes and the rows a unit writes share every dtype
+    and fill (an empty slot reads back as the array's fill value)."""
+    from pipeline.store import empty_rows, filled_rows, row_schema
+
+    s = _store(tmp_path)
+    schema = row_schema(4, 3)
+    assert set(schema) == {n for n in s._group.array_keys() if n not in ("images",)}
+    empty = empty_rows(5, feature_dim=4, topk=3)
+    for name, var in schema.items():
+        arr = s.array(name)
+        assert arr.shape[1:] == empty[name].shape[1:] == var.tail, name
+        stored = np.asarray(arr[10:15])  # rows never written: the fill value
+        if var.dtype is str:
+            assert empty[name].tolist() == [""] * 5 == [str(v) for v in stored], name
+        else:
+            assert empty[name].dtype == arr.dtype, name
+            np.testing.assert_array_equal(empty[name], stored, err_msg=name)
+    rows = filled_rows(5, {"x": [np.arange(2.0), np.arange(1.0)], "top_class": [np.ones((3, 3), "i4")]},
+                       feature_dim=4, topk=3)  # fmt: skip
+    assert rows["valid"].tolist() == [True] * 3 + [False] * 2
+    assert rows["x"][:3].tolist() == [0, 1, 0] and np.isnan(rows["x"][3:]).all()
+    assert (rows["top_class"][3:] == -1).all() and np.isnan(rows["fingerprint"]).all()
+    with pytest.raises(ValueError, match="different numbers of rows"):
+        filled_rows(5, {"x": [np.arange(2.0)], "y": [np.arange(3.0)]}, feature_dim=4, topk=3)

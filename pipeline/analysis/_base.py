@@ -81,9 +81,7 @@ def choice(value: Any, what: str, choices: Sequence[str]) -> str:
 
 def block_rows(store: Store, value: int | None) -> int:
     """Rows per task: the configured block, rounded to whole store chunks."""
-    n = config.get_int("analysis.block-rows", override=value, minimum=1)
-    c = store.chunk_rows
-    return max(c, n - n % c)
+    return store.block_rows(config.get_int("analysis.block-rows", override=value, minimum=1))
 
 
 # ------------------------------------------------------------------------------ lazy arrays

@@ -210,9 +210,7 @@ def _renamed(names, taken, suffix: str) -> dict[str, str]:
 
 # ------------------------------------------------------------------------------ table path
 def _match_block(path, start, stop, extra, tree, radius, nearest):
-    import zarr
-
-    group = zarr.open_group(path, mode="r", zarr_format=3)
+    group = Store.zarr(path)
     valid = np.asarray(group["valid"][start:stop], bool)
     t = block_table(group, start, stop, extra, sky=True)
     n_valid = int(valid.sum())

@@ -305,8 +305,6 @@ def export(
     -------
     ExportResult
     """
-    import zarr
-
     out = Path(path)
     fmt = output_format(out, format)
     if fmt == "hats":
@@ -337,7 +335,7 @@ def export(
             raise ConfigError(f"{st.path}: selected rows must lie in 0..{st.n_rows - 1}")
     extra = catalog_columns(st, pca_components=pca_components)
     block = _base.block_rows(st, block_rows)
-    group = zarr.open_group(st.path, mode="r", zarr_format=3)
+    group = Store.zarr(st.path)
     pieces = (
         t
         for start in range(0, st.n_rows, block)

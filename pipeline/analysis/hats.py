@@ -64,9 +64,7 @@ class _Counts:
 
 
 def _group(path: str):
-    import zarr
-
-    return zarr.open_group(path, mode="r", zarr_format=3)
+    return Store.zarr(path)
 
 
 def _count_block(path: str, start: int, stop: int, order: int) -> _Counts:

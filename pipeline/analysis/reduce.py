@@ -295,9 +295,7 @@ class PixelFeatures:
 
     def block(self, start: int, stop: int) -> np.ndarray:
         """Features ``(stop - start, n_features)`` float32; NaN rows for empty slots."""
-        import zarr
-
-        group = zarr.open_group(self.store, mode="r", zarr_format=3)
+        group = Store.zarr(self.store)
         valid = np.asarray(group["valid"][start:stop], bool)
         out = np.full((stop - start, self.n_features), np.nan, np.float32)
         if not valid.any():

@@ -120,9 +120,7 @@ def _search_block(
     box: tuple | None,
 ):
     """Best ``n`` rows of ``[start, stop)``: (row indices, distances)."""
-    import zarr
-
-    g = zarr.open_group(path, mode="r", zarr_format=3)
+    g = Store.zarr(path)
     valid = np.asarray(g["valid"][start:stop], bool)
     if not valid.any():
         return np.zeros(0, np.int64), np.zeros(0)
@@ -144,9 +142,7 @@ def _search_block(
 
 
 def _nearest_block(path: str, start: int, stop: int, ra: float, dec: float):
-    import zarr
-
-    g = zarr.open_group(path, mode="r", zarr_format=3)
+    g = Store.zarr(path)
     valid = np.asarray(g["valid"][start:stop], bool)
     sep = angular_separation(ra, dec, g["ra"][start:stop], g["dec"][start:stop])
     sep = np.where(valid, sep, np.nan)

@@ -101,8 +101,7 @@ def iter_rows(
 ) -> Iterator[tuple[int, dict]]:
     """Yield ``(start, {name: values})`` over chunk-aligned blocks of per-row variables."""
     n = store.n_rows
-    step = block_rows or 64 * store.chunk_rows
-    step = max(store.chunk_rows, step - step % store.chunk_rows)
+    step = store.block_rows(block_rows)
     arrays = {name: store.array(name) for name in names}
     for start in range(0, n, step):
         yield start, {name: _plain(a[start : start + step]) for name, a in arrays.items()}
