@@ -105,3 +105,28 @@ def test_a_formula_plan_is_not_concatenated_with_others():
     assert Plan.concat([a]) is a
     with pytest.raises(ValueError, match="at once"):
         Plan.concat([a, a])
+
+
+def test_a_formula_plan_is_saved_as_its_grid_and_maps_images_to_the_same_rows(tmp_path):
+    import zarr
+
+    from pipeline.store import pack_units
+    from pipeline.store.layout import image_rows
+    from pipeline.store.plans import load_plan, save_plan
+
+    shapes = [(300, 200), (70, 90), (300, 200), (40, 40)]
+    kw = dict(method="sliding", size=32, stride=24, edge="pad", tile_size=64)
+    plan = plan_grid(shapes, image_ids=["a", "b", "c", "d"], **kw)
+    listed = reference(shapes, ["a", "b", "c", "d"], **kw)
+    root = zarr.open_group(tmp_path / "s.zarr", mode="w", zarr_format=3)
+    save_plan(root, 0, plan)
+    assert "windows" not in root["plans"]["0"]  # the grid, not 32 bytes per window
+    back = load_plan(root, 0)
+    assert back.is_formula and back.images == plan.images and back.digest() == plan.digest()
+    assert np.array_equal(back.all_windows(), listed.windows)
+    layout = pack_units(plan.tile_start, chunk_rows=16)
+    # Rows per image from the tiles' first and last windows, as from every window's row.
+    rows = layout.window_rows()
+    img = np.repeat(listed.tiles["image"], np.diff(listed.tile_start))
+    expected = [[rows[img == i].min(), rows[img == i].max() + 1] for i in range(4)]
+    assert image_rows(back, layout).tolist() == expected

@@ -48,6 +48,12 @@ class Layout:
     def n_rows(self) -> int:
         return int(self.unit_rows[-1])
 
+    def rows_of(self, windows: np.ndarray) -> np.ndarray:
+        """Row (relative to the segment) of the windows numbered ``windows`` (plan order)."""
+        w = np.asarray(windows, dtype=np.int64)
+        u = np.searchsorted(self.unit_windows, w, side="right") - 1
+        return self.unit_rows[u] + (w - self.unit_windows[u])
+
     def window_rows(self) -> np.ndarray:
         """Row (relative to the segment) of every window of the plan, in plan order."""
         counts = np.diff(self.unit_windows)
@@ -150,17 +156,18 @@ class Segment:
 def image_rows(plan, layout: Layout) -> np.ndarray:
     """``(n_images, 2)`` rows ``[start, stop)`` (relative to the segment) spanned by each image
     of ``plan`` (``-1, -1`` for an image with no window); the range bounds the rows a retire
-    has to look at."""
+    has to look at. From each tile's first and last window (rows grow with the plan order):
+    nothing per window."""
     n = len(plan.images)
     out = np.full((n, 2), -1, np.int64)
     if plan.n_windows == 0 or n == 0:
         return out
-    rows = layout.window_rows()
-    img = np.repeat(plan.tiles["image"].astype(np.int64), np.diff(plan.tile_start))
+    owns = np.diff(plan.tile_start) > 0
+    img = plan.tiles["image"].astype(np.int64)[owns]
     start = np.full(n, np.iinfo(np.int64).max, np.int64)
     stop = np.full(n, -1, np.int64)
-    np.minimum.at(start, img, rows)
-    np.maximum.at(stop, img, rows + 1)
+    np.minimum.at(start, img, layout.rows_of(plan.tile_start[:-1][owns]))
+    np.maximum.at(stop, img, layout.rows_of(plan.tile_start[1:][owns] - 1) + 1)
     has = stop >= 0
     out[has, 0], out[has, 1] = start[has], stop[has]
     return out
