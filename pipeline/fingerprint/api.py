@@ -1,0 +1,426 @@
+"""``fingerprint()``: the whole run, one named step after another.
+
+Each step is a function of this module or of the module that owns its idea (``listing``,
+``plan``, ``submit``, ``worker``); :func:`fingerprint` reads as the flow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from ..errors import InputError, StoreError
+from ..sources import ImageSource
+from ..store import Store, chunk_rows_for
+from ..tiling import Plan
+from .listing import InputListing, compare_with_records
+from .plan import _image_limits, _plan_sources, _record_segment
+from .settings import fingerprint_settings
+from .submit import _check_gpu_workers, _cluster_threads, _model_ref, _run_jobs, _segment_jobs
+from .worker import UnitJob
+
+__all__ = ["FingerprintResult", "fingerprint"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class FingerprintResult:
+    store: str
+    n_cutouts: int
+    units_run: int
+    units_skipped: int
+    images: tuple[str, ...]
+    retired: int = 0
+
+    def __str__(self) -> str:
+        text = (
+            f"{self.store}: {self.n_cutouts} cutouts from {len(self.images)} image(s); "
+            f"{self.units_run} work unit(s) run, {self.units_skipped} already done"
+        )
+        return text + (
+            f"; {self.retired} changed image(s) fingerprinted again" if self.retired else ""
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Model:
+    """The run's model, resolved once: its card, its ONNX file and that file's sha256."""
+
+    card: Any
+    onnx_path: Any
+    sha: str
+
+
+@dataclasses.dataclass(frozen=True)
+class _Inputs:
+    """The listing sorted against the store: ``known`` (image id -> its segment, changed ones
+    left out once they are replaced), ``changed`` ids, and the ``touched`` segments (those
+    holding a known, unchanged image: they are resumed if unfinished)."""
+
+    listing: InputListing
+    known: dict
+    changed: list[str]
+    touched: list[int]
+
+
+def fingerprint(
+    inputs: Sequence[str | os.PathLike],
+    store: str | os.PathLike,
+    *,
+    method: str | None = None,
+    size: int | None = None,
+    stride: int | None = None,
+    edge: str | None = None,
+    catalog: str | None = None,
+    model: str | None = None,
+    batch_size: int | None = None,
+    scheduler: str | None = None,
+    workers: int | None = None,
+    gpu: bool | None = None,
+    tile_size: int | None = None,
+    chunk_rows: int | None = None,
+    hdu: int | str | None = None,
+    variable: str | None = None,
+    progress: bool = True,
+    client=None,
+    replace_changed: bool = False,
+) -> FingerprintResult:
+    """Fingerprint every cutout of ``inputs`` into the store at ``store``.
+
+    Parameters mirror ``elodin fingerprint``; ``None`` means the configured default. Pass a
+    :class:`distributed.Client` as ``client`` to use a cluster you manage; otherwise one is
+    started from ``scheduler`` (``local`` by default) and closed at the end.
+
+    With ``replace_changed`` (``elodin run --incremental``), an input whose file changed since
+    it was fingerprinted has its old rows retired (``valid = False``) and is fingerprinted again;
+    without it such an input is refused.
+
+    Returns
+    -------
+    FingerprintResult
+        Rows written, units run and skipped.
+    """
+    settings = fingerprint_settings(
+        method=method,
+        size=size,
+        stride=stride,
+        edge=edge,
+        model=model,
+        batch_size=batch_size,
+        gpu=gpu,
+        tile_size=tile_size,
+        chunk_rows=chunk_rows,
+    )
+    # A listing (globs, directories, @lists expanded; sizes and mtimes), no image opened:
+    # only the images the store does not know yet are opened, under the lock.
+    listing = InputListing.of(inputs)
+    if not listing.ids:
+        raise InputError("no input images")
+    resolved = _resolve_model(settings)
+    attrs = _store_attrs(resolved, settings)
+    store_path = str(store)
+    open_images = _opener(listing, settings, hdu=hdu, variable=variable)
+    # One writer at a time: a second run into the same store is refused with one line naming
+    # the holder; the lock is given back however this run ends (error, Ctrl-C).
+    with Store.lock(store_path):
+        existing = _open_existing(store_path)
+        found = _sort_inputs(existing, listing)
+        new = open_images(lambda img: img not in found.known)
+        _check_store(existing, attrs, found, store_path, replace_changed=replace_changed)
+        new = _with_changed(new, found, open_images)
+        if not new and (result := _nothing_to_do(existing, found, store_path)) is not None:
+            return result  # no cluster started, nothing written
+        # Measured before anything is written (an all-NaN image is refused here) and recorded,
+        # so a resume and the report stretch with the same limits.
+        limits = _image_limits(new, settings["preprocess"])
+        plan = _plan_before_cluster(new, settings, catalog)
+        with _compute(client, scheduler, workers, progress, settings) as client:
+            if plan is None and new:  # blobs: detection tasks on the cluster
+                plan = _plan_sources(client, new, settings, catalog, 0)
+            st, touched = _grow_store(
+                existing, store_path, plan, new, limits, found, settings, attrs, client
+            )
+            jobs, n_windows, total_units = _unit_jobs(st, touched, new, settings, resolved, client)
+            _run_jobs(client, jobs, gpu=settings["gpu"], progress=progress)
+    return FingerprintResult(
+        store_path,
+        n_windows,
+        len(jobs),
+        total_units - len(jobs),
+        listing.ids,
+        retired=len(found.changed),
+    )
+
+
+# ------------------------------------------------------------------------------- the steps
+def _resolve_model(settings: dict) -> _Model:
+    """The model's card and ONNX file (exported once, cached). A user card may leave the
+    feature length out, and a user model may have fewer classes than top-k asks for: the
+    model itself is asked, once (``settings["topk"]`` is lowered to what it has)."""
+    from ..models import resolve
+    from ..models.export import ensure_onnx
+    from ..models.zoo import sha256_file
+
+    card = resolve(settings["model"])
+    onnx_path = ensure_onnx(card, precision=settings["precision"])
+    if not card.builtin:
+        from ..models.runtime import Session
+
+        probe = Session(onnx_path, providers=["CPUExecutionProvider"], threads=1, topk=1)
+        out = probe.infer(np.zeros((1, 3, 64, 64), np.float32), logits=True)
+        card = dataclasses.replace(card, feature_dim=int(out.features.shape[1]))
+        if out.logits is not None:
+            settings["topk"] = min(settings["topk"], int(out.logits.shape[1]))
+    return _Model(card, onnx_path, sha256_file(onnx_path))
+
+
+def _store_attrs(model: _Model, settings: dict) -> dict:
+    """What the store records of the run, and refuses to mix with another run's."""
+    from .. import __version__
+    from ..models.recorded import record_name
+
+    return {
+        "model": record_name(model.card.name, settings["precision"]),
+        "model_sha256": model.sha,
+        "feature_dim": model.card.feature_dim,
+        "topk": settings["topk"],
+        "cutouts": settings["cutouts"],
+        "preprocess": settings["preprocess"],
+        "tiling": settings["tiling"],
+        "fingerprint_dtype": settings["dtype"],
+        "pipeline_version": __version__,
+    }
+
+
+def _open_existing(store_path: str) -> Store | None:
+    """The store at ``store_path`` opened for writing, or None when there is none yet (or only
+    an interrupted creation, which is made again)."""
+    exists = Store.exists(store_path) and not Store.incomplete(store_path)
+    return Store.open(store_path, mode="r+") if exists else None
+
+
+def _sort_inputs(existing: Store | None, listing: InputListing) -> _Inputs:
+    """Known, changed and new images, from the listing and the store's records alone."""
+    known, changed = compare_with_records(existing, listing)
+    # A changed input is fingerprinted again as new, after its old rows are retired; the
+    # segments holding the other known images are resumed if they are unfinished.
+    touched = sorted({seg for img, seg in known.items() if img not in changed})
+    return _Inputs(listing, known, changed, touched)
+
+
+def _opener(
+    listing: InputListing, settings: dict, *, hdu, variable
+) -> Callable[[Callable[[str], bool]], list[ImageSource]]:
+    """Open (read the headers of) the listed images ``which`` picks, in listing order, each
+    checked against the settings first, so a setting the new images cannot take (bands) is
+    named as such."""
+    from ..preprocess import check_bands
+    from ..sources import open_listed
+
+    def opened(which: Callable[[str], bool]) -> list[ImageSource]:
+        out = [
+            open_listed(img, listing.specs[k], hdu=hdu, variable=variable)
+            for k, img in enumerate(listing.ids)
+            if which(img)
+        ]
+        for s in out:
+            check_bands(s.n_bands, settings["preprocess"], image="+".join(s.paths))
+        return out
+
+    return opened
+
+
+def _check_store(
+    existing: Store | None, attrs: dict, found: _Inputs, store_path: str, *, replace_changed: bool
+) -> None:
+    """Refuse a store made with another model or settings, and changed inputs unless they are
+    to be replaced."""
+    if existing is not None:
+        existing.check_compatible(attrs)
+    if found.changed and not replace_changed:
+        img = found.changed[0]
+        listing = found.listing
+        k = listing.ids.index(img)
+        raise StoreError(
+            f"{store_path}: input {img} ({listing.paths[listing.file_start[k]]}) "
+            "changed since it was fingerprinted; use a new store or `elodin run --incremental`"
+        )
+
+
+def _with_changed(new: list[ImageSource], found: _Inputs, open_images) -> list[ImageSource]:
+    """The new images and the changed ones (opened now), in listing order, as the run adds
+    them."""
+    if not found.changed:
+        return new
+    changed = set(found.changed)
+    position = {img: k for k, img in enumerate(found.listing.ids)}
+    again = open_images(lambda img: img in changed)
+    return sorted([*new, *again], key=lambda s: position[s.id])
+
+
+def _nothing_to_do(
+    existing: Store | None, found: _Inputs, store_path: str
+) -> FingerprintResult | None:
+    """The result of a run with nothing new and nothing left to resume (None otherwise)."""
+    if existing is None:
+        return None
+    done = existing.done_units()
+    segs = existing.segments
+    for i in found.touched:
+        if not all(u in done for u in range(segs[i].unit_start, segs[i].unit_stop)):
+            return None
+    units = sum(segs[i].unit_stop - segs[i].unit_start for i in found.touched)
+    n = sum(segs[i].n_windows for i in found.touched)
+    return FingerprintResult(store_path, n, 0, units, found.listing.ids)
+
+
+def _plan_before_cluster(new: list[ImageSource], settings: dict, catalog: str | None):
+    """Plans that need no cluster (all but blobs) are made before one is started, so a bad
+    catalog is one line at once, not after a cluster start. None: nothing new, or blobs."""
+    if not new or settings["cutouts"]["method"] == "blobs":
+        return None
+    return _plan_sources(None, new, settings, catalog, 0)
+
+
+def _compute(client, scheduler, workers, progress: bool, settings: dict):
+    """The cluster to run on: ``client`` as given (left open), else one started here and
+    closed at the end; a GPU run is checked to be able to run at all."""
+
+    @contextlib.contextmanager
+    def ctx():
+        from ..compute import connect
+
+        outer = (
+            contextlib.nullcontext(client)
+            if client is not None
+            else connect(scheduler, workers=workers, quiet=not progress, gpu=settings["gpu"])
+        )
+        with outer as c:
+            if settings["gpu"]:
+                _check_gpu_workers(c, need_cuda=settings["providers"] in ("auto", None))
+            yield c
+
+    return ctx()
+
+
+def _grow_store(
+    existing: Store | None,
+    store_path: str,
+    plan: Plan | None,
+    new: list[ImageSource],
+    limits: dict,
+    found: _Inputs,
+    settings: dict,
+    attrs: dict,
+    client,
+) -> tuple[Store, list[int]]:
+    """The first writes: retire the changed images' rows, create the store if there is none,
+    and append the new images' segment (its plan first). Returns the store and the segments
+    to run: the touched ones and the new one."""
+    touched = list(found.touched)
+    for img in found.changed:
+        with _store_writes(store_path):
+            existing.retire_image(found.known[img], img)
+    with _store_writes(store_path):
+        st = existing or Store.create(
+            store_path,
+            feature_dim=attrs["feature_dim"],
+            topk=settings["topk"],
+            chunk_rows=_new_chunk_rows(plan, settings, client),
+            attrs=attrs,
+            dtype=settings["dtype"],
+        )
+        if plan is not None:
+            if plan.n_windows == 0:
+                logger.warning("no cutouts planned for %s", ", ".join(s.id for s in new))
+            index = len(st.segments)
+            _record_segment(st, index, plan, new, found.listing, limits)
+            touched.append(index)
+    return st, touched
+
+
+def _new_chunk_rows(plan: Plan | None, settings: dict, client) -> int:
+    """The chunk size of a new store: small enough that every worker thread gets several
+    units of this first job (a job of 3,465 windows at 1024 rows was 3 units for 2 workers,
+    one of them idle for a third of the run). The store records it; appends and resumes keep
+    it, so every chunk still has one writer."""
+    n = plan.n_windows if plan is not None else 0
+    threads = _cluster_threads(client)
+    rows = chunk_rows_for(
+        n,
+        threads=threads,
+        largest=settings["chunk_rows"],
+        smallest=settings["min_chunk_rows"],
+        units_per_thread=settings["units_per_thread"],
+        multiple=settings["batch_size"],
+    )
+    logger.info("new store: %d rows per chunk (%d windows, %d worker threads)", rows, n, threads)
+    return rows
+
+
+def _unit_jobs(
+    st: Store,
+    touched: list[int],
+    new: list[ImageSource],
+    settings: dict,
+    model: _Model,
+    client,
+) -> tuple[list[UnitJob], int, int]:
+    """The units of the touched segments without a done marker, largest first; with the
+    windows and units of those segments."""
+    base = {
+        "store": st.path,
+        "model": _model_ref(model.card, model.onnx_path, model.sha, settings, client),
+        "preprocess": settings["preprocess"],
+        "image_limits": {},
+        "batch_size": settings["batch_size"],
+        "fill": np.nan if settings["cutouts"]["fill"] is None else settings["cutouts"]["fill"],
+        "side": settings["cutouts"]["size"],
+        "dtype": settings["dtype"],
+    }
+    all_sources = {s.id: s for s in new}
+    table = st.images()
+    done = st.done_units()
+    jobs: list[UnitJob] = []
+    total_units = n_windows = 0
+    for index in touched:
+        seg = st.segments[index]
+        total_units += seg.unit_stop - seg.unit_start
+        if all(u in done for u in range(seg.unit_start, seg.unit_stop)):
+            n_windows += seg.n_windows
+            continue  # nothing to resume: its plan is not even read
+        plan = st.load_plan(index)
+        n_windows += plan.n_windows
+        for i in table.in_segment(index):
+            img = str(table.ids[i])
+            # A segment is resumed as a whole: its other images are reopened from the record.
+            if img not in all_sources:
+                all_sources[img] = table.source(i)
+            limits = table.limits(i)
+            if limits is not None:
+                base["image_limits"][img] = limits
+        jobs.extend(_segment_jobs(st, index, plan, all_sources, base, done))
+    # Largest units first (units are independent; rows are fixed by the plan): the run
+    # then ends on small ones, and no worker waits long for the last.
+    jobs.sort(key=lambda j: -sum(len(t.windows) for t in j.tiles))
+    return jobs, n_windows, total_units
+
+
+@contextlib.contextmanager
+def _store_writes(path: str):
+    """The client's own writes (store creation, plans, growth): a disk that is full or
+    read-only is one line. Each step is atomic or undone on the next open (Store.repair)."""
+    try:
+        yield
+    except OSError as e:
+        raise StoreError(
+            f"{path}: cannot write to the store ({e.strerror or e}); fix that, then run the "
+            "same command again"
+        ) from None
