@@ -22,8 +22,7 @@ from ..tiling import Plan
 from .listing import InputListing, compare_with_records
 from .plan import _image_limits, _plan_sources, _record_segment
 from .settings import fingerprint_settings
-from .submit import _check_gpu_workers, _cluster_threads, _model_ref, _run_jobs, _segment_jobs
-from .worker import UnitJob
+from .submit import UnitStream, _check_gpu_workers, _cluster_threads, _model_ref, _run_jobs
 
 __all__ = ["FingerprintResult", "fingerprint"]
 
@@ -147,13 +146,13 @@ def fingerprint(
             st, touched = _grow_store(
                 existing, store_path, plan, new, limits, found, settings, attrs, client
             )
-            jobs, n_windows, total_units = _unit_jobs(st, touched, new, settings, resolved, client)
-            _run_jobs(client, jobs, gpu=settings["gpu"], progress=progress)
+            units = _units(st, touched, new, settings, resolved, client)
+            _run_jobs(client, units, gpu=settings["gpu"], progress=progress)
     return FingerprintResult(
         store_path,
-        n_windows,
-        len(jobs),
-        total_units - len(jobs),
+        units.n_windows,
+        units.made,
+        units.n_units - units.made,
         listing.ids,
         retired=len(found.changed),
     )
@@ -365,52 +364,22 @@ def _new_chunk_rows(plan: Plan | None, settings: dict, client) -> int:
     return rows
 
 
-def _unit_jobs(
-    st: Store,
-    touched: list[int],
-    new: list[ImageSource],
-    settings: dict,
-    model: _Model,
-    client,
-) -> tuple[list[UnitJob], int, int]:
-    """The units of the touched segments without a done marker, largest first; with the
-    windows and units of those segments."""
+def _units(
+    st: Store, touched: list[int], new: list[ImageSource], settings: dict, model: _Model, client
+) -> UnitStream:
+    """The units of the touched segments without a done marker, as a lazy stream."""
     base = {
         "store": st.path,
         "model": _model_ref(model.card, model.onnx_path, model.sha, settings, client),
         "preprocess": settings["preprocess"],
-        "image_limits": {},
         "batch_size": settings["batch_size"],
         "fill": np.nan if settings["cutouts"]["fill"] is None else settings["cutouts"]["fill"],
         "side": settings["cutouts"]["size"],
         "dtype": settings["dtype"],
     }
-    all_sources = {s.id: s for s in new}
-    table = st.images()
-    done = st.done_units()
-    jobs: list[UnitJob] = []
-    total_units = n_windows = 0
-    for index in touched:
-        seg = st.segments[index]
-        total_units += seg.unit_stop - seg.unit_start
-        if all(u in done for u in range(seg.unit_start, seg.unit_stop)):
-            n_windows += seg.n_windows
-            continue  # nothing to resume: its plan is not even read
-        plan = st.load_plan(index)
-        n_windows += plan.n_windows
-        for i in table.in_segment(index):
-            img = str(table.ids[i])
-            # A segment is resumed as a whole: its other images are reopened from the record.
-            if img not in all_sources:
-                all_sources[img] = table.source(i)
-            limits = table.limits(i)
-            if limits is not None:
-                base["image_limits"][img] = limits
-        jobs.extend(_segment_jobs(st, index, plan, all_sources, base, done))
-    # Largest units first (units are independent; rows are fixed by the plan): the run
-    # then ends on small ones, and no worker waits long for the last.
-    jobs.sort(key=lambda j: -sum(len(t.windows) for t in j.tiles))
-    return jobs, n_windows, total_units
+    return UnitStream(
+        st, touched, base=base, new_sources={s.id: s for s in new}, done=st.done_units()
+    )
 
 
 @contextlib.contextmanager

@@ -8,12 +8,14 @@ restriction on each task; a unit whose workers kept dying is submitted again und
 
 from __future__ import annotations
 
+import heapq
 import logging
 import math
 import os
 import socket
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -25,7 +27,7 @@ from ..store import Layout, Store, pack_units
 from ..tiling import Plan
 from .worker import ANY_HOST, ModelRef, TileJob, UnitJob, _unit_task, _UnitFailed
 
-__all__ = ["gpu_share"]
+__all__ = ["UnitStream", "gpu_share"]
 
 logger = logging.getLogger(__name__)
 
@@ -77,17 +79,26 @@ def _segment_jobs(
     store: Store,
     seg_index: int,
     plan: Plan,
-    sources: dict[str, ImageSource],
+    sources: Mapping[str, ImageSource],
     base: dict,
     done: set[int],
-) -> Iterable[UnitJob]:
+    *,
+    limits: Mapping[str, Any] | None = None,
+    on_skip: Callable[[int], None] | None = None,
+) -> Iterator[UnitJob]:
+    """The jobs of segment ``seg_index``'s units without a done marker, in unit order, made
+    one at a time. Each job carries the stretch ``limits`` of its own images only;
+    ``on_skip(n)`` is told the windows of each done unit passed over."""
     seg = store.segments[seg_index]
     layout: Layout = pack_units(plan.tile_start, chunk_rows=store.chunk_rows)
+    limits = limits or {}
     for u in range(layout.n_units):
         unit = seg.unit_start + u
-        if unit in done:
-            continue
         w0, w1 = int(layout.unit_windows[u]), int(layout.unit_windows[u + 1])
+        if unit in done:
+            if on_skip is not None:
+                on_skip(w1 - w0)
+            continue
         t0 = int(np.searchsorted(plan.tile_start, w0, side="right")) - 1
         t1 = int(np.searchsorted(plan.tile_start, w1, side="left"))
         tiles = []
@@ -99,13 +110,104 @@ def _segment_jobs(
             wins = np.ascontiguousarray(plan.windows[lo:hi])
             tiles.append(TileJob(src, _read_box(wins, src.shape), wins))
         rows = int(layout.unit_rows[u + 1] - layout.unit_rows[u])
+        ids = {t.source.id for t in tiles}
         yield UnitJob(
             row_start=seg.row_start + int(layout.unit_rows[u]),
             n_rows=rows,
             unit=unit,
             tiles=tuple(tiles),
-            **base,
+            **{**base, "image_limits": {i: v for i, v in limits.items() if i in ids}},
         )
+
+
+class UnitStream:
+    """The units still to run in the store's ``segments``, made lazily.
+
+    Only the segment being walked has its plan, its images' sources and their limits on the
+    client; a segment whose units are all done is not even read. Its window and unit counts
+    come from the segment records alone, so the progress bar's total is known before any job
+    is made. ``made`` counts the jobs handed out so far.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        segments: Sequence[int],
+        *,
+        base: dict,
+        new_sources: Mapping[str, ImageSource],
+        done: set[int],
+    ):
+        self.store = store
+        self.base = base
+        self.new_sources = new_sources
+        self.done = done
+        recs = store.segments
+        self.segments = list(segments)
+        self.todo = [
+            i
+            for i in self.segments
+            if not all(u in done for u in range(recs[i].unit_start, recs[i].unit_stop))
+        ]
+        self.n_windows = sum(recs[i].n_windows for i in self.segments)
+        self.n_units = sum(recs[i].unit_stop - recs[i].unit_start for i in self.segments)
+        # The bar covers the segments being resumed; their done units count as it passes them.
+        self.todo_windows = sum(recs[i].n_windows for i in self.todo)
+        self.made = 0
+
+    def jobs(self, on_skip: Callable[[int], None] | None = None) -> Iterator[UnitJob]:
+        table = self.store.images() if self.todo else None
+        for index in self.todo:
+            plan = self.store.load_plan(index)
+            sources: dict[str, ImageSource] = {}
+            limits: dict[str, Any] = {}
+            for i in table.in_segment(index):
+                img = str(table.ids[i])
+                # A segment is resumed as a whole: its other images are reopened from the record.
+                sources[img] = self.new_sources[img] if img in self.new_sources else table.source(i)
+                lim = table.limits(i)
+                if lim is not None:
+                    limits[img] = lim
+            for job in _segment_jobs(
+                self.store,
+                index,
+                plan,
+                sources,
+                self.base,
+                self.done,
+                limits=limits,
+                on_skip=on_skip,
+            ):
+                self.made += 1
+                yield job
+
+
+def _unit_size(job: UnitJob) -> int:
+    return sum(len(t.windows) for t in job.tiles)
+
+
+def _largest_first(
+    jobs: Iterable[UnitJob], lookahead: int, size: Callable[[UnitJob], int] = _unit_size
+) -> Iterator[UnitJob]:
+    """``jobs`` reordered largest first within a look-ahead of ``lookahead`` jobs: at most that
+    many are drawn ahead of submission. Units are independent (rows are fixed by the plan), and
+    the point is the end of the run: the last ``lookahead`` units go largest first, so the run
+    ends on small ones and no worker waits long for the last. A full sort would hold every
+    job of the run on the client."""
+    heap: list = []
+    for seq, job in enumerate(jobs):
+        heapq.heappush(heap, (-size(job), seq, job))
+        if len(heap) > lookahead:
+            yield heapq.heappop(heap)[2]
+    while heap:
+        yield heapq.heappop(heap)[2]
+
+
+def _in_flight_limit(client) -> int:
+    """Units in flight at once: scheduler memory stays bounded for 10^6 units, and every
+    worker thread has a unit running and one queued behind it."""
+    n_workers = max(1, len(client.scheduler_info(n_workers=-1)["workers"]))
+    return max(4 * n_workers, 2 * _cluster_threads(client)) + 4
 
 
 def _model_ref(card, onnx_path, sha: str, settings: dict, client) -> ModelRef:
@@ -154,30 +256,28 @@ def _cuda_offered() -> tuple[str, bool]:
     return socket.gethostname(), "CUDAExecutionProvider" in ort.get_available_providers()
 
 
-def _run_jobs(client, jobs: list[UnitJob], *, gpu: bool, progress: bool) -> int:
-    """Submit units with back-pressure, show progress, and fail with the first error."""
+def _run_jobs(client, units: UnitStream, *, gpu: bool, progress: bool) -> int:
+    """Submit the stream's units with back-pressure, show progress, and fail with the first
+    error. The client holds at most the units in flight and a look-ahead of as many again,
+    drawn from ``units`` as results come back: never a list of every unit of the run."""
     import dask.config
     from distributed import as_completed
     from distributed.scheduler import KilledWorker
     from tqdm.auto import tqdm
 
-    if not jobs:
+    if not units.todo:
         return 0
-    n_workers = max(1, len(client.scheduler_info(n_workers=-1)["workers"]))
-    # In flight at once: scheduler memory stays bounded for 10^6 units, and every worker thread
-    # has a unit running and one queued behind it.
-    window = max(4 * n_workers, 2 * _cluster_threads(client)) + 4
+    window = _in_flight_limit(client)
     resources = {"GPU": gpu_share()} if gpu else None
-    total = sum(len(t.windows) for j in jobs for t in j.tiles)
     bar = tqdm(
-        total=total,
+        total=units.todo_windows,
         unit="cutout",
         disable=not progress,
         file=sys.stderr,
         dynamic_ncols=True,
         desc="fingerprint",
     )
-    it = iter(jobs)
+    it = _largest_first(units.jobs(on_skip=bar.update), lookahead=window)
     run_token = os.urandom(4).hex()
     in_flight: set = set()
     pending = as_completed()
