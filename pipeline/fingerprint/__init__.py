@@ -5,16 +5,16 @@ The flow, as :func:`fingerprint` (``api.py``) reads::
     listing  = InputListing.of(inputs)                   # ids, sizes, mtimes: no image opened
     store    = open or create the store; refuse another model/config
     known    = compare_with_records(store, listing)      # one vectorised (path, size, mtime) check
-    sources  = open only the new or changed images       # lazy: headers only
+    sources  = open and measure only the new or changed images  # batched tasks on the workers
     plan     = plan the new images (blobs: detection tasks per tile)
     segment  = save the plan, grow the store by its rows
-    todo     = units of the touched segments without a done marker
+    todo     = units of the touched segments without a done marker, made lazily
     submit one task per unit (a share of GPU=1 when asked), at most a few per worker in flight
     each task: read tile + halo -> cut -> stretch -> infer in batches -> write its chunks -> mark done
 
 One module a job: ``settings`` (every setting resolved and checked once), ``listing`` (inputs
-as a listing, compared with the store's records), ``plan`` (windows, stretch limits, the
-segment record), ``submit`` (unit jobs, the task loop, cluster threads and GPUs), ``worker``
+as a listing, compared with the store's records), ``probe`` (the new images opened and
+measured on the workers), ``plan`` (windows, stretch limits, the segment record), ``submit`` (unit jobs, the task loop, cluster threads and GPUs), ``worker``
 (what a task runs) and ``api`` (the flow).
 
 Every planned window is written exactly once: rows are fixed by the saved plan, each Zarr chunk

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -20,7 +21,8 @@ from ..sources import ImageSource
 from ..store import Store, chunk_rows_for
 from ..tiling import Plan
 from .listing import InputListing, compare_with_records
-from .plan import _image_limits, _plan_sources, _record_segment
+from .plan import _plan_sources, _record_segment
+from .probe import open_and_measure
 from .settings import fingerprint_settings
 from .submit import UnitStream, _check_gpu_workers, _cluster_threads, _model_ref, _run_jobs
 
@@ -67,6 +69,9 @@ class _Inputs:
     known: dict
     changed: list[str]
     touched: list[int]
+    new: list[int]  # listing positions of the images the store does not know
+    changed_positions: list[int]
+    to_open: list[int]  # the new ones, and the changed ones when they are to be replaced
 
 
 def fingerprint(
@@ -118,31 +123,40 @@ def fingerprint(
         chunk_rows=chunk_rows,
     )
     # A listing (globs, directories, @lists expanded; sizes and mtimes), no image opened:
-    # only the images the store does not know yet are opened, under the lock.
+    # only the images the store does not know yet are opened, under the lock, on the workers.
     listing = InputListing.of(inputs)
     if not listing.ids:
         raise InputError("no input images")
     resolved = _resolve_model(settings)
     attrs = _store_attrs(resolved, settings)
     store_path = str(store)
-    open_images = _opener(listing, settings, hdu=hdu, variable=variable)
     # One writer at a time: a second run into the same store is refused with one line naming
     # the holder; the lock is given back however this run ends (error, Ctrl-C).
     with Store.lock(store_path):
         existing = _open_existing(store_path)
-        found = _sort_inputs(existing, listing)
-        new = open_images(lambda img: img not in found.known)
-        _check_store(existing, attrs, found, store_path, replace_changed=replace_changed)
-        new = _with_changed(new, found, open_images)
-        if not new and (result := _nothing_to_do(existing, found, store_path)) is not None:
-            return result  # no cluster started, nothing written
-        # Measured before anything is written (an all-NaN image is refused here) and recorded,
-        # so a resume and the report stretch with the same limits.
-        limits = _image_limits(new, settings["preprocess"])
-        plan = _plan_before_cluster(new, settings, catalog)
+        found = _sort_inputs(existing, listing, replace_changed=replace_changed)
+        check_store = functools.partial(
+            _check_store, existing, attrs, found, store_path, replace_changed=replace_changed
+        )
+        if not found.to_open:
+            check_store()
+            if (result := _nothing_to_do(existing, found, store_path)) is not None:
+                return result  # no cluster started, no image opened, nothing written
         with _compute(client, scheduler, workers, progress, settings) as client:
-            if plan is None and new:  # blobs: detection tasks on the cluster
-                plan = _plan_sources(client, new, settings, catalog, 0)
+            # Headers, WCS, bands and stretch limits (an all-NaN image is refused here),
+            # batched tasks on the workers; recorded, so a resume and the report stretch
+            # with the same limits.
+            new, limits = open_and_measure(
+                client,
+                listing,
+                found.new,
+                found.changed_positions if replace_changed else [],
+                hdu=hdu,
+                variable=variable,
+                preprocess=settings["preprocess"],
+                check_store=check_store if found.to_open else lambda: None,
+            )
+            plan = _plan_sources(client, new, settings, catalog, 0) if new else None
             st, touched = _grow_store(
                 existing, store_path, plan, new, limits, found, settings, attrs, client
             )
@@ -205,35 +219,19 @@ def _open_existing(store_path: str) -> Store | None:
     return Store.open(store_path, mode="r+") if exists else None
 
 
-def _sort_inputs(existing: Store | None, listing: InputListing) -> _Inputs:
+def _sort_inputs(
+    existing: Store | None, listing: InputListing, *, replace_changed: bool
+) -> _Inputs:
     """Known, changed and new images, from the listing and the store's records alone."""
     known, changed = compare_with_records(existing, listing)
     # A changed input is fingerprinted again as new, after its old rows are retired; the
     # segments holding the other known images are resumed if they are unfinished.
     touched = sorted({seg for img, seg in known.items() if img not in changed})
-    return _Inputs(listing, known, changed, touched)
-
-
-def _opener(
-    listing: InputListing, settings: dict, *, hdu, variable
-) -> Callable[[Callable[[str], bool]], list[ImageSource]]:
-    """Open (read the headers of) the listed images ``which`` picks, in listing order, each
-    checked against the settings first, so a setting the new images cannot take (bands) is
-    named as such."""
-    from ..preprocess import check_bands
-    from ..sources import open_listed
-
-    def opened(which: Callable[[str], bool]) -> list[ImageSource]:
-        out = [
-            open_listed(img, listing.specs[k], hdu=hdu, variable=variable)
-            for k, img in enumerate(listing.ids)
-            if which(img)
-        ]
-        for s in out:
-            check_bands(s.n_bands, settings["preprocess"], image="+".join(s.paths))
-        return out
-
-    return opened
+    new = [k for k, img in enumerate(listing.ids) if img not in known]
+    again = set(changed)
+    changed_positions = [k for k, img in enumerate(listing.ids) if img in again]
+    to_open = sorted([*new, *changed_positions]) if replace_changed else new
+    return _Inputs(listing, known, changed, touched, new, changed_positions, to_open)
 
 
 def _check_store(
@@ -253,17 +251,6 @@ def _check_store(
         )
 
 
-def _with_changed(new: list[ImageSource], found: _Inputs, open_images) -> list[ImageSource]:
-    """The new images and the changed ones (opened now), in listing order, as the run adds
-    them."""
-    if not found.changed:
-        return new
-    changed = set(found.changed)
-    position = {img: k for k, img in enumerate(found.listing.ids)}
-    again = open_images(lambda img: img in changed)
-    return sorted([*new, *again], key=lambda s: position[s.id])
-
-
 def _nothing_to_do(
     existing: Store | None, found: _Inputs, store_path: str
 ) -> FingerprintResult | None:
@@ -278,14 +265,6 @@ def _nothing_to_do(
     units = sum(segs[i].unit_stop - segs[i].unit_start for i in found.touched)
     n = sum(segs[i].n_windows for i in found.touched)
     return FingerprintResult(store_path, n, 0, units, found.listing.ids)
-
-
-def _plan_before_cluster(new: list[ImageSource], settings: dict, catalog: str | None):
-    """Plans that need no cluster (all but blobs) are made before one is started, so a bad
-    catalog is one line at once, not after a cluster start. None: nothing new, or blobs."""
-    if not new or settings["cutouts"]["method"] == "blobs":
-        return None
-    return _plan_sources(None, new, settings, catalog, 0)
 
 
 def _compute(client, scheduler, workers, progress: bool, settings: dict):
