@@ -35,7 +35,7 @@ from .plan import _plan_digest as _plan_digest
 from .plan import _plan_sources as _plan_sources
 from .plan import _record_segment as _record_segment
 from .plan import image_limits, plan_sources
-from .settings import METHODS, fingerprint_settings
+from .settings import METHODS, CutoutSettings, FingerprintSettings, fingerprint_settings
 from .submit import _run_jobs as _run_jobs
 from .submit import _segment_jobs as _segment_jobs
 from .submit import _session_threads as _session_threads
@@ -53,7 +53,9 @@ fingerprint.__module__ = __name__
 
 __all__ = [
     "METHODS",
+    "CutoutSettings",
     "FingerprintResult",
+    "FingerprintSettings",
     "InputListing",
     "ModelRef",
     "TileJob",

@@ -23,7 +23,7 @@ from ..tiling import Plan
 from .listing import InputListing, compare_with_records
 from .plan import _plan_sources, _record_segment
 from .probe import open_and_measure
-from .settings import fingerprint_settings
+from .settings import FingerprintSettings
 from .submit import UnitStream, _check_gpu_workers, _cluster_threads, _model_ref, _run_jobs
 
 __all__ = ["FingerprintResult", "fingerprint"]
@@ -111,7 +111,7 @@ def fingerprint(
     FingerprintResult
         Rows written, units run and skipped.
     """
-    settings = fingerprint_settings(
+    settings = FingerprintSettings.from_config(
         method=method,
         size=size,
         stride=stride,
@@ -127,7 +127,7 @@ def fingerprint(
     listing = InputListing.of(inputs)
     if not listing.ids:
         raise InputError("no input images")
-    resolved = _resolve_model(settings)
+    resolved, settings = _resolve_model(settings)
     attrs = _store_attrs(resolved, settings)
     store_path = str(store)
     # One writer at a time: a second run into the same store is refused with one line naming
@@ -153,15 +153,15 @@ def fingerprint(
                 found.changed_positions if replace_changed else [],
                 hdu=hdu,
                 variable=variable,
-                preprocess=settings["preprocess"],
+                preprocess=settings.preprocess,
                 check_store=check_store if found.to_open else lambda: None,
             )
-            plan = _plan_sources(client, new, settings, catalog, 0) if new else None
+            plan = _plan_sources(client, new, settings.as_dict(), catalog, 0) if new else None
             st, touched = _grow_store(
                 existing, store_path, plan, new, limits, found, settings, attrs, client
             )
             units = _units(st, touched, new, settings, resolved, client)
-            _run_jobs(client, units, gpu=settings["gpu"], progress=progress)
+            _run_jobs(client, units, gpu=settings.gpu, progress=progress)
     return FingerprintResult(
         store_path,
         units.n_windows,
@@ -173,16 +173,16 @@ def fingerprint(
 
 
 # ------------------------------------------------------------------------------- the steps
-def _resolve_model(settings: dict) -> _Model:
+def _resolve_model(settings: FingerprintSettings) -> tuple[_Model, FingerprintSettings]:
     """The model's card and ONNX file (exported once, cached). A user card may leave the
     feature length out, and a user model may have fewer classes than top-k asks for: the
-    model itself is asked, once (``settings["topk"]`` is lowered to what it has)."""
+    model itself is asked, once (the settings returned have top-k lowered to what it has)."""
     from ..models import resolve
     from ..models.export import ensure_onnx
     from ..models.zoo import sha256_file
 
-    card = resolve(settings["model"])
-    onnx_path = ensure_onnx(card, precision=settings["precision"])
+    card = resolve(settings.model)
+    onnx_path = ensure_onnx(card, precision=settings.precision)
     if not card.builtin:
         from ..models.runtime import Session
 
@@ -190,24 +190,21 @@ def _resolve_model(settings: dict) -> _Model:
         out = probe.infer(np.zeros((1, 3, 64, 64), np.float32), logits=True)
         card = dataclasses.replace(card, feature_dim=int(out.features.shape[1]))
         if out.logits is not None:
-            settings["topk"] = min(settings["topk"], int(out.logits.shape[1]))
-    return _Model(card, onnx_path, sha256_file(onnx_path))
+            topk = min(settings.topk, int(out.logits.shape[1]))
+            settings = dataclasses.replace(settings, topk=topk)
+    return _Model(card, onnx_path, sha256_file(onnx_path)), settings
 
 
-def _store_attrs(model: _Model, settings: dict) -> dict:
+def _store_attrs(model: _Model, settings: FingerprintSettings) -> dict:
     """What the store records of the run, and refuses to mix with another run's."""
     from .. import __version__
     from ..models.recorded import record_name
 
     return {
-        "model": record_name(model.card.name, settings["precision"]),
+        "model": record_name(model.card.name, settings.precision),
         "model_sha256": model.sha,
         "feature_dim": model.card.feature_dim,
-        "topk": settings["topk"],
-        "cutouts": settings["cutouts"],
-        "preprocess": settings["preprocess"],
-        "tiling": settings["tiling"],
-        "fingerprint_dtype": settings["dtype"],
+        **settings.to_attrs(),
         "pipeline_version": __version__,
     }
 
@@ -267,7 +264,7 @@ def _nothing_to_do(
     return FingerprintResult(store_path, n, 0, units, found.listing.ids)
 
 
-def _compute(client, scheduler, workers, progress: bool, settings: dict):
+def _compute(client, scheduler, workers, progress: bool, settings: FingerprintSettings):
     """The cluster to run on: ``client`` as given (left open), else one started here and
     closed at the end; a GPU run is checked to be able to run at all."""
 
@@ -278,11 +275,11 @@ def _compute(client, scheduler, workers, progress: bool, settings: dict):
         outer = (
             contextlib.nullcontext(client)
             if client is not None
-            else connect(scheduler, workers=workers, quiet=not progress, gpu=settings["gpu"])
+            else connect(scheduler, workers=workers, quiet=not progress, gpu=settings.gpu)
         )
         with outer as c:
-            if settings["gpu"]:
-                _check_gpu_workers(c, need_cuda=settings["providers"] in ("auto", None))
+            if settings.gpu:
+                _check_gpu_workers(c, need_cuda=settings.providers in ("auto", None))
             yield c
 
     return ctx()
@@ -295,7 +292,7 @@ def _grow_store(
     new: list[ImageSource],
     limits: dict,
     found: _Inputs,
-    settings: dict,
+    settings: FingerprintSettings,
     attrs: dict,
     client,
 ) -> tuple[Store, list[int]]:
@@ -310,10 +307,10 @@ def _grow_store(
         st = existing or Store.create(
             store_path,
             feature_dim=attrs["feature_dim"],
-            topk=settings["topk"],
+            topk=settings.topk,
             chunk_rows=_new_chunk_rows(plan, settings, client),
             attrs=attrs,
-            dtype=settings["dtype"],
+            dtype=settings.dtype,
         )
         if plan is not None:
             if plan.n_windows == 0:
@@ -324,7 +321,7 @@ def _grow_store(
     return st, touched
 
 
-def _new_chunk_rows(plan: Plan | None, settings: dict, client) -> int:
+def _new_chunk_rows(plan: Plan | None, settings: FingerprintSettings, client) -> int:
     """The chunk size of a new store: small enough that every worker thread gets several
     units of this first job (a job of 3,465 windows at 1024 rows was 3 units for 2 workers,
     one of them idle for a third of the run). The store records it; appends and resumes keep
@@ -334,27 +331,32 @@ def _new_chunk_rows(plan: Plan | None, settings: dict, client) -> int:
     rows = chunk_rows_for(
         n,
         threads=threads,
-        largest=settings["chunk_rows"],
-        smallest=settings["min_chunk_rows"],
-        units_per_thread=settings["units_per_thread"],
-        multiple=settings["batch_size"],
+        largest=settings.chunk_rows,
+        smallest=settings.min_chunk_rows,
+        units_per_thread=settings.units_per_thread,
+        multiple=settings.batch_size,
     )
     logger.info("new store: %d rows per chunk (%d windows, %d worker threads)", rows, n, threads)
     return rows
 
 
 def _units(
-    st: Store, touched: list[int], new: list[ImageSource], settings: dict, model: _Model, client
+    st: Store,
+    touched: list[int],
+    new: list[ImageSource],
+    settings: FingerprintSettings,
+    model: _Model,
+    client,
 ) -> UnitStream:
     """The units of the touched segments without a done marker, as a lazy stream."""
     base = {
         "store": st.path,
         "model": _model_ref(model.card, model.onnx_path, model.sha, settings, client),
-        "preprocess": settings["preprocess"],
-        "batch_size": settings["batch_size"],
-        "fill": np.nan if settings["cutouts"]["fill"] is None else settings["cutouts"]["fill"],
-        "side": settings["cutouts"]["size"],
-        "dtype": settings["dtype"],
+        "preprocess": settings.preprocess,
+        "batch_size": settings.batch_size,
+        "fill": np.nan if settings.cutouts.fill is None else settings.cutouts.fill,
+        "side": settings.cutouts.size,
+        "dtype": settings.dtype,
     }
     return UnitStream(
         st, touched, base=base, new_sources={s.id: s for s in new}, done=st.done_units()

@@ -210,19 +210,21 @@ def _in_flight_limit(client) -> int:
     return max(4 * n_workers, 2 * _cluster_threads(client)) + 4
 
 
-def _model_ref(card, onnx_path, sha: str, settings: dict, client) -> ModelRef:
-    on_gpu = settings["gpu"]
+def _model_ref(card, onnx_path, sha: str, settings, client) -> ModelRef:
+    """What the workers need to open the run's session (``settings``: a
+    :class:`~.settings.FingerprintSettings`)."""
+    on_gpu = settings.gpu
     fixed = config.get("model.fixed-batches")
     return ModelRef(
         card.name,
         str(onnx_path),
         sha,
-        settings["providers"],
-        settings["topk"],
+        settings.providers,
+        settings.topk,
         _session_threads(client),
         io_binding=config.get("model.io-binding"),
-        fixed_batch=settings["batch_size"] if (on_gpu if fixed is None else fixed) else None,
-        require_gpu=on_gpu and settings["providers"] in ("auto", None),
+        fixed_batch=settings.batch_size if (on_gpu if fixed is None else fixed) else None,
+        require_gpu=on_gpu and settings.providers in ("auto", None),
     )
 
 
