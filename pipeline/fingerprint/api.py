@@ -1,7 +1,9 @@
 """``fingerprint()``: the whole run, one named step after another.
 
-Each step is a function of this module or of the module that owns its idea (``listing``,
-``plan``, ``submit``, ``worker``); :func:`fingerprint` reads as the flow.
+Each step is a function of this module or of the module that owns its idea (``settings``,
+``listing``, ``probe``, ``plan``, ``submit``, ``worker``); :func:`fingerprint` reads as the
+flow: listing -> compare with the store's records -> (nothing new: return) -> open and
+measure the new images on the cluster -> plan -> create / grow the store -> units -> run.
 """
 
 from __future__ import annotations
@@ -33,6 +35,9 @@ logger = logging.getLogger(__name__)
 
 @dataclasses.dataclass
 class FingerprintResult:
+    """What a run did: its store, the cutouts of its inputs, units run and already done,
+    the images (listing order) and how many changed ones were fingerprinted again."""
+
     store: str
     n_cutouts: int
     units_run: int
@@ -62,8 +67,8 @@ class _Model:
 @dataclasses.dataclass(frozen=True)
 class _Inputs:
     """The listing sorted against the store: ``known`` (image id -> its segment, changed ones
-    left out once they are replaced), ``changed`` ids, and the ``touched`` segments (those
-    holding a known, unchanged image: they are resumed if unfinished)."""
+    included), ``changed`` ids, the ``touched`` segments (those holding a known, unchanged
+    image: they are resumed if unfinished), and listing positions to open."""
 
     listing: InputListing
     known: dict
