@@ -542,6 +542,25 @@ def test_a_no_op_rerun_opens_no_image_and_writes_nothing(tmp_path, client):
     assert store_digest(out) == before
 
 
+def test_new_images_are_opened_and_measured_on_the_workers(tmp_path, client, monkeypatch):
+    """The client opens no image and measures no limits: both are batched tasks on the
+    (process) workers, which the client's patches below do not reach."""
+    import pipeline.preprocess
+    import pipeline.sources.inputs
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("an image was opened or measured on the client")
+
+    monkeypatch.setattr(pipeline.sources.inputs, "_probe", refuse)
+    monkeypatch.setattr(pipeline.preprocess, "image_limits_for", refuse)
+    files = [make_mosaic(tmp_path / f"w{i}.fits", ny=128, nx=128, seed=60 + i) for i in range(3)]
+    out = tmp_path / "probed.zarr"
+    got = fingerprint(files, out, client=client, progress=False, **SETTINGS)
+    assert got.n_cutouts == 3 * 4 and got.units_run > 0
+    table = Store.open(out).images()
+    assert all(table.limits(i) is not None for i in range(len(table.ids)))
+
+
 def _write_schema_1(path: Path) -> None:
     """Rewrite a store in the layout schema 1 (the code before issue 14) wrote: every image's
     record in the root attrs (``segments[*].images`` / ``inputs``, ``retired``), no

@@ -1,0 +1,133 @@
+"""Planning the new images: their windows (a :class:`~pipeline.tiling.Plan`), their stretch
+limits, and the segment that records both in the store.
+
+Sliding, full-frame and catalog plans are made here; blob plans run detection as one Dask task
+per tile (:func:`pipeline.detect.detect_plan`). ``plan_sources`` and ``image_limits`` are the
+public doors other stages (``models adapt``) use to sample cutouts as this stage would.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+
+import numpy as np
+
+from ..errors import ConfigError, InputError
+from ..sources import ImageSource
+from ..store import Store, pack_units
+from ..tiling import Plan
+from .listing import InputListing
+
+__all__ = ["image_limits", "plan_sources"]
+
+
+def _plan_digest(plan: Plan) -> str:
+    h = hashlib.sha256()
+    for arr in (plan.windows, plan.tile_start, plan.tiles):
+        h.update(np.ascontiguousarray(arr).tobytes())
+    h.update("\0".join(plan.images).encode())
+    return h.hexdigest()
+
+
+def _plan_sources(
+    client, sources: Sequence[ImageSource], settings: dict, catalog: str | None, first_index: int
+) -> Plan:
+    from .. import tiling
+
+    cut = settings["cutouts"]
+    ts = settings["tiling"]["tile-size"]
+    method = cut["method"]
+    if method in ("sliding", "full"):
+        plans = []
+        for i, s in enumerate(sources):
+            try:
+                plans.append(
+                    tiling.plan_image(
+                        s.shape,
+                        image_index=i,
+                        image_id=s.id,
+                        method=method,
+                        size=cut["size"],
+                        stride=cut["stride"],
+                        edge=cut["edge"] or "shift",
+                        tile_size=ts,
+                    )
+                )
+            except InputError as e:  # planning is pure and knows ids; the user knows files
+                raise InputError(f"{'+'.join(s.paths)}: {e}") from None
+        return Plan.concat(plans)
+    if method == "catalog":
+        from ..catalog import plan_catalog
+
+        if not catalog:
+            raise ConfigError("--method catalog needs --catalog FILE")
+        return plan_catalog(catalog, sources, size=cut["size"], tile_size=ts)
+    return _plan_blobs(client, sources, tile_size=ts, first_index=first_index)
+
+
+def _plan_blobs(
+    client, sources: Sequence[ImageSource], *, tile_size: int, first_index: int
+) -> Plan:
+    """Blob plan: :func:`pipeline.detect.detect_plan` (one detection task per tile on the
+    Dask workers, windows shifted inside the image, ownership on the client)."""
+    from ..detect import detect_plan
+
+    return detect_plan(sources, client=client, tile_size=tile_size, image_index=first_index)
+
+
+def plan_sources(
+    sources: Sequence[ImageSource], settings: dict, *, catalog: str | None = None
+) -> Plan:
+    """The plan ``elodin fingerprint`` makes of ``sources`` with ``settings``
+    (:func:`fingerprint_settings`), planned here: sliding, full or catalog windows (blob
+    detection needs a cluster and is not offered here)."""
+    if settings["cutouts"]["method"] == "blobs":
+        raise ConfigError("plan_sources: blob plans are made on a cluster, by fingerprint()")
+    return _plan_sources(None, sources, settings, catalog, 0)
+
+
+def image_limits(sources: Sequence[ImageSource], preprocess: dict) -> dict:
+    """Per-image stretch limits ``{image id: [[vmin, vmax], ...]}`` as ``elodin fingerprint``
+    records them (empty unless ``preprocess.scope`` is ``image``)."""
+    return _image_limits(sources, preprocess)
+
+
+def _image_limits(sources: Sequence[ImageSource], preprocess: dict) -> dict:
+    if preprocess.get("scope") != "image":
+        return {}
+    from ..preprocess import image_limits_for
+
+    # Errors name the file, which is what the user can go and look at.
+    return {
+        s.id: image_limits_for(s, preprocess, image="+".join(s.paths)).tolist() for s in sources
+    }
+
+
+def _record_segment(
+    st: Store,
+    index: int,
+    plan: Plan,
+    sources: Sequence[ImageSource],
+    listing: InputListing,
+    limits: dict,
+):
+    """Save segment ``index``'s ``plan`` and append the segment: its units, and a record per
+    image (its files' size and mtime from ``listing``, its source, its stretch limits).
+    Returns the new segment."""
+    position = {img: k for k, img in enumerate(listing.ids)}
+    st.save_plan(index, plan)
+    return st.append_segment(
+        images=[s.id for s in sources],
+        layout=pack_units(plan.tile_start, chunk_rows=st.chunk_rows),
+        plan_digest=_plan_digest(plan),
+        inputs={
+            s.id: {
+                "files": listing.files(position[s.id]),
+                "source": s.to_record(),
+                "limits": limits.get(s.id),
+            }
+            for s in sources
+        },
+        plan=plan,
+    )

@@ -1,0 +1,152 @@
+"""Opening and measuring the new images on the cluster, a batch of images per task.
+
+Opening an image (its headers, its WCS, its bands checked against the settings) and measuring
+its stretch limits cost a few milliseconds each; at 10^5 new files that is minutes of serial
+client work. Here they are Dask tasks of :data:`BATCH` images each, on the workers. A task
+never raises for a user's problem: it returns, per image, the one-line error (as
+:class:`~.worker._UnitFailed`), and the client raises the first of them, in the order the
+checks ran in when they ran on the client (opening every new image, then the store, then the
+changed images, then the limits), before anything is written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Sequence
+
+from ..errors import ElodinError
+from ..sources import ImageSource
+from .listing import InputListing
+from .worker import _UnitFailed
+
+__all__ = ["BATCH", "Probed", "probe_images"]
+
+# Images per task: enough that the task's overhead (a few ms) is small beside its work, few
+# enough that 10^3 new images still spread over every worker thread.
+BATCH = 128
+
+
+@dataclasses.dataclass(frozen=True)
+class Probed:
+    """What the tasks found, in listing order: the opened ``sources`` (those that opened),
+    each failed image's error (``errors``: listing position -> error), and the stretch
+    ``limits`` (image id -> limits) with the first image whose limits could not be measured
+    (``limits_error``)."""
+
+    sources: tuple[ImageSource, ...]
+    errors: dict
+    limits: dict
+    limits_error: _UnitFailed | None = None
+
+    def raise_first(self, positions: Sequence[int]) -> None:
+        """Raise the error of the first of the images at listing ``positions`` that failed."""
+        for k in positions:
+            if k in self.errors:
+                raise self.errors[k].error()
+
+    def raise_limits(self) -> None:
+        if self.limits_error is not None:
+            raise self.limits_error.error()
+
+
+def _probe_task(
+    items: Sequence[tuple[int, str, tuple[str, ...]]],
+    *,
+    hdu,
+    variable,
+    preprocess: dict,
+) -> Probed:
+    """Open the batch's images ``(listing position, id, specs)`` and, when all opened,
+    measure their stretch limits."""
+    from ..preprocess import check_bands
+    from ..sources import open_listed
+    from .plan import _image_limits
+
+    sources, errors = [], {}
+    for k, sid, specs in items:
+        try:
+            s = open_listed(sid, specs, hdu=hdu, variable=variable)
+            check_bands(s.n_bands, preprocess, image="+".join(s.paths))
+        except ElodinError as e:
+            errors[k] = _UnitFailed(type(e), str(e))
+            continue
+        sources.append(s)
+    if errors:  # the run stops at an image that did not open: its limits are not needed
+        return Probed(tuple(sources), errors, {})
+    try:
+        limits = _image_limits(sources, preprocess)
+    except ElodinError as e:
+        return Probed(tuple(sources), errors, {}, _UnitFailed(type(e), str(e)))
+    return Probed(tuple(sources), errors, limits)
+
+
+def probe_images(
+    client,
+    listing: InputListing,
+    positions: Sequence[int],
+    *,
+    hdu,
+    variable,
+    preprocess: dict,
+    batch: int = BATCH,
+) -> Probed:
+    """Open (headers, WCS, bands) and measure the listed images at ``positions`` (ascending),
+    :data:`BATCH` a task on ``client``'s workers; the batches' findings merged in order."""
+    items = [(k, listing.ids[k], listing.specs[k]) for k in positions]
+    if not items:
+        return Probed((), {}, {})
+    batches = [items[i : i + batch] for i in range(0, len(items), batch)]
+    token = os.urandom(4).hex()
+    futures = client.map(
+        _probe_task,
+        batches,
+        hdu=hdu,
+        variable=variable,
+        preprocess=preprocess,
+        key=[f"elodin-probe-{i}-{token}" for i in range(len(batches))],
+        pure=False,
+    )
+    try:
+        found: list[Probed] = client.gather(futures)
+    except BaseException:
+        client.cancel(futures)
+        raise
+    sources, errors, limits, first_limits_error = [], {}, {}, None
+    for p in found:
+        sources.extend(p.sources)
+        errors.update(p.errors)
+        limits.update(p.limits)
+        if first_limits_error is None:
+            first_limits_error = p.limits_error
+    return Probed(tuple(sources), errors, limits, first_limits_error)
+
+
+def open_and_measure(
+    client,
+    listing: InputListing,
+    new: Sequence[int],
+    changed: Sequence[int],
+    *,
+    hdu,
+    variable,
+    preprocess: dict,
+    check_store: Callable[[], None],
+) -> tuple[list[ImageSource], dict]:
+    """The new and ``changed`` images (listing positions) opened and measured on the
+    cluster, in listing order, with their stretch limits. The first problem is raised in the
+    order the client checked before: a new image that does not open or cannot take the
+    settings, then ``check_store()``, then a changed image, then the limits."""
+    probed = probe_images(
+        client,
+        listing,
+        sorted([*new, *changed]),
+        hdu=hdu,
+        variable=variable,
+        preprocess=preprocess,
+    )
+    probed.raise_first(new)
+    check_store()
+    probed.raise_first(changed)
+    probed.raise_limits()
+    return list(probed.sources), probed.limits

@@ -1,0 +1,118 @@
+"""New images are opened and measured on the workers, in batches, and a bad one is still one
+line: the first in the order the client used to check them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from astropy.io import fits
+
+from pipeline.errors import ConfigError, InputError, StoreError
+from pipeline.fingerprint import InputListing, probe
+from pipeline.testing import make_mosaic
+
+
+@pytest.fixture(scope="module")
+def client():
+    from distributed import Client, LocalCluster
+
+    with (
+        LocalCluster(
+            n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None
+        ) as cluster,
+        Client(cluster) as c,
+    ):
+        yield c
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> list[Path]:
+    d = tmp_path_factory.mktemp("probe")
+    good = [make_mosaic(d / f"g{i}.fits", ny=64, nx=64, seed=i) for i in range(5)]
+    (d / "bad.fits").write_bytes(b"\0not a FITS file\0" * 200)
+    fits.PrimaryHDU(np.full((64, 64), np.nan, np.float32)).writeto(d / "nan.fits")
+    return [*good, d / "bad.fits", d / "nan.fits"]
+
+
+def _preprocess(**over):
+    from pipeline.preprocess import preprocess_settings
+
+    return preprocess_settings(over)
+
+
+def test_batches_give_the_same_sources_and_limits_as_the_client(client, files):
+    from pipeline.fingerprint.plan import _image_limits
+    from pipeline.sources import open_listed
+
+    listing = InputListing.of([str(f) for f in files[:5]])
+    pre = _preprocess(scope="image")
+    got = probe.probe_images(
+        client, listing, range(5), hdu=None, variable=None, preprocess=pre, batch=2
+    )
+    want = [open_listed(i, s) for i, s in zip(listing.ids, listing.specs, strict=True)]
+    assert [s.to_record() for s in got.sources] == [s.to_record() for s in want]
+    assert got.limits == _image_limits(want, pre) and len(got.limits) == 5
+    assert not got.errors and got.limits_error is None
+
+
+def test_the_first_problem_is_raised_in_the_order_the_client_checked(client, files):
+    # Listing: g0 g1 g2 g3 g4 bad nan. "nan" cannot be measured, "bad" cannot be opened:
+    # an image that does not open comes first, whatever the batch, and before the store check.
+    listing = InputListing.of([str(f) for f in files])
+    pre = _preprocess(scope="image")
+    calls = []
+
+    def check_store():
+        calls.append(1)
+        raise StoreError("the store refuses")
+
+    with pytest.raises(InputError, match="bad.fits"):
+        probe.open_and_measure(
+            client,
+            listing,
+            range(7),
+            [],
+            hdu=None,
+            variable=None,
+            preprocess=pre,
+            check_store=check_store,
+        )
+    assert not calls
+    # Only changed images fail to open: the store check comes first.
+    with pytest.raises(StoreError, match="refuses"):
+        probe.open_and_measure(
+            client,
+            listing,
+            [0, 1, 6],
+            [5],
+            hdu=None,
+            variable=None,
+            preprocess=pre,
+            check_store=check_store,
+        )
+    # Everything opens: the limits' problem is the one line, naming the file.
+    with pytest.raises(InputError, match="nan.fits"):
+        probe.open_and_measure(
+            client,
+            listing,
+            [0, 1, 2, 6],
+            [],
+            hdu=None,
+            variable=None,
+            preprocess=pre,
+            check_store=lambda: None,
+        )
+    # A setting the image cannot take (bands) is found on the workers too.
+    with pytest.raises(ConfigError, match="g0.fits"):
+        probe.open_and_measure(
+            client,
+            listing,
+            [0],
+            [],
+            hdu=None,
+            variable=None,
+            preprocess=_preprocess(bands=[0, 1, 2]),
+            check_store=lambda: None,
+        )
