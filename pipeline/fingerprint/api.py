@@ -26,7 +26,14 @@ from .listing import InputListing, compare_with_records
 from .plan import _plan_sources, _record_segment
 from .probe import open_and_measure
 from .settings import FingerprintSettings
-from .submit import UnitStream, _check_gpu_workers, _cluster_threads, _model_ref, _run_jobs
+from .submit import (
+    UnitStream,
+    _check_gpu_workers,
+    _cluster_threads,
+    _model_ref,
+    _run_jobs,
+    done_in,
+)
 
 __all__ = ["FingerprintResult", "fingerprint"]
 
@@ -259,7 +266,7 @@ def _nothing_to_do(
     """The result of a run with nothing new and nothing left to resume (None otherwise)."""
     if existing is None:
         return None
-    done = existing.done_units()
+    done = done_in(existing, found.touched)
     segs = existing.segments
     for i in found.touched:
         if not all(u in done for u in range(segs[i].unit_start, segs[i].unit_stop)):
@@ -364,7 +371,7 @@ def _units(
         "dtype": settings.dtype,
     }
     return UnitStream(
-        st, touched, base=base, new_sources={s.id: s for s in new}, done=st.done_units()
+        st, touched, base=base, new_sources={s.id: s for s in new}, done=done_in(st, touched)
     )
 
 

@@ -1,17 +1,15 @@
 """Planning the new images: their windows (a :class:`~pipeline.tiling.Plan`), their stretch
 limits, and the segment that records both in the store.
 
-Sliding, full-frame and catalog plans are made here; blob plans run detection as one Dask task
+Sliding and full-frame plans are formulas (:func:`pipeline.windowgrid.plan_grid`: nothing per
+window), catalog plans data; both are made here; blob plans run detection as one Dask task
 per tile (:func:`pipeline.detect.detect_plan`). ``plan_sources`` and ``image_limits`` are the
 public doors other stages (``models adapt``) use to sample cutouts as this stage would.
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
-
-import numpy as np
 
 from ..errors import ConfigError, InputError
 from ..sources import ImageSource
@@ -23,40 +21,32 @@ __all__ = ["image_limits", "plan_sources"]
 
 
 def _plan_digest(plan: Plan) -> str:
-    h = hashlib.sha256()
-    for arr in (plan.windows, plan.tile_start, plan.tiles):
-        h.update(np.ascontiguousarray(arr).tobytes())
-    h.update("\0".join(plan.images).encode())
-    return h.hexdigest()
+    return plan.digest()
 
 
 def _plan_sources(
     client, sources: Sequence[ImageSource], settings: dict, catalog: str | None, first_index: int
 ) -> Plan:
-    from .. import tiling
+    from ..windowgrid import GRID_METHODS, plan_grid
 
     cut = settings["cutouts"]
     ts = settings["tiling"]["tile-size"]
     method = cut["method"]
-    if method in ("sliding", "full"):
-        plans = []
-        for i, s in enumerate(sources):
-            try:
-                plans.append(
-                    tiling.plan_image(
-                        s.shape,
-                        image_index=i,
-                        image_id=s.id,
-                        method=method,
-                        size=cut["size"],
-                        stride=cut["stride"],
-                        edge=cut["edge"] or "shift",
-                        tile_size=ts,
-                    )
-                )
-            except InputError as e:  # planning is pure and knows ids; the user knows files
-                raise InputError(f"{'+'.join(s.paths)}: {e}") from None
-        return Plan.concat(plans)
+    if method in GRID_METHODS:
+        # A formula: each image's shape and the settings, nothing per window.
+        try:
+            return plan_grid(
+                [s.shape[-2:] for s in sources],
+                image_ids=[s.id for s in sources],
+                method=method,
+                size=cut["size"],
+                stride=cut["stride"],
+                edge=cut["edge"] or "shift",
+                tile_size=ts,
+            )
+        except InputError as e:  # planning is pure and knows ids; the user knows files
+            s = sources[e.image_index]
+            raise InputError(f"{'+'.join(s.paths)}: {e}") from None
     if method == "catalog":
         from ..catalog import plan_catalog
 

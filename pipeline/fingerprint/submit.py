@@ -107,7 +107,9 @@ def _segment_jobs(
             if hi <= lo:
                 continue
             src = sources[plan.images[int(plan.tiles[t]["image"])]]
-            wins = np.ascontiguousarray(plan.windows[lo:hi])
+            first = int(plan.tile_start[t])
+            # Derived here for a formula plan: windows exist for the units in flight only.
+            wins = np.ascontiguousarray(plan.tile_windows(t)[lo - first : hi - first])
             tiles.append(TileJob(src, _read_box(wins, src.shape), wins))
         rows = int(layout.unit_rows[u + 1] - layout.unit_rows[u])
         ids = {t.source.id for t in tiles}
@@ -118,6 +120,16 @@ def _segment_jobs(
             tiles=tuple(tiles),
             **{**base, "image_limits": {i: v for i, v in limits.items() if i in ids}},
         )
+
+
+def done_in(store: Store, segments: Sequence[int]) -> set[int]:
+    """The done units of ``segments`` alone: only the marker shards their units fall in are
+    listed, so resuming one segment does not list every marker ever written."""
+    recs = store.segments
+    out: set[int] = set()
+    for i in segments:
+        out |= store.done_units(range(recs[i].unit_start, recs[i].unit_stop))
+    return out
 
 
 class UnitStream:

@@ -18,7 +18,7 @@ import numpy as np
 from ..errors import ElodinError, StoreError
 from ..geometry import window_centres
 from ..sources import ImageSource
-from ..store import Store
+from ..store import Store, filled_rows
 
 __all__ = ["ANY_HOST", "ModelRef", "TileJob", "UnitJob", "run_unit"]
 
@@ -168,28 +168,22 @@ def run_unit(job: UnitJob, *, prefetch: bool = True) -> int:
         coords["ra"].append(np.asarray(ra, dtype=np.float64))
         coords["dec"].append(np.asarray(dec, dtype=np.float64))
 
-    def padded(parts, fill, dtype, tail=()):
-        arr = np.full((job.n_rows, *tail), fill, dtype=dtype)
-        if n:
-            arr[:n] = np.concatenate(parts)
-        return arr
-
     feature_dim = feats[0].shape[1] if feats else session.feature_dim
     k = classes[0].shape[1] if classes else m.topk
-    values = {
-        "fingerprint": padded(feats, np.nan, job.dtype, (feature_dim,)),
-        "top_class": padded(classes, -1, np.int32, (k,)),
-        "top_prob": padded(probs, np.nan, np.float32, (k,)),
-        "masked_fraction": padded(masked, np.nan, np.float32),
-        "valid": np.arange(job.n_rows) < n,
-        "image": padded(coords["image"], "", object),
-        "x": padded(coords["x"], np.nan, np.float64),
-        "y": padded(coords["y"], np.nan, np.float64),
-        "width": padded(coords["width"], 0, np.int32),
-        "height": padded(coords["height"], 0, np.int32),
-        "ra": padded(coords["ra"], np.nan, np.float64),
-        "dec": padded(coords["dec"], np.nan, np.float64),
-    }
+    # The store's own schema fills the unit's empty slots (one home for dtypes and fills).
+    values = filled_rows(
+        job.n_rows,
+        {
+            "fingerprint": feats,
+            "top_class": classes,
+            "top_prob": probs,
+            "masked_fraction": masked,
+            **coords,
+        },
+        feature_dim=feature_dim,
+        topk=k,
+        dtype=job.dtype,
+    )
     try:
         store = _worker_store(job.store)
         store.write_rows(job.row_start, values)

@@ -75,7 +75,7 @@ def upgrade(path: str | os.PathLike) -> str:
         group.attrs.put(_jsonable(new_attrs))
         for p in plans:  # the ids are in their arrays now (load_plan reads those first)
             if "images" in p.attrs:
-                p.attrs.put({})
+                p.attrs.put({k: v for k, v in p.attrs.asdict().items() if k != "images"})
         st = Store.open(path, mode="r")
         return (
             f"{path}: upgraded from schema 1 to {SCHEMA_VERSION} "
