@@ -182,6 +182,46 @@ def test_adapt_trains_exports_and_fingerprints_like_a_builtin(field, tmp_path, c
     assert store_digest(out) == before
 
 
+def test_adapt_trainer_freezes_the_backbone_bn_and_early_blocks():
+    import torch
+
+    from pipeline.models import resolve
+    from pipeline.models.adapt import Trainer, train_settings
+    from pipeline.models.export import pretrained_network
+
+    card = resolve("efficientnet-lite0:native")
+    net = pretrained_network(card)
+    trainer = Trainer(card, net, train_settings(tune_blocks=2, freeze_bn=True))
+    trainer.train_mode()
+    norms = [m for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert norms and not any(m.training for m in norms)  # ImageNet statistics kept
+    assert trainer.projector.training and trainer.predictor.training
+    last = len(net._blocks)
+    tuned = {n for n, p in net.named_parameters() if p.requires_grad}
+    allowed = (f"_blocks.{last - 2}.", f"_blocks.{last - 1}.", "_conv_head.", "_bn1.")
+    assert tuned and all(n.startswith(allowed) for n in tuned)
+    heads, backbone = trainer.optimiser.param_groups
+    assert backbone["base_lr"] == pytest.approx(heads["base_lr"] * 0.01)  # the default factor
+
+
+def test_adapt_refuses_a_checkpoint_made_with_other_settings(field, tmp_path):
+    import torch
+
+    from pipeline.errors import ModelError
+    from pipeline.models import resolve
+    from pipeline.models.adapt import adapt
+
+    cache = tmp_path / "cache"
+    (cache / "adapted").mkdir(parents=True)
+    name = resolve("efficientnet-lite0:native").name
+    ckpt = {"base": name, "epoch": 1, "settings": {"lr": 1.0}}
+    torch.save(ckpt, cache / "adapted" / "mine.ckpt")
+    with dask.config.set({"elodin.cutouts.stride": 16}):
+        with pytest.raises(ModelError, match="other model.adapt settings"):
+            adapt(name, [str(field)], "mine", epochs=1, cache=cache, progress=False)
+    assert not (cache / "adapted" / "mine.onnx").exists()
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

@@ -34,7 +34,14 @@ from .. import config
 from ..errors import ConfigError, InputError, ModelError
 from .zoo import ModelCard, resolve, sha256_file
 
-__all__ = ["ADAPTED_DIR", "adapt", "adapted_card_path", "training_cutouts"]
+__all__ = [
+    "ADAPTED_DIR",
+    "Trainer",
+    "adapt",
+    "adapted_card_path",
+    "train_settings",
+    "training_cutouts",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -209,6 +216,125 @@ def _export_bare(net, card: ModelCard, out: Path) -> None:
     os.replace(tmp, out)
 
 
+def train_settings(**overrides) -> dict:
+    """``{"lr", "backbone-lr-factor", "tune-blocks", "freeze-bn"}`` from ``model.adapt``,
+    overridden by ``overrides`` (keys with ``_`` for ``-``)."""
+    out = {"lr": config.get_float("model.adapt.learning-rate", override=overrides.get("lr"))}
+    out["backbone-lr-factor"] = config.get_float(
+        "model.adapt.backbone-lr-factor", override=overrides.get("backbone_lr_factor")
+    )
+    out["tune-blocks"] = config.get_int(
+        "model.adapt.tune-blocks", override=overrides.get("tune_blocks"), minimum=0
+    )
+    freeze = config.get("model.adapt.freeze-bn", override=overrides.get("freeze_bn"))
+    if not isinstance(freeze, bool):
+        raise ConfigError(f"model.adapt.freeze-bn must be true or false, got {freeze!r}")
+    out["freeze-bn"] = freeze
+    return out
+
+
+class Trainer:
+    """SimSiam on one network: the encoder as exported, the heads, the optimiser.
+
+    ``settings`` is :func:`train_settings`'s dict. The backbone's last ``tune-blocks`` MBConv
+    blocks and its head convolution train at ``lr x backbone-lr-factor`` (0 blocks: the head
+    convolution alone; all of them: the stem too); the earlier ones are frozen. With ``freeze-bn`` the
+    backbone's BatchNorm layers stay in eval mode: their ImageNet running statistics and
+    batch-independent normalisation are kept, rather than re-estimated on small batches of
+    mostly-empty sky.
+    """
+
+    def __init__(self, card: ModelCard, net, settings: dict) -> None:
+        import torch
+
+        from .export import torch_module
+
+        self.card, self.net, self.settings = card, net, dict(settings)
+        self.encoder = torch_module(card, net)  # resize + normalisation + network, as exported
+        self.projector, self.predictor = _heads(card.feature_dim)
+        blocks = list(net._blocks)
+        k = min(int(settings["tune-blocks"]), len(blocks))
+        tuned = [*blocks[len(blocks) - k :], net._conv_head, net._bn1]
+        if k == len(blocks):
+            tuned = [net]  # every block: the stem too
+        for p in net.parameters():
+            p.requires_grad_(False)
+        for module in tuned:
+            for p in module.parameters():
+                p.requires_grad_(True)
+        backbone = [p for p in net.parameters() if p.requires_grad]
+        heads = [*self.projector.parameters(), *self.predictor.parameters()]
+        lr = float(settings["lr"])
+        groups = [{"params": heads, "base_lr": lr}]
+        factor = float(settings["backbone-lr-factor"])
+        if backbone and factor > 0:
+            groups.append({"params": backbone, "base_lr": lr * factor})
+        self.optimiser = torch.optim.SGD(groups, lr=lr, momentum=0.9, weight_decay=1e-4)
+
+    def train_mode(self) -> None:
+        import torch
+
+        for module in (self.encoder, self.projector, self.predictor):
+            module.train()
+        if self.settings["freeze-bn"]:
+            for m in self.net.modules():
+                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+
+    def epoch(self, data, epoch: int, epochs: int, batch_size: int, gen, bar=None) -> dict:
+        """One epoch over ``data`` (a tensor of cutouts); ``{"loss", "z_std"}`` means.
+
+        ``z_std`` is the std across the batch of the L2-normalised projections, averaged over
+        their dimensions: SimSiam's collapse shows as ~0, healthy as ~1/sqrt(dim).
+        """
+        import torch
+
+        cos = torch.nn.functional.cosine_similarity
+        self.train_mode()
+        # Cosine decay over all epochs, so a resumed run follows the same schedule.
+        for group in self.optimiser.param_groups:
+            group["lr"] = group["base_lr"] * 0.5 * (1 + math.cos(math.pi * epoch / epochs))
+        steps = len(data) // batch_size
+        order = torch.randperm(len(data), generator=gen)
+        total = spread = 0.0
+        for s in range(steps):
+            x = data[order[s * batch_size : (s + 1) * batch_size]]
+            z1 = self.projector(self.encoder(_augment(x, gen))[0])
+            z2 = self.projector(self.encoder(_augment(x, gen))[0])
+            p1, p2 = self.predictor(z1), self.predictor(z2)
+            loss = -(cos(p1, z2.detach()).mean() + cos(p2, z1.detach()).mean()) / 2
+            self.optimiser.zero_grad()
+            loss.backward()
+            self.optimiser.step()
+            value = float(loss.detach())
+            total += value
+            spread += float(torch.nn.functional.normalize(z1.detach(), dim=1).std(0).mean())
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(epoch=epoch + 1, loss=f"{value:.3f}")
+        return {"loss": total / max(steps, 1), "z_std": spread / max(steps, 1)}
+
+    def state(self) -> dict:
+        return {
+            "net": self.net.state_dict(),
+            "projector": self.projector.state_dict(),
+            "predictor": self.predictor.state_dict(),
+            "optimiser": self.optimiser.state_dict(),
+            "settings": self.settings,
+        }
+
+    def load(self, ckpt: dict, where: Path) -> None:
+        if ckpt.get("settings") != self.settings:
+            raise ModelError(
+                f"{where}: a checkpoint made with other model.adapt settings "
+                f"({ckpt.get('settings')}) exists; use another --name, or remove it"
+            )
+        self.net.load_state_dict(ckpt["net"])
+        self.projector.load_state_dict(ckpt["projector"])
+        self.predictor.load_state_dict(ckpt["predictor"])
+        self.optimiser.load_state_dict(ckpt["optimiser"])
+
+
 def adapt(
     base: str,
     inputs: Sequence[str],
@@ -226,7 +352,8 @@ def adapt(
     """Fine-tune ``base`` self-supervised on cutouts of ``inputs``; returns the card's path.
 
     Settings not given come from ``elodin.model.adapt`` (epochs, batch-size, max-cutouts,
-    min-cutouts, learning-rate). Everything is checked before anything is written.
+    min-cutouts, learning-rate, backbone-lr-factor, tune-blocks, freeze-bn). Everything is
+    checked before anything is written.
     """
     import yaml
 
@@ -237,7 +364,7 @@ def adapt(
     batch_size = config.get_int("model.adapt.batch-size", override=batch_size, minimum=2)
     max_cutouts = config.get_int("model.adapt.max-cutouts", override=max_cutouts, minimum=2)
     min_cutouts = config.get_int("model.adapt.min-cutouts", minimum=2)
-    lr = config.get_float("model.adapt.learning-rate")
+    settings = train_settings()
     card = _base_card(base)
     card_path = adapted_card_path(name, cache)
     ckpt_path = card_path.with_suffix(".ckpt")
@@ -266,20 +393,14 @@ def adapt(
     import torch
     from tqdm import tqdm
 
-    from .export import pretrained_network, torch_module
+    from .export import pretrained_network
 
     torch.manual_seed(seed)
     net = pretrained_network(card)
-    encoder = torch_module(card, net)  # resize + normalisation + network, as exported
-    projector, predictor = _heads(card.feature_dim)
-    params = [*encoder.parameters(), *projector.parameters(), *predictor.parameters()]
-    optimiser = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=1e-4)
+    trainer = Trainer(card, net, settings)
     start = 0
     if ckpt is not None:
-        net.load_state_dict(ckpt["net"])
-        projector.load_state_dict(ckpt["projector"])
-        predictor.load_state_dict(ckpt["predictor"])
-        optimiser.load_state_dict(ckpt["optimiser"])
+        trainer.load(ckpt, ckpt_path)
         start = int(ckpt["epoch"])
     card_path.parent.mkdir(parents=True, exist_ok=True)
     data = torch.from_numpy(images)
@@ -291,40 +412,17 @@ def adapt(
         unit="step",
         disable=not progress,
     )
-    cos = torch.nn.functional.cosine_similarity
     for epoch in range(start, epochs):
-        for module in (encoder, projector, predictor):
-            module.train()
-        # Cosine decay over all epochs, so a resumed run follows the same schedule.
-        for group in optimiser.param_groups:
-            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * epoch / epochs))
-        order = torch.randperm(len(images), generator=gen)
-        total = 0.0
-        for s in range(steps):
-            x = data[order[s * batch_size : (s + 1) * batch_size]]
-            z1 = projector(encoder(_augment(x, gen))[0])
-            z2 = projector(encoder(_augment(x, gen))[0])
-            p1, p2 = predictor(z1), predictor(z2)
-            loss = -(cos(p1, z2.detach()).mean() + cos(p2, z1.detach()).mean()) / 2
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
-            value = float(loss.detach())
-            total += value
-            bar.update(1)
-            bar.set_postfix(epoch=epoch + 1, loss=f"{value:.3f}")
-        logger.info("adapt %s: epoch %d/%d, loss %.4f", name, epoch + 1, epochs, total / steps)
-        _atomic_save(
-            {
-                "base": card.name,
-                "epoch": epoch + 1,
-                "net": net.state_dict(),
-                "projector": projector.state_dict(),
-                "predictor": predictor.state_dict(),
-                "optimiser": optimiser.state_dict(),
-            },
-            ckpt_path,
+        stats = trainer.epoch(data, epoch, epochs, batch_size, gen, bar)
+        logger.info(
+            "adapt %s: epoch %d/%d, loss %.4f, projection std %.4f",
+            name,
+            epoch + 1,
+            epochs,
+            stats["loss"],
+            stats["z_std"],
         )
+        _atomic_save({"base": card.name, "epoch": epoch + 1, **trainer.state()}, ckpt_path)
     bar.close()
     net.eval()
     _export_bare(net, card, onnx_path)
