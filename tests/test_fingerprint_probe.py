@@ -16,14 +16,9 @@ from pipeline.testing import make_mosaic
 
 @pytest.fixture(scope="module")
 def client():
-    from distributed import Client, LocalCluster
+    from pipeline.testing import local_compute
 
-    with (
-        LocalCluster(
-            n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None
-        ) as cluster,
-        Client(cluster) as c,
-    ):
+    with local_compute(n_workers=1, threads_per_worker=2, processes=False) as c:
         yield c
 
 
