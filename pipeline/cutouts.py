@@ -30,6 +30,7 @@ import numpy as np
 from .errors import StoreError
 from .geometry import clip_boxes, cut_windows, read_box
 from .sources import ImageSource
+from .store.images import RecordedColumn
 
 if TYPE_CHECKING:
     from .store import Store
@@ -76,33 +77,15 @@ def store_sources(store: Store) -> Mapping[str, ImageSource]:
     return store.images().sources()
 
 
-class _RecordedLimits(Mapping):
+class _RecordedLimits(RecordedColumn):
     """Image id -> the stretch limits the store recorded (float32, as the workers used them),
     read from the images table on first access (each record parsed at most once: the table
-    memoises; listing the ids tests the raw column)."""
+    memoises)."""
 
-    def __init__(self, table) -> None:
-        self._table = table
-        self._with: np.ndarray | None = None
+    column = "limits"
 
     def __getitem__(self, image: str) -> np.ndarray:
-        i = self._table.find(image)
-        value = None if i is None else self._table.limits(i)
-        if value is None:
-            raise KeyError(image)
-        return value
-
-    def _recorded(self) -> np.ndarray:
-        if self._with is None:
-            self._with = self._table.has("limits")
-        return self._with
-
-    def __iter__(self):
-        ids = self._table.ids
-        return (str(ids[i]) for i in self._recorded())
-
-    def __len__(self) -> int:
-        return len(self._recorded())
+        return self._table.limits(self._index(image))
 
 
 def recorded_limits(store: Store) -> Mapping[str, np.ndarray]:

@@ -18,7 +18,7 @@ import numpy as np
 from ..errors import StoreError
 from ._common import _json_text
 
-__all__ = ["IMAGES_GROUP", "ImageTable", "RecordedSources", "parse_mtime"]
+__all__ = ["IMAGES_GROUP", "ImageTable", "RecordedColumn", "RecordedSources", "parse_mtime"]
 
 IMAGES_GROUP = "images"
 _IMAGE_CHUNK = 1024
@@ -207,36 +207,52 @@ class ImageTable:
         return RecordedSources(self)
 
 
-class RecordedSources(Mapping):
-    """A read-only mapping image id -> :class:`~pipeline.sources.ImageSource` over the images
-    in use; each source is made from its record when first asked for."""
+class RecordedColumn(Mapping):
+    """A read-only mapping image id -> a value made from the JSON column ``column`` of the
+    images table, over the records that hold one (records made before the column existed are
+    not in it). Listing tests the raw column, so it parses nothing; the table is a snapshot,
+    so that listing is made once."""
+
+    column: str
 
     def __init__(self, table: ImageTable) -> None:
         self._table = table
-        self._made: dict[str, Any] = {}
         self._ids: np.ndarray | None = None
 
-    def __getitem__(self, image: str):
-        if image not in self._made:
-            i = self._table.find(image)
-            if i is None or self._table._json("source", i) is None:
-                raise KeyError(image)
-            self._made[image] = self._table.source(i)
-        return self._made[image]
+    def _index(self, image: str) -> int:
+        """The table row of ``image``'s record, if it holds the column (else KeyError)."""
+        i = self._table.find(image)
+        if i is None or self._table._json(self.column, i) is None:
+            raise KeyError(image)
+        return i
 
-    def _with_source(self) -> np.ndarray:
-        # Records without a source (stores written before sources were recorded) are not in
-        # the mapping, as __getitem__ says. The table is a snapshot: computed once.
+    def _holding(self) -> np.ndarray:
         if self._ids is None:
-            self._ids = self._table.has("source")
+            self._ids = self._table.has(self.column)
         return self._ids
 
     def __iter__(self):
         ids = self._table.ids
-        return (str(ids[i]) for i in self._with_source())
+        return (str(ids[i]) for i in self._holding())
 
     def __len__(self) -> int:
-        return len(self._with_source())
+        return len(self._holding())
+
+
+class RecordedSources(RecordedColumn):
+    """Image id -> :class:`~pipeline.sources.ImageSource` over the images in use; each source
+    is made from its record when first asked for."""
+
+    column = "source"
+
+    def __init__(self, table: ImageTable) -> None:
+        super().__init__(table)
+        self._made: dict[str, Any] = {}
+
+    def __getitem__(self, image: str):
+        if image not in self._made:
+            self._made[image] = self._table.source(self._index(image))
+        return self._made[image]
 
 
 def _create_images_table(group, sizes: Mapping[str, int] | None = None):
