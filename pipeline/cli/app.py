@@ -66,21 +66,6 @@ def _writer_lock(args: argparse.Namespace):
     return contextlib.nullcontext()
 
 
-def _terminate_like_ctrl_c():
-    """SIGTERM (scancel, kubectl delete, a job timeout) unwinds like Ctrl-C, so the store's
-    writer lock is given back and the Dask workers this process started are closed. Returns the
-    handler it replaced (None outside the main thread)."""
-    import signal
-    import threading
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    if threading.current_thread() is not threading.main_thread():
-        return None
-    return signal.signal(signal.SIGTERM, interrupt)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -94,7 +79,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     dask.config.set({"logging.distributed": quiet})
     for name in ("distributed", "dask_jobqueue", "dask_kubernetes", "kr8s"):
         logging.getLogger(name).setLevel(quiet.upper())
-    previous = _terminate_like_ctrl_c()
+    from .. import interrupts
+
+    # SIGTERM (scancel, kubectl delete, a job timeout) unwinds like Ctrl-C, so the store's
+    # writer lock is given back and the Dask workers this process started are closed.
+    previous = interrupts.install()
     try:
         if args.config:
             from .. import config
@@ -104,7 +93,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         numba_cache.configure()  # before anything imports numba (umap-learn, pynndescent)
         with _writer_lock(args):
-            return int(args.func(args) or 0)
+            code = int(args.func(args) or 0)
+        interrupts.raise_if_interrupted()  # a signal whose KeyboardInterrupt was lost
+        return code
     except ElodinError as e:
         # One line whatever the message holds (a file name or value with a newline in it).
         print(f"elodin: error: {' '.join(str(e).splitlines())}", file=sys.stderr)
@@ -118,7 +109,4 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 128 + 13  # killed by SIGPIPE, as the shell reports it for other tools
     finally:
-        if previous is not None:
-            import signal
-
-            signal.signal(signal.SIGTERM, previous)
+        interrupts.restore(previous)

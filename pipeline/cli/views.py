@@ -55,5 +55,8 @@ def _cmd_explore(args: argparse.Namespace) -> int:
             read_only=args.read_only,
         )
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the normal way to stop a server
+        from .. import interrupts
+
+        interrupts.handled()
         print("Explorer stopped", file=sys.stderr)
     return 0

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from .. import config
+from .. import config, interrupts
 from ..errors import ConfigError, ElodinError
 from ..geometry import read_box as _read_box
 from ..sources import ImageSource
@@ -353,6 +353,7 @@ def _run_jobs(client, units: UnitStream, *, gpu: bool, progress: bool) -> int:
                 raise rows.error()  # e.g. an unreadable tile, a full disk: one line
             written += rows
             bar.update(rows)
+            interrupts.raise_if_interrupted()  # Ctrl-C lost in a GC callback: stop here
             for job in _take(it, 1):
                 submit(job)
     finally:
