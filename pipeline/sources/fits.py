@@ -5,6 +5,7 @@ Part of :mod:`pipeline.sources` (moved from ``sources.py`` unchanged).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import warnings
@@ -163,7 +164,7 @@ def _probe_fits_hdul(path: str, hdul: Any, hdu: int | str | None) -> tuple[_Part
     compressed = isinstance(h, fits.CompImageHDU)
 
     # A compressed stream's length says nothing about the data's; gzip truncation shows on read.
-    size = None if path.lower().endswith((".gz", ".bz2")) else _file_size(path)
+    size = None if _stream_compressed(path) else _file_size(path)
     if size is not None:
         info = hdul.fileinfo(index)
         needed = 0
@@ -190,7 +191,15 @@ def _probe_fits_hdul(path: str, hdul: Any, hdu: int | str | None) -> tuple[_Part
         hdu=index,
         compressed=compressed,
     )
+    plain = None if compressed or _stream_compressed(path) else _plain_fits_data(part, hdul, h)
+    if plain is not None:
+        part = dataclasses.replace(part, plain=(plain[0].str, plain[1]))
     return part, _celestial_header(h.header, label=label)
+
+
+def _stream_compressed(path: str) -> bool:
+    """gzip or bzip2 streams: astropy decodes them; no positioned reads."""
+    return path.lower().endswith((".gz", ".bz2"))
 
 
 # Decompressed bytes one compressed-FITS read may buffer beyond its output: row-tiled .fz files
@@ -258,6 +267,10 @@ def _pread_exact(fd: int, dest: np.ndarray, offset: int, label: str) -> None:
 
 
 def _read_fits(part: _Part, box: tuple[int, int, int, int], out: np.ndarray) -> None:
+    if part.plain is not None and _pread_box(
+        part, np.dtype(part.plain[0]), part.plain[1], box, out
+    ):
+        return
     y0, y1, x0, x1 = box
     hdul = _fits_handles.get(("fits", *_local_stat_key(part.path)), lambda: _fits_open(part.path))
     h = hdul[part.hdu]

@@ -28,6 +28,7 @@ from ._common import (
     _one_line,
     _parse_spec,
     _Part,
+    _pixel_to_icrs,
     _supported,
     _wcs_from_header,
 )
@@ -181,13 +182,11 @@ class ImageSource:
         x = np.asarray(x, dtype=np.float64)
         y = np.asarray(y, dtype=np.float64)
         shape = np.broadcast_shapes(x.shape, y.shape)
-        w = self.wcs
-        if w is None:
+        if self.wcs_header is None:
             return np.full(shape, np.nan), np.full(shape, np.nan)
-        sky = w.pixel_to_world(x, y).icrs
-        ra = np.broadcast_to(np.asarray(sky.ra.deg, dtype=np.float64), shape).copy()
-        dec = np.broadcast_to(np.asarray(sky.dec.deg, dtype=np.float64), shape).copy()
-        return ra, dec
+        x, y = np.broadcast_arrays(x, y)
+        ra, dec = _pixel_to_icrs(self.wcs_header, x, y)
+        return ra.astype(np.float64, copy=True), dec.astype(np.float64, copy=True)
 
     def radec_to_pixel(self, ra: Any, dec: Any) -> tuple[np.ndarray, np.ndarray]:
         """0-based pixel positions of ICRS RA, Dec in degrees.

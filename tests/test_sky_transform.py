@@ -1,0 +1,114 @@
+"""The fast pixel -> ICRS path (wcslib's ``Wcsprm`` alone) against astropy's full WCS."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from astropy.io import fits
+from astropy.wcs import WCS, Wcsprm
+
+from pipeline.sources._common import _celestial_header, _fast_wcsprm, _pixel_to_icrs
+
+
+def _header(**cards) -> fits.Header:
+    h = fits.Header()
+    h["NAXIS"] = 2
+    h["NAXIS1"] = 200
+    h["NAXIS2"] = 100
+    for k, v in {
+        "CTYPE1": "RA---TAN",
+        "CTYPE2": "DEC--TAN",
+        "CRVAL1": 359.99,
+        "CRVAL2": -30.0,
+        "CRPIX1": 100.0,
+        "CRPIX2": 50.0,
+        "CD1_1": -2e-4,
+        "CD1_2": 1e-5,
+        "CD2_1": 1e-5,
+        "CD2_2": 2e-4,
+        **cards,
+    }.items():
+        h[k] = v
+    return h
+
+
+def _astropy(text: str, x, y):
+    sky = WCS(fits.Header.fromstring(text)).celestial.pixel_to_world(x, y).icrs
+    return sky.ra.deg, sky.dec.deg
+
+
+CASES = {
+    "icrs": ({"RADESYS": "ICRS"}, True),
+    "no radesys (ICRS by default)": ({}, True),
+    "sin projection": ({"CTYPE1": "RA---SIN", "CTYPE2": "DEC--SIN", "RADESYS": "ICRS"}, True),
+    "fk5 (astropy converts)": ({"RADESYS": "FK5", "EQUINOX": 2000.0}, False),
+    "galactic (astropy converts)": ({"CTYPE1": "GLON-TAN", "CTYPE2": "GLAT-TAN"}, False),
+    "sip (astropy applies it)": (
+        {
+            "CTYPE1": "RA---TAN-SIP",
+            "CTYPE2": "DEC--TAN-SIP",
+            "A_ORDER": 2,
+            "B_ORDER": 2,
+            "A_2_0": 1e-5,
+            "B_0_2": 1e-5,
+        },
+        False,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_pixel_to_icrs_equals_astropy(name):
+    cards, fast = CASES[name]
+    text = _celestial_header(_header(**cards), label=name)
+    assert text is not None
+    assert isinstance(_fast_wcsprm(text), Wcsprm) is fast
+    rng = np.random.default_rng(3)
+    x = rng.uniform(-50, 250, size=(7, 5))
+    y = rng.uniform(-50, 150, size=(7, 5))
+    ra, dec = _pixel_to_icrs(text, x, y)
+    want_ra, want_dec = _astropy(text, x, y)
+    assert ra.shape == x.shape
+    # Same sky positions to well under a micro-arcsecond; RA wrapped into [0, 360).
+    np.testing.assert_allclose(dec, want_dec, rtol=0, atol=1e-10)
+    dra = (ra - want_ra + 180.0) % 360.0 - 180.0
+    np.testing.assert_allclose(dra, 0.0, atol=1e-10)
+    assert np.all((ra >= 0) & (ra < 360))
+
+
+def test_image_source_uses_the_same_transform(tmp_path):
+    from pipeline.sources import open_sources
+
+    path = tmp_path / "a.fits"
+    fits.PrimaryHDU(np.zeros((100, 200), np.float32), header=_header(RADESYS="ICRS")).writeto(path)
+    (src,) = open_sources([str(path)])
+    ra, dec = src.pixel_to_radec([0.0, 10.5], [3.0, 99.0])
+    want_ra, want_dec = _astropy(src.wcs_header, np.array([0.0, 10.5]), np.array([3.0, 99.0]))
+    np.testing.assert_allclose(dec, want_dec, atol=1e-10)
+    np.testing.assert_allclose((ra - want_ra + 180) % 360 - 180, 0, atol=1e-10)
+    assert src.pixel_to_radec([], [])[0].shape == (0,)
+
+
+@pytest.mark.parametrize(
+    "data,cards,plain",
+    [
+        (np.arange(60 * 40, dtype=">f4").reshape(60, 40), {}, True),
+        (np.arange(60 * 40, dtype=">i2").reshape(60, 40), {}, True),
+        # astropy scales these on read: no positioned reads
+        (np.arange(60 * 40, dtype=">i2").reshape(60, 40), {"BZERO": 32768, "BSCALE": 1}, False),
+    ],
+)
+def test_plain_fits_boxes_are_read_without_astropy(tmp_path, data, cards, plain):
+    from pipeline.sources import open_sources
+
+    path = tmp_path / "b.fits"
+    hdul = fits.HDUList([fits.PrimaryHDU(), fits.ImageHDU(data)])
+    for k, v in cards.items():
+        hdul[1].header[k] = v
+    hdul.writeto(path)
+    (src,) = open_sources([str(path)])
+    (part,) = src.parts
+    assert (part.plain is not None) is plain
+    want = fits.getdata(path, 1).astype(np.float32)
+    np.testing.assert_array_equal(src.read(5, 50, 3, 37)[0], want[5:50, 3:37])
+    np.testing.assert_array_equal(src.read(0, 60, 0, 40)[0], want)
