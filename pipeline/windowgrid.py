@@ -23,6 +23,7 @@ import numpy as np
 
 from .errors import ConfigError, InputError
 from .tiling import (
+    EDGE_POLICIES,
     MAX_WINDOW_SIDE,
     TILE_DTYPE,
     Plan,
@@ -37,6 +38,9 @@ __all__ = ["GRID_METHODS", "WindowGrid", "plan_grid"]
 
 # The methods whose windows are a formula of the image's shape.
 GRID_METHODS = ("sliding", "full")
+# Edge codes in digests: "" (full frame) is 0, then the policies in tiling's order (a new
+# policy must go at the end, or old digests change).
+_EDGE_CODES = ("", *EDGE_POLICIES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,7 +122,7 @@ class WindowGrid:
             GRID_METHODS.index(self.method),
             self.size,
             self.stride,
-            ("", "shift", "pad", "drop").index(self.edge),
+            _EDGE_CODES.index(self.edge),
             self.tile_size,
         ]
         return np.concatenate([np.asarray(head, np.int64), self.shapes.ravel()])

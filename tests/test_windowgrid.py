@@ -77,6 +77,16 @@ def test_the_grid_round_trips_through_attrs_and_fixes_the_digest():
     assert plan.digest() != other.digest()
 
 
+def test_the_edge_codes_in_the_digest_do_not_change():
+    """Stored plans' digests hold these codes: full frame 0, shift 1, pad 2, drop 3."""
+    codes = {
+        edge: int(plan_grid([(64, 64)], method="sliding", size=8, edge=edge, tile_size=32).grid.to_array()[3])
+        for edge in EDGE_POLICIES
+    }  # fmt: skip
+    assert codes == {"shift": 1, "pad": 2, "drop": 3}
+    assert plan_grid([(64, 64)], method="full", tile_size=32).grid.to_array()[3] == 0
+
+
 def test_a_survey_of_patches_is_planned_without_a_window_list():
     """10^4 patches of 4096^2 (4 tiles each, 4 x 10^7 windows): the plan holds tiles only."""
     shapes = np.tile([[4096, 4096]], (10_000, 1))
