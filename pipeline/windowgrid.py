@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ConfigError, InputError
+from .errors import ConfigError, ImageInputError, InputError
 from .tiling import (
     EDGE_POLICIES,
     MAX_WINDOW_SIDE,
@@ -147,7 +147,7 @@ def plan_grid(
 
     Raises
     ------
-    InputError
+    ImageInputError
         When no window fits an image (under ``shift`` or ``drop``); ``err.image_index`` is
         the image's position, for the caller to name its file.
     ConfigError
@@ -229,6 +229,4 @@ def _full_tile(ny: int, nx: int, ts: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _fail(message: str, index: int):
-    err = InputError(message)
-    err.image_index = index
-    raise err
+    raise ImageInputError(message, image_index=index)
