@@ -434,10 +434,24 @@ def _footprints(sources: Sequence) -> tuple[np.ndarray, np.ndarray]:
     return centres, radii
 
 
+def _needs_footprints(info: Mapping, sources: Sequence, labels) -> bool:
+    return labels is None and info["kind"] != "xy" and len(sources) > 1
+
+
 def _candidate_rows(
-    table, info: Mapping, sources: Sequence, block: np.ndarray, labels, by_name: Mapping
+    table,
+    info: Mapping,
+    sources: Sequence,
+    block: np.ndarray,
+    labels,
+    by_name: Mapping,
+    footprints: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> list[np.ndarray]:
-    """For each source, the rows of ``block`` that may fall on it (a superset), in order."""
+    """For each source, the rows of ``block`` that may fall on it (a superset), in order.
+
+    ``footprints`` is :func:`_footprints` of ``sources``, computed once by the caller: it
+    projects every image through its WCS, and a catalog has many blocks.
+    """
     if labels is not None:  # the rows naming it in the image column
         names, inverse = np.unique(labels[block], return_inverse=True)
         order = np.argsort(inverse, kind="stable")
@@ -447,7 +461,7 @@ def _candidate_rows(
             for i in by_name.get(str(name), ()):
                 parts[i].append(block[order[bounds[k] : bounds[k + 1]]])
         return [np.sort(np.concatenate(p)) if p else block[:0] for p in parts]
-    if info["kind"] == "xy" or len(sources) == 1:
+    if not _needs_footprints(info, sources, labels):
         return [block] * len(sources)
     from sklearn.neighbors import KDTree
 
@@ -455,7 +469,7 @@ def _candidate_rows(
     lat = np.asarray(table[info["lat"]], dtype=np.float64)[block]
     finite = np.isfinite(lon) & np.isfinite(lat)
     rows = block[finite]
-    centres, radii = _footprints(sources)
+    centres, radii = footprints if footprints is not None else _footprints(sources)
     small = np.isfinite(radii)
     out = [block] * len(sources)
     if small.any() and rows.size:
@@ -508,6 +522,7 @@ def catalog_to_windows(
         for i, source in enumerate(sources):
             for name in _image_names(source):
                 by_name.setdefault(name, []).append(i)
+    footprints = _footprints(sources) if _needs_footprints(info, sources, labels) else None
     free = np.ones(n, dtype=bool)
     taken: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in sources]
     # Rows are placed a block at a time, each image offered only the rows near it (its sky
@@ -515,7 +530,7 @@ def catalog_to_windows(
     # not O(rows x images), and memory is bounded by the block.
     for lo in range(0, n, _BLOCK_ROWS):
         block = np.arange(lo, min(n, lo + _BLOCK_ROWS), dtype=np.int64)
-        candidates = _candidate_rows(table, info, sources, block, labels, by_name)
+        candidates = _candidate_rows(table, info, sources, block, labels, by_name, footprints)
         for i, source in enumerate(sources):
             rows = candidates[i]
             rows = rows[free[rows]]

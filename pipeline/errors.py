@@ -11,6 +11,7 @@ __all__ = [
     "CatalogError",
     "ConfigError",
     "ElodinError",
+    "ImageInputError",
     "InputError",
     "ModelError",
     "StoreError",
@@ -29,6 +30,25 @@ class ConfigError(ElodinError):
 
 class InputError(ElodinError):
     """An input image (FITS, Zarr, PNG, ...) cannot be used."""
+
+
+class ImageInputError(InputError):
+    """An input image cannot be used, known by its position among the inputs.
+
+    Raised by code that sees shapes, not files (planning); its caller maps ``image_index``
+    back to the file to name.
+    """
+
+    def __init__(self, message: str, *, image_index: int):
+        super().__init__(message)
+        self.image_index = image_index
+
+    def __reduce__(self):
+        # Exceptions pickle as cls(*args), which would drop the keyword (a Dask worker's
+        # error comes back to the client pickled).
+        import functools
+
+        return functools.partial(type(self), image_index=self.image_index), self.args
 
 
 class CatalogError(InputError):

@@ -21,8 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ConfigError, InputError
+from .errors import ConfigError, ImageInputError, InputError
 from .tiling import (
+    EDGE_POLICIES,
     MAX_WINDOW_SIDE,
     TILE_DTYPE,
     Plan,
@@ -37,6 +38,9 @@ __all__ = ["GRID_METHODS", "WindowGrid", "plan_grid"]
 
 # The methods whose windows are a formula of the image's shape.
 GRID_METHODS = ("sliding", "full")
+# Edge codes in digests: "" (full frame) is 0, then the policies in tiling's order (a new
+# policy must go at the end, or old digests change).
+_EDGE_CODES = ("", *EDGE_POLICIES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,7 +122,7 @@ class WindowGrid:
             GRID_METHODS.index(self.method),
             self.size,
             self.stride,
-            ("", "shift", "pad", "drop").index(self.edge),
+            _EDGE_CODES.index(self.edge),
             self.tile_size,
         ]
         return np.concatenate([np.asarray(head, np.int64), self.shapes.ravel()])
@@ -143,7 +147,7 @@ def plan_grid(
 
     Raises
     ------
-    InputError
+    ImageInputError
         When no window fits an image (under ``shift`` or ``drop``); ``err.image_index`` is
         the image's position, for the caller to name its file.
     ConfigError
@@ -225,6 +229,4 @@ def _full_tile(ny: int, nx: int, ts: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _fail(message: str, index: int):
-    err = InputError(message)
-    err.image_index = index
-    raise err
+    raise ImageInputError(message, image_index=index)

@@ -389,6 +389,33 @@ def test_rows_go_to_their_first_image_when_images_are_offered_only_nearby_rows(t
     assert report.n_placed == sum(len(v) for v in expected.values()) > 500
 
 
+def test_footprints_are_computed_once_not_once_per_block(tmp_path, rng, monkeypatch):
+    """Each image's footprint is several WCS projections: a catalog of many blocks computes
+    it once, and places the same rows as one block does."""
+    import pipeline.catalog as catalog
+
+    paths = [
+        write_image(tmp_path / f"f{i}.fits", tan_wcs(crval=(150.1 + 0.02 * i, 2.2)), seed=i)
+        for i in range(3)
+    ]
+    src = open_sources(paths)
+    table = Table({"ra": rng.uniform(150.08, 150.18, 500), "dec": rng.uniform(2.18, 2.22, 500)})
+    whole, _ = catalog_to_windows(table, src, size=9, tile_size=64)
+    calls = []
+    real = catalog._footprints
+
+    def counting(sources):
+        calls.append(len(sources))
+        return real(sources)
+
+    monkeypatch.setattr(catalog, "_footprints", counting)
+    monkeypatch.setattr(catalog, "_BLOCK_ROWS", 64)  # 8 blocks
+    blocks, _ = catalog_to_windows(table, src, size=9, tile_size=64)
+    assert calls == [3]
+    assert [p.input_index.tolist() for p in blocks] == [p.input_index.tolist() for p in whole]
+    assert sum(p.input_index.size for p in blocks) > 50
+
+
 def test_a_catalog_of_a_million_rows_is_placed_in_bounded_memory(tmp_path, rng, monkeypatch):
     """10^6 rows over 16 small images, most rows on no image: each image projects only the
     rows near it, and the placement's memory is a few arrays of a block, not rows x images."""

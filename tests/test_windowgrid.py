@@ -3,12 +3,14 @@ plans :func:`pipeline.tiling.plan_image` lists, derived a tile at a time; nothin
 
 from __future__ import annotations
 
+import pickle
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.errors import ConfigError, InputError
+from pipeline.errors import ConfigError, ImageInputError, InputError
 from pipeline.tiling import EDGE_POLICIES, Plan, plan_image
 from pipeline.windowgrid import WindowGrid, plan_grid
 
@@ -42,7 +44,7 @@ def test_a_formula_plan_is_the_listed_plan(
     try:
         ref = reference(shapes, ids, **kw)
     except InputError as e:
-        with pytest.raises(InputError) as got:
+        with pytest.raises(ImageInputError) as got:
             plan_grid(shapes, image_ids=ids, **kw)
         assert str(got.value) == str(e)  # the first image that does not fit, named alike
         assert ids[got.value.image_index] in str(e)
@@ -77,6 +79,16 @@ def test_the_grid_round_trips_through_attrs_and_fixes_the_digest():
     assert plan.digest() != other.digest()
 
 
+def test_the_edge_codes_in_the_digest_do_not_change():
+    """Stored plans' digests hold these codes: full frame 0, shift 1, pad 2, drop 3."""
+    codes = {
+        edge: int(plan_grid([(64, 64)], method="sliding", size=8, edge=edge, tile_size=32).grid.to_array()[3])
+        for edge in EDGE_POLICIES
+    }  # fmt: skip
+    assert codes == {"shift": 1, "pad": 2, "drop": 3}
+    assert plan_grid([(64, 64)], method="full", tile_size=32).grid.to_array()[3] == 0
+
+
 def test_a_survey_of_patches_is_planned_without_a_window_list():
     """10^4 patches of 4096^2 (4 tiles each, 4 x 10^7 windows): the plan holds tiles only."""
     shapes = np.tile([[4096, 4096]], (10_000, 1))
@@ -95,9 +107,11 @@ def test_bad_settings_are_config_errors():
         plan_grid([(10, 10)], method="sliding", size=4, tile_size=-1)
     with pytest.raises(ConfigError, match="no window grid"):
         plan_grid([(10, 10)], method="blobs", tile_size=8)
-    with pytest.raises(InputError, match="empty pixel grid") as e:
+    with pytest.raises(ImageInputError, match="empty pixel grid") as e:
         plan_grid([(10, 10), (0, 5)], method="full", tile_size=8)
     assert e.value.image_index == 1
+    back = pickle.loads(pickle.dumps(e.value))
+    assert (str(back), back.image_index) == (str(e.value), 1)
 
 
 def test_a_formula_plan_is_not_concatenated_with_others():

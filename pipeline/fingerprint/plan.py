@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ..errors import ConfigError, InputError
+from ..errors import ConfigError, ImageInputError, InputError
 from ..sources import ImageSource
 from ..store import Store, pack_units
 from ..tiling import Plan
@@ -44,7 +44,7 @@ def _plan_sources(
                 edge=cut["edge"] or "shift",
                 tile_size=ts,
             )
-        except InputError as e:  # planning is pure and knows ids; the user knows files
+        except ImageInputError as e:  # planning is pure and knows ids; the user knows files
             s = sources[e.image_index]
             raise InputError(f"{'+'.join(s.paths)}: {e}") from None
     if method == "catalog":
