@@ -308,3 +308,18 @@ def test_another_thread_of_the_same_process_is_refused(tmp_path):
         t.start()
         t.join()
     assert errors and "another run in this process" in errors[0]
+
+
+@pytest.mark.parametrize(
+    "argv,want",
+    [
+        (["/venv/bin/elodin", "fingerprint", "a b.fits"], "elodin fingerprint 'a b.fits'"),
+        (["/repo/pipeline/cli/__main__.py", "report", "s.zarr"], "elodin report s.zarr"),
+        (["-c", "x"], "python -c x"),
+    ],
+)
+def test_lock_names_the_command_as_the_user_typed_it(monkeypatch, argv, want):
+    from pipeline.store.lock import _command_line
+
+    monkeypatch.setattr("sys.argv", argv)
+    assert _command_line() == want

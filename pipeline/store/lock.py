@@ -51,7 +51,8 @@ def _command_line() -> str:
     import sys
 
     argv = list(sys.argv) or ["python"]
-    if Path(argv[0]).name in ("elodin", "cli.py", "__main__.py"):
+    # The installed script, or `python -m pipeline.cli` (argv[0] is pipeline/cli/__main__.py).
+    if Path(argv[0]).name in ("elodin", "__main__.py", "app.py"):
         argv[0] = "elodin"
     elif argv[0] in ("-c", "-"):
         argv.insert(0, "python")
