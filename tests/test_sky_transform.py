@@ -7,7 +7,12 @@ import pytest
 from astropy.io import fits
 from astropy.wcs import WCS, Wcsprm
 
-from pipeline.sources._common import _celestial_header, _fast_wcsprm, _pixel_to_icrs
+from pipeline.sources._common import (
+    _celestial_header,
+    _fast_wcsprm,
+    _pixel_to_icrs,
+    _sky_transform,
+)
 
 
 def _header(**cards) -> fits.Header:
@@ -63,6 +68,7 @@ def test_pixel_to_icrs_equals_astropy(name):
     text = _celestial_header(_header(**cards), label=name)
     assert text is not None
     assert isinstance(_fast_wcsprm(text), Wcsprm) is fast
+    assert isinstance(_sky_transform(text), Wcsprm) is fast  # the one the workers use
     rng = np.random.default_rng(3)
     x = rng.uniform(-50, 250, size=(7, 5))
     y = rng.uniform(-50, 150, size=(7, 5))

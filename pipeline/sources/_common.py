@@ -285,25 +285,33 @@ def _header_from_string(text: str) -> Any:
     return fits.Header.fromstring(text, sep=sep)
 
 
+def _per_thread(local: threading.local, key: str, make) -> Any:
+    """``make(key)``, kept in an LRU of :data:`_WCS_CACHE` entries per thread: wcslib
+    structures are not safe to share between threads."""
+    cache = getattr(local, "cache", None)
+    if cache is None:
+        cache = local.cache = OrderedDict()
+    value = cache.get(key)
+    if value is None:
+        value = cache[key] = make(key)
+        while len(cache) > _WCS_CACHE:
+            cache.popitem(last=False)
+    return value
+
+
 _wcs_local = threading.local()
 
 
-def _wcs_from_header(text: str) -> Any:
-    # Per thread: wcslib structures are not safe to share between threads.
-    cache = getattr(_wcs_local, "cache", None)
-    if cache is None:
-        cache = _wcs_local.cache = OrderedDict()
-    w = cache.get(text)
-    if w is None:
-        from astropy.wcs import WCS, FITSFixedWarning
+def _build_wcs(text: str) -> Any:
+    from astropy.wcs import WCS, FITSFixedWarning
 
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FITSFixedWarning)
-            w = WCS(_header_from_string(text)).celestial
-        cache[text] = w
-        while len(cache) > _WCS_CACHE:
-            cache.popitem(last=False)
-    return w
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FITSFixedWarning)
+        return WCS(_header_from_string(text)).celestial
+
+
+def _wcs_from_header(text: str) -> Any:
+    return _per_thread(_wcs_local, text, _build_wcs)
 
 
 # Keywords of distortions that wcslib's own parser does not apply (astropy adds SIP, lookup
@@ -345,20 +353,9 @@ _sky_local = threading.local()
 
 
 def _sky_transform(text: str) -> Any:
-    """The pixel -> ICRS transform of a celestial header, per thread (like :func:`_wcs_from_header`):
-    a ``Wcsprm`` (:func:`_fast_wcsprm`) or else the astropy WCS."""
-    cache = getattr(_sky_local, "cache", None)
-    if cache is None:
-        cache = _sky_local.cache = OrderedDict()
-    t = cache.get(text)
-    if t is None:
-        t = _fast_wcsprm(text)
-        if t is None:
-            t = _wcs_from_header(text)
-        cache[text] = t
-        while len(cache) > _WCS_CACHE:
-            cache.popitem(last=False)
-    return t
+    """The pixel -> ICRS transform of a celestial header, per thread: a ``Wcsprm``
+    (:func:`_fast_wcsprm`) or else the astropy WCS."""
+    return _per_thread(_sky_local, text, lambda t: _fast_wcsprm(t) or _wcs_from_header(t))
 
 
 def _pixel_to_icrs(text: str, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
