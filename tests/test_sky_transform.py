@@ -9,6 +9,7 @@ from astropy.wcs import WCS, Wcsprm
 
 from pipeline.sources._common import (
     _celestial_header,
+    _fast_celestial_header,
     _fast_wcsprm,
     _pixel_to_icrs,
     _sky_transform,
@@ -118,3 +119,61 @@ def test_plain_fits_boxes_are_read_without_astropy(tmp_path, data, cards, plain)
     want = fits.getdata(path, 1).astype(np.float32)
     np.testing.assert_array_equal(src.read(5, 50, 3, 37)[0], want[5:50, 3:37])
     np.testing.assert_array_equal(src.read(0, 60, 0, 40)[0], want)
+
+
+# Headers as files write them, beside whether wcslib alone may turn them into the stored text.
+HEADERS = {
+    **{name: (cards, fast) for name, (cards, fast) in CASES.items()},
+    "cdelt, crota2": ({"CD1_1": None, "CDELT1": -1e-4, "CDELT2": 1e-4, "CROTA2": 12.0}, True),
+    "upper-case units": ({"CUNIT1": "DEG", "CUNIT2": "DEG"}, True),
+    "dates, other cards": (
+        {"DATE-OBS": "2020-01-01T00:00:00", "MJD-OBS": 58849.0, "OBJECT": "x", "EXPTIME": 3.0},
+        True,
+    ),
+    "ncp (fixed to sin)": ({"CTYPE1": "RA---NCP", "CTYPE2": "DEC--NCP"}, True),
+    "zpn with pv": ({"CTYPE1": "RA---ZPN", "CTYPE2": "DEC--ZPN", "PV2_1": 1.0, "PV2_3": 0.2}, True),
+    "equinox only (fk5)": ({"EQUINOX": 2000.0}, False),
+    "dec, ra axes": ({"CTYPE1": "DEC--TAN", "CTYPE2": "RA---TAN"}, False),
+    "no celestial axes": ({"CTYPE1": "X", "CTYPE2": "Y"}, False),
+}
+
+
+@pytest.mark.parametrize("name", list(HEADERS))
+def test_fast_header_is_astropys_text(name):
+    """The probe's wcslib path writes exactly the text astropy's WCS would, or steps aside."""
+    cards, fast = HEADERS[name]
+    h = _header(**{k: v for k, v in cards.items() if v is not None})
+    if cards.get("CD1_1", 0) is None:
+        for k in ("CD1_1", "CD1_2", "CD2_1", "CD2_2"):
+            del h[k]
+    text = _fast_celestial_header(h.tostring().encode("ascii"))
+    assert (text is not None) is fast
+    if fast:
+        assert text == _celestial_header(h, label=name)
+
+
+def test_probe_builds_no_astropy_wcs_for_a_plain_patch(tmp_path, monkeypatch):
+    """Probing a plain RA/Dec patch reads its header block and never builds astropy's WCS
+    (about 3 ms a patch); a header wcslib alone cannot take still goes through astropy."""
+    from pipeline.sources import clear_caches, open_sources
+
+    built = []
+    init = WCS.__init__
+
+    def counting(self, *args, **kwargs):
+        built.append(1)
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(WCS, "__init__", counting)
+    plain = tmp_path / "p.fits"
+    fits.PrimaryHDU(np.zeros((100, 200), np.float32), header=_header()).writeto(plain)
+    (src,) = open_sources([str(plain)])
+    assert built == []
+    assert src.wcs_header == _celestial_header(_header(), label="p")
+    fk5 = tmp_path / "q.fits"
+    fits.PrimaryHDU(
+        np.zeros((100, 200), np.float32), header=_header(RADESYS="FK5", EQUINOX=2000.0)
+    ).writeto(fk5)
+    clear_caches()
+    (other,) = open_sources([str(fk5)])
+    assert built and other.wcs_header is not None

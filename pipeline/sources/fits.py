@@ -191,10 +191,24 @@ def _probe_fits_hdul(path: str, hdul: Any, hdu: int | str | None) -> tuple[_Part
         hdu=index,
         compressed=compressed,
     )
-    plain = None if compressed or _stream_compressed(path) else _plain_fits_data(part, hdul, h)
+    stored = not compressed and not _stream_compressed(path) and not _is_url(path)
+    plain = _plain_fits_data(part, hdul, h) if stored else None
     if plain is not None:
         part = dataclasses.replace(part, plain=(plain[0].str, plain[1]))
-    return part, _celestial_header(h.header, label=label)
+    raw = _header_block(path, hdul.fileinfo(index)) if stored else None
+    return part, _celestial_header(h.header, label=label, raw=raw)
+
+
+def _header_block(path: str, info: dict) -> bytes | None:
+    """The HDU's header as stored in the file (its cards, END and padding), or None."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            return os.pread(fd, int(info["datLoc"]) - int(info["hdrLoc"]), int(info["hdrLoc"]))
+        finally:
+            os.close(fd)
+    except (OSError, KeyError, TypeError, ValueError):
+        return None
 
 
 def _stream_compressed(path: str) -> bool:
