@@ -27,6 +27,7 @@ from distributed.diagnostics.plugin import WorkerPlugin
 
 __all__ = [
     "TINY_CARD",
+    "CrashOnOpen",
     "KillOnUnits",
     "error_lines",
     "fingerprint_command",
@@ -304,6 +305,31 @@ mean: [0.5, 0.5, 0.5]
 std: [0.25, 0.25, 0.25]
 outputs: {features: pool, logits: scores}
 """
+
+
+class CrashOnOpen(WorkerPlugin):
+    """A worker plugin that SIGKILLs its own worker whenever it opens an input whose file
+    name ends with ``suffix``: a file that crashes a reader (a segfault in a C library), so
+    every worker that tries it dies. Register it with ``client.register_plugin``; the
+    scheduler gives it to restarted workers too."""
+
+    name = "elodin-crash-on-open"
+    idempotent = False
+
+    def __init__(self, suffix: str) -> None:
+        self.suffix = suffix
+
+    def setup(self, worker) -> None:
+        import pipeline.sources as sources
+
+        real, suffix = sources.open_listed, self.suffix
+
+        def open_listed(sid, specs, **kwargs):
+            if any(str(s).endswith(suffix) for s in specs):
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real(sid, specs, **kwargs)
+
+        sources.open_listed = open_listed
 
 
 class KillOnUnits(WorkerPlugin):

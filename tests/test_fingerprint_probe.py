@@ -111,3 +111,26 @@ def test_the_first_problem_is_raised_in_the_order_the_client_checked(client, fil
             preprocess=_preprocess(bands=[0, 1, 2]),
             check_store=lambda: None,
         )
+
+
+def test_a_file_that_kills_its_workers_is_named(tmp_path, files):
+    """Workers that die opening an input (a reader that segfaults): the batch is probed again
+    one image a task, and the run stops with one line naming that file, nothing written."""
+    import dask
+
+    from pipeline.fingerprint import fingerprint
+    from pipeline.store import Store
+    from pipeline.testing import CrashOnOpen, local_compute
+
+    crash = tmp_path / "crash.fits"
+    crash.write_bytes(Path(files[0]).read_bytes())
+    inputs = [str(files[1]), str(crash), str(files[2]), str(files[3])]
+    out = tmp_path / "out.zarr"
+    with (
+        dask.config.set({"distributed.scheduler.allowed-failures": 0}),
+        local_compute(n_workers=1, dashboard_address=":0") as c,
+    ):
+        c.register_plugin(CrashOnOpen("crash.fits"))
+        with pytest.raises(InputError, match=r"crash\.fits: the Dask workers opening it died"):
+            fingerprint(inputs, out, client=c, progress=False, model="efficientnet-lite0:native")
+    assert not Store.exists(out)

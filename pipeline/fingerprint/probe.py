@@ -12,10 +12,11 @@ changed images, then the limits), before anything is written.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from collections.abc import Callable, Sequence
 
-from ..errors import ElodinError
+from ..errors import ElodinError, InputError
 from ..sources import ImageSource
 from .listing import InputListing
 from .worker import _UnitFailed
@@ -97,21 +98,61 @@ def probe_images(
     if not items:
         return Probed((), {}, {})
     batches = [items[i : i + batch] for i in range(0, len(items), batch)]
+    run = functools.partial(_probe_task, hdu=hdu, variable=variable, preprocess=preprocess)
     token = os.urandom(4).hex()
-    futures = client.map(
-        _probe_task,
-        batches,
-        hdu=hdu,
-        variable=variable,
-        preprocess=preprocess,
-        key=[f"elodin-probe-{i}-{token}" for i in range(len(batches))],
-        pure=False,
-    )
+    futures = _submit(client, run, batches, f"elodin-probe-{token}")
     try:
-        found: list[Probed] = client.gather(futures)
+        found, killed = _results(futures)
     except BaseException:
         client.cancel(futures)
         raise
+    for i in killed:
+        found[i] = _narrowed(client, run, batches[i], f"elodin-probe1-{i}-{token}")
+    return _merged(found)
+
+
+def _submit(client, run, batches, prefix: str) -> list:
+    keys = [f"{prefix}-{i}" for i in range(len(batches))]
+    return client.map(run, batches, key=keys, pure=False)
+
+
+def _results(futures) -> tuple[list, list[int]]:
+    """Each future's result, and the positions of those whose workers kept dying."""
+    from distributed.scheduler import KilledWorker
+
+    found, killed = [], []
+    for i, fut in enumerate(futures):
+        try:
+            found.append(fut.result())
+        except KilledWorker:
+            found.append(None)
+            killed.append(i)
+    return found, killed
+
+
+def _narrowed(client, run, items, prefix: str) -> Probed:
+    """A batch whose workers kept dying (a file that crashes a reader, or one too big for a
+    worker's memory) probed again one image at a time, alone on the cluster, so that a death
+    is that image's: it is named in one line. A rare path; its cost is a round trip an image."""
+    from distributed.scheduler import KilledWorker
+
+    found = []
+    for n, (_, sid, specs) in enumerate(items):
+        (single,) = _submit(client, run, [[items[n]]], f"{prefix}-{n}")
+        try:
+            found.append(single.result())
+        except KilledWorker:
+            raise InputError(
+                f"{'+'.join(specs) or sid}: the Dask workers opening it died (a file that "
+                "crashes the reader, or too big for a worker's memory); set it aside and "
+                "run the same command again (nothing was written)"
+            ) from None
+        finally:
+            client.cancel([single])
+    return _merged(found)
+
+
+def _merged(found: Sequence[Probed]) -> Probed:
     sources, errors, limits, first_limits_error = [], {}, {}, None
     for p in found:
         sources.extend(p.sources)
