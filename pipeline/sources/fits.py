@@ -165,8 +165,11 @@ def _probe_fits_hdul(path: str, hdul: Any, hdu: int | str | None) -> tuple[_Part
 
     # A compressed stream's length says nothing about the data's; gzip truncation shows on read.
     size = None if _stream_compressed(path) else _file_size(path)
+    # The HDU's own offsets: the list's fileinfo() first re-serialises every card of the header
+    # to check it was not resized (a fifth of a small patch's probe); a compressed HDU's data
+    # location is its table's, which only the list's answer gives.
+    info = (None if compressed else h.fileinfo()) or hdul.fileinfo(index)
     if size is not None:
-        info = hdul.fileinfo(index)
         needed = 0
         if compressed:
             bt = getattr(h, "_bintable", None)  # the table holding the compressed tiles
@@ -192,10 +195,10 @@ def _probe_fits_hdul(path: str, hdul: Any, hdu: int | str | None) -> tuple[_Part
         compressed=compressed,
     )
     stored = not compressed and not _stream_compressed(path) and not _is_url(path)
-    plain = _plain_fits_data(part, hdul, h) if stored else None
+    plain = _plain_fits_data(part, h) if stored else None
     if plain is not None:
-        part = dataclasses.replace(part, plain=(plain[0].str, plain[1]))
-    raw = _header_block(path, hdul.fileinfo(index)) if stored else None
+        part = dataclasses.replace(part, plain=(plain.str, int(info["datLoc"])))
+    raw = _header_block(path, info) if stored else None
     return part, _celestial_header(h.header, label=label, raw=raw)
 
 
@@ -224,18 +227,16 @@ _COMP_STRIP_BYTES = 4 * 2**20
 _BITPIX = {8: "u1", 16: ">i2", 32: ">i4", 64: ">i8", -32: ">f4", -64: ">f8"}
 
 
-def _plain_fits_data(part: _Part, hdul: Any, h: Any) -> tuple[np.dtype, int] | None:
-    """(dtype, byte offset) of an uncompressed local image stored as plain numbers (no
-    BSCALE / BZERO / BLANK to apply), else None."""
+def _plain_fits_data(part: _Part, h: Any) -> np.dtype | None:
+    """The dtype of an uncompressed local image stored as plain numbers (no BSCALE / BZERO /
+    BLANK to apply), else None."""
     if _is_url(part.path):
         return None
     header = h.header
     if header.get("BSCALE", 1) != 1 or header.get("BZERO", 0) != 0 or "BLANK" in header:
         return None
     dtype = _BITPIX.get(header.get("BITPIX"))
-    if dtype is None:
-        return None
-    return np.dtype(dtype), int(hdul.fileinfo(part.hdu)["datLoc"])
+    return None if dtype is None else np.dtype(dtype)
 
 
 def _pread_box(
@@ -290,9 +291,11 @@ def _read_fits(part: _Part, box: tuple[int, int, int, int], out: np.ndarray) -> 
     h = hdul[part.hdu]
     nx = part.raw_shape[part.x_axis]
     if not part.compressed:
-        plain = _plain_fits_data(part, hdul, h)
-        if plain is not None and _pread_box(part, *plain, box, out):
-            return
+        plain = _plain_fits_data(part, h)
+        if plain is not None:
+            offset = int((h.fileinfo() or hdul.fileinfo(part.hdu))["datLoc"])
+            if _pread_box(part, plain, offset, box, out):
+                return
         if x1 - x0 == nx or y1 - y0 == 1:  # one contiguous read
             out[...] = part.to_bands(h.section[part.key(y0, y1, x0, x1)])
             return
