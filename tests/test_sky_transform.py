@@ -135,6 +135,7 @@ HEADERS = {
     "equinox only (fk5)": ({"EQUINOX": 2000.0}, False),
     "dec, ra axes": ({"CTYPE1": "DEC--TAN", "CTYPE2": "RA---TAN"}, False),
     "no celestial axes": ({"CTYPE1": "X", "CTYPE2": "Y"}, False),
+    "distortion names in a value": ({"OBJECT": "DP1 A_ORDER field"}, True),
 }
 
 
@@ -177,3 +178,13 @@ def test_probe_builds_no_astropy_wcs_for_a_plain_patch(tmp_path, monkeypatch):
     clear_caches()
     (other,) = open_sources([str(fk5)])
     assert built and other.wcs_header is not None
+
+
+def test_stored_headers_carry_no_padding():
+    """What an image record holds: the cards up to END, not the blanks that pad a FITS header
+    to 2880 bytes (most of a small WCS's block); astropy and wcslib read it back."""
+    for cards in ({}, {"RADESYS": "FK5", "EQUINOX": 2000.0}):  # wcslib's path, astropy's
+        text = _celestial_header(_header(**cards), label="x")
+        assert len(text) % 80 == 0 and text.endswith("END".ljust(80)) and len(text) < 2880
+        assert WCS(fits.Header.fromstring(text)).has_celestial
+        assert _sky_transform(text) is not None

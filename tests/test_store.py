@@ -295,3 +295,52 @@ def test_empty_and_filled_rows_follow_the_store_schema(tmp_path):
     assert (rows["top_class"][3:] == -1).all() and np.isnan(rows["fingerprint"]).all()
     with pytest.raises(ValueError, match="different numbers of rows"):
         filled_rows(5, {"x": [np.arange(2.0)], "y": [np.arange(3.0)]}, feature_dim=4, topk=3)
+
+
+def test_records_are_written_a_table_chunk_at_a_time(tmp_path, monkeypatch):
+    """An append encodes and writes its records one table chunk of images at a time (never
+    the whole segment's at once), slices ending on chunk boundaries even when the segment
+    starts inside a chunk; every record, its files and rows come back as given."""
+    from pipeline.store import images as table_module
+
+    monkeypatch.setattr(table_module, "_IMAGE_CHUNK", 4)
+    slices = []
+    real = table_module._record_columns
+
+    def spy(images, inputs, rows, file_start, segment):
+        slices.append(list(images))
+        return real(images, inputs, rows, file_start, segment)
+
+    monkeypatch.setattr(table_module, "_record_columns", spy)
+    s = Store.create(
+        tmp_path / "s.zarr", feature_dim=4, topk=3, chunk_rows=8, attrs={"model_sha256": "a"}
+    )
+
+    def inputs(names):  # 0, 1 or 2 files per image: file rows do not follow image rows
+        return {
+            n: {
+                "files": [
+                    {"path": f"/d/{n}-{j}.fits", "size": j, "mtime": 1.0} for j in range(k % 3)
+                ],
+                "limits": [[0.0, float(k)]],
+            }
+            for k, n in enumerate(names)
+        }
+
+    first = [f"a{i}" for i in range(6)]
+    second = [f"b{i}" for i in range(11)]
+    for names in (first, second):
+        s.append_segment(
+            images=names,
+            layout=pack_units(np.array([0, 8]), chunk_rows=8),
+            plan_digest="d",
+            inputs=inputs(names),
+        )
+    assert [len(x) for x in slices] == [4, 2, 2, 4, 4, 1]  # table rows 0-3 4-5 | 6-7 8-11 ...
+    table = Store.open(s.path).images()
+    assert len(table) == 17
+    for names in (first, second):
+        for k, n in enumerate(names):
+            rec = table.record(table.find(n))
+            assert [f["path"] for f in rec["files"]] == [f"/d/{n}-{j}.fits" for j in range(k % 3)]
+            assert table.limits(table.find(n)).tolist() == [[0, k]]

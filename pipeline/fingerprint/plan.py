@@ -9,7 +9,7 @@ public doors other stages (``models adapt``) use to sample cutouts as this stage
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 from ..errors import ConfigError, ImageInputError, InputError
 from ..sources import ImageSource
@@ -105,19 +105,35 @@ def _record_segment(
     """Save segment ``index``'s ``plan`` and append the segment: its units, and a record per
     image (its files' size and mtime from ``listing``, its source, its stretch limits).
     Returns the new segment."""
-    position = {img: k for k, img in enumerate(listing.ids)}
     st.save_plan(index, plan)
     return st.append_segment(
         images=[s.id for s in sources],
         layout=pack_units(plan.tile_start, chunk_rows=st.chunk_rows),
         plan_digest=_plan_digest(plan),
-        inputs={
-            s.id: {
-                "files": listing.files(position[s.id]),
-                "source": s.to_record(),
-                "limits": limits.get(s.id),
-            }
-            for s in sources
-        },
+        inputs=_Records(sources, listing, limits),
         plan=plan,
     )
+
+
+class _Records(Mapping):
+    """Image id -> its record (files from the listing, source, limits), made when asked for:
+    the store writes its table a chunk at a time, so no segment's records are all held."""
+
+    def __init__(self, sources: Sequence[ImageSource], listing: InputListing, limits: dict):
+        self._sources = {s.id: s for s in sources}
+        self._position = {img: k for k, img in enumerate(listing.ids)}
+        self._listing, self._limits = listing, limits
+
+    def __getitem__(self, img: str) -> dict:
+        s = self._sources[img]
+        return {
+            "files": self._listing.files(self._position[img]),
+            "source": s.to_record(),
+            "limits": self._limits.get(img),
+        }
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._sources)
+
+    def __len__(self) -> int:
+        return len(self._sources)

@@ -273,7 +273,7 @@ def _celestial_header(header: Any, *, label: str, raw: bytes | None = None) -> s
             # A 2-D RA/Dec image is its own celestial part (``celestial`` deep-copies the WCS).
             cel = w if w.naxis == 2 and (w.wcs.lng, w.wcs.lat) == (0, 1) else w.celestial
             wcs_to_celestial_frame(cel)  # refuses frames astropy cannot turn into ICRS
-            text = cel.to_header(relax=True).tostring()
+            text = _unpadded(cel.to_header(relax=True).tostring())
             _sky_transform(text)  # what workers will rebuild must build
     except Exception as exc:
         logger.warning(
@@ -291,8 +291,8 @@ def _fast_celestial_header(raw: bytes) -> str | None:
     Building :class:`astropy.wcs.WCS` from a parsed header costs about 3 ms (the cards'
     Python checks, then its fixes), most of the probe of a small patch; wcslib parses, fixes
     and writes the same header in C (what astropy does inside, without the cards' checks),
-    and the text is assembled as astropy's ``to_header(relax=True).tostring()`` does
-    (tested equal on the headers this path takes)."""
+    and the text is assembled as astropy's ``to_header(relax=True).tostring()`` does, less
+    the padding after END (tested equal on the headers this path takes)."""
     # WCSHDO_P14 | WCSHDO_all: the flags astropy's to_header(relax=True) writes with.
     from astropy.wcs import WCSHDO_P14, WCSHDO_all, Wcsprm
 
@@ -318,8 +318,15 @@ def _fast_celestial_header(raw: bytes) -> str | None:
         if (c := out[i : i + 80])[:8].strip() not in ("", "COMMENT")
     ]
     kept.append("END".ljust(80))
-    body = "".join(kept)
-    return body + " " * (-len(body) % 2880)
+    return "".join(kept)  # unpadded, as _celestial_header keeps astropy's text
+
+
+def _unpadded(text: str) -> str:
+    """A header string without the blanks after its END card: FITS pads a header to blocks
+    of 2880 bytes, which for a WCS of a dozen cards is most of what every image record, and
+    every source sent between client and workers, would carry."""
+    end = text.rfind("END" + " " * 77)
+    return text[: end + 80] if end >= 0 and end % 80 == 0 else text
 
 
 def _header_from_string(text: str) -> Any:
