@@ -137,11 +137,12 @@ def _narrowed(client, run, items, prefix: str) -> Probed:
     from distributed.scheduler import KilledWorker
 
     found = []
-    for n, (_, sid, specs) in enumerate(items):
-        (single,) = _submit(client, run, [[items[n]]], f"{prefix}-{n}")
+    for n, item in enumerate(items):
+        (single,) = _submit(client, run, [[item]], f"{prefix}-{n}")
         try:
             found.append(single.result())
         except KilledWorker:
+            _, sid, specs = item
             raise InputError(
                 f"{'+'.join(specs) or sid}: the Dask workers opening it died (a file that "
                 "crashes the reader, or too big for a worker's memory); set it aside and "

@@ -165,10 +165,7 @@ def _probe_fits_hdul(path: str, hdul: Any, hdu: int | str | None) -> tuple[_Part
 
     # A compressed stream's length says nothing about the data's; gzip truncation shows on read.
     size = None if _stream_compressed(path) else _file_size(path)
-    # The HDU's own offsets: the list's fileinfo() first re-serialises every card of the header
-    # to check it was not resized (a fifth of a small patch's probe); a compressed HDU's data
-    # location is its table's, which only the list's answer gives.
-    info = (None if compressed else h.fileinfo()) or hdul.fileinfo(index)
+    info = _hdu_fileinfo(hdul, index, compressed=compressed)
     if size is not None:
         needed = 0
         if compressed:
@@ -200,6 +197,15 @@ def _probe_fits_hdul(path: str, hdul: Any, hdu: int | str | None) -> tuple[_Part
         part = dataclasses.replace(part, plain=(plain.str, int(info["datLoc"])))
     raw = _header_block(path, info) if stored else None
     return part, _celestial_header(h.header, label=label, raw=raw)
+
+
+def _hdu_fileinfo(hdul: Any, index: int, *, compressed: bool) -> dict:
+    """Where HDU ``index`` lies in its file (``hdrLoc``, ``datLoc``, ``datSpan``).
+
+    The HDU's own answer: the list's ``fileinfo()`` first re-serialises every card of the
+    header to check it was not resized (a fifth of a small patch's probe). A compressed HDU's
+    data location is its table's, which only the list's answer gives."""
+    return (None if compressed else hdul[index].fileinfo()) or hdul.fileinfo(index)
 
 
 def _header_block(path: str, info: dict) -> bytes | None:
@@ -293,7 +299,7 @@ def _read_fits(part: _Part, box: tuple[int, int, int, int], out: np.ndarray) -> 
     if not part.compressed:
         plain = _plain_fits_data(part, h)
         if plain is not None:
-            offset = int((h.fileinfo() or hdul.fileinfo(part.hdu))["datLoc"])
+            offset = int(_hdu_fileinfo(hdul, part.hdu, compressed=False)["datLoc"])
             if _pread_box(part, plain, offset, box, out):
                 return
         if x1 - x0 == nx or y1 - y0 == 1:  # one contiguous read
