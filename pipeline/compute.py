@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 import sys
+import weakref
 from collections.abc import Iterator, Sequence
 
 from . import config, numba_cache
@@ -122,6 +123,49 @@ def _device_cluster_class():
     return DeviceCluster
 
 
+class _ClosingHeartbeatFilter(logging.Filter):
+    """Drops the one error a worker logs when its own shutdown cuts off a heartbeat in flight.
+
+    ``Worker.close`` stops the heartbeat callback but then closes its RPC pool under a heartbeat
+    already awaiting the scheduler, which distributed logs with a traceback
+    (dask/distributed has the race; e.g. NVIDIA-NeMo/Curator#9). On a command that ends with one
+    clear line, that traceback is noise from our own close, so it is dropped, and only while the
+    worker is closing: the same error from a running worker means the scheduler is gone.
+    """
+
+    _MESSAGE = "Failed to communicate with scheduler during heartbeat"
+
+    def __init__(self, worker) -> None:
+        super().__init__()
+        self._worker = weakref.ref(worker)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith(self._MESSAGE):
+            return True
+        worker = self._worker()
+        return worker is not None and worker.status.name not in _CLOSING
+
+
+_CLOSING = frozenset({"closing", "closing_gracefully", "closed"})
+
+
+def _quiet_close_plugin():
+    # Built on first use, like the GPU cluster: importing distributed costs the CLI a second.
+    from distributed.diagnostics.plugin import WorkerPlugin
+
+    class QuietClose(WorkerPlugin):
+        """Installs :class:`_ClosingHeartbeatFilter` on each worker (and on restarted ones).
+
+        The filter outlives the plugin: ``Worker.close`` tears plugins down before the race."""
+
+        name = "elodin-quiet-close"
+
+        def setup(self, worker) -> None:
+            logging.getLogger("distributed.worker").addFilter(_ClosingHeartbeatFilter(worker))
+
+    return QuietClose()
+
+
 def dashboard_link(client) -> str | None:
     try:
         return client.dashboard_link
@@ -180,6 +224,9 @@ def connect(
             cluster.close()
         raise ConfigError(f"cannot reach the Dask scheduler at {scheduler}: {e}") from None
     try:
+        if cluster is not None:
+            # Only clusters started here are closed here, so only their workers are told.
+            client.register_plugin(_quiet_close_plugin())
         link = dashboard_link(client)
         if link and not quiet:
             # Printed, not logged: it belongs beside the progress bar at any log level.
