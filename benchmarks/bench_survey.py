@@ -142,12 +142,11 @@ def no_op(files: list[str], store: Path) -> dict:
 # A client process of its own per run: its peak RSS is that run's alone.
 _CHILD = """
 import json, sys, time
-from distributed import Client
 from pipeline.fingerprint import fingerprint
 settings = json.loads(sys.argv[4])
 t0 = time.perf_counter()
-with Client(sys.argv[1]) as client:
-    r = fingerprint([sys.argv[3]], sys.argv[2], client=client, progress=False, **settings)
+# Through compute.connect, as `elodin fingerprint --scheduler ADDRESS` joins a cluster.
+r = fingerprint([sys.argv[3]], sys.argv[2], scheduler=sys.argv[1], progress=False, **settings)
 # VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec (the parent's size at fork).
 hwm = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM"))
 print(json.dumps({"s": time.perf_counter() - t0, "cutouts": r.n_cutouts, "rss_mib": hwm / 1024}))

@@ -21,6 +21,12 @@ __all__ = ["connect", "dashboard_link", "gpu_devices", "local_cluster"]
 
 logger = logging.getLogger(__name__)
 
+# The client's stream to the scheduler keeps copies of the last batches it sent, for
+# developers (distributed.admin.low-level-log-length, 1,000 batches by default). A run's
+# batches are its unit tasks, windows and sources included: at 10^4 units that was 23 MiB of
+# client memory, growing with the survey up to that bound. The client of a run keeps a few.
+_CLIENT_MESSAGE_LOG = 8
+
 
 def local_cluster(
     *,
@@ -201,6 +207,7 @@ def connect(
 
     Clusters started here are closed on exit; an address is only joined, never shut down.
     """
+    import dask.config
     from distributed import Client
 
     scheduler = config.get("compute.scheduler", override=scheduler)
@@ -218,7 +225,8 @@ def connect(
             f"--scheduler {scheduler!r}: expected local, slurm, kubernetes or an address like tcp://host:8786"
         )
     try:
-        client = Client(target, timeout="60s")
+        with dask.config.set({"distributed.admin.low-level-log-length": _CLIENT_MESSAGE_LOG}):
+            client = Client(target, timeout="60s")
     except OSError as e:
         if cluster is not None:
             cluster.close()
