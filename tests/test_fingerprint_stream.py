@@ -11,11 +11,11 @@ from pipeline.fingerprint import submit
 from pipeline.fingerprint.worker import ModelRef, TileJob, UnitJob
 
 
-def _job(unit: int, n_windows: int = 0) -> UnitJob:
+def _job(unit: int, n_windows: int = 0, n_tiles: int = 1) -> UnitJob:
     tiles = ()
     if n_windows:
         wins = np.zeros((n_windows, 4), np.int64)
-        tiles = (TileJob(source=None, read_box=(0, 1, 0, 1), windows=wins),)
+        tiles = (TileJob(source=None, read_box=(0, 1, 0, 1), windows=wins),) * n_tiles
     return UnitJob(
         store="unused.zarr",
         unit=unit,
@@ -36,8 +36,8 @@ class _Stream:
     """A stand-in for :class:`submit.UnitStream`: ``n`` units, each draw recording how many
     units had already run on the workers at that moment."""
 
-    def __init__(self, n: int, ran: list[int]):
-        self.n, self.ran = n, ran
+    def __init__(self, n: int, ran: list[int], *, tiles: int = 0):
+        self.n, self.ran, self.tiles = n, ran, tiles
         self.todo = [0]
         self.todo_windows = 16 * n
         self.made = 0
@@ -47,7 +47,7 @@ class _Stream:
         for u in range(self.n):
             self.ran_at_draw.append(len(self.ran))
             self.made += 1
-            yield _job(u)
+            yield _job(u, n_windows=1 if self.tiles else 0, n_tiles=self.tiles)
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +91,23 @@ def test_units_are_drawn_on_progress_not_materialised(client, monkeypatch):
     bound = 2 * submit._in_flight_limit(client)
     assert bound < n
     assert stream.ran_at_draw[bound] >= 1, "every unit was drawn before the first one ran"
+    for k, ran_then in enumerate(stream.ran_at_draw, start=1):
+        assert ran_then >= k - bound, f"unit {k} drawn with only {ran_then} units run"
+
+
+def test_units_of_many_tiles_are_held_within_the_tile_budget(client, monkeypatch):
+    # Many small files make units of hundreds of tiles: the client holds what the tile budget
+    # allows, not the usual number of units, and never fewer than two a worker thread.
+    import dask.config
+
+    _RAN.clear()
+    monkeypatch.setattr(submit, "_unit_task", _fake_task)
+    stream = _Stream(200, _RAN, tiles=50)
+    with dask.config.set({"elodin.fingerprint.in-flight-tiles": 100}):
+        written = submit._run_jobs(client, stream, gpu=False, progress=False)
+    assert written == 16 * 200 and sorted(_RAN) == list(range(200))
+    bound = 2 * 2 * submit._cluster_threads(client)  # in flight + look-ahead, floor of each
+    assert bound < 2 * submit._in_flight_limit(client)
     for k, ran_then in enumerate(stream.ran_at_draw, start=1):
         assert ran_then >= k - bound, f"unit {k} drawn with only {ran_then} units run"
 

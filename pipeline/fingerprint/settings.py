@@ -176,6 +176,7 @@ class FingerprintSettings:
         # Read by the task loop, after the store has grown: checked now.
         config.get_int("fingerprint.gpu-units", minimum=1)
         config.get_int("fingerprint.resubmit-killed", minimum=0)
+        config.get_int("fingerprint.in-flight-tiles", minimum=1)
         fill = config.get("cutouts.fill")
         cutouts = CutoutSettings(
             method=method,

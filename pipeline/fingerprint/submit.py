@@ -9,6 +9,7 @@ restriction on each task; a unit whose workers kept dying is submitted again und
 from __future__ import annotations
 
 import heapq
+import itertools
 import logging
 import math
 import os
@@ -222,6 +223,15 @@ def _in_flight_limit(client) -> int:
     return max(4 * n_workers, 2 * _cluster_threads(client)) + 4
 
 
+def _tile_bounded(window: int, first: UnitJob, client) -> int:
+    """``window`` lowered so that that many units like ``first`` stay within
+    ``fingerprint.in-flight-tiles`` tiles, but never below two units a worker thread. Units
+    of a run are alike (``chunk-rows`` windows each), so the first one measures them."""
+    budget = config.get_int("fingerprint.in-flight-tiles", minimum=1)
+    floor = 2 * _cluster_threads(client)
+    return max(floor, min(window, budget // max(1, len(first.tiles))))
+
+
 def _model_ref(card, onnx_path, sha: str, settings, client) -> ModelRef:
     """What the workers need to open the run's session (``settings``: a
     :class:`~.settings.FingerprintSettings`)."""
@@ -273,7 +283,8 @@ def _cuda_offered() -> tuple[str, bool]:
 def _run_jobs(client, units: UnitStream, *, gpu: bool, progress: bool) -> int:
     """Submit the stream's units with back-pressure, show progress, and fail with the first
     error. The client holds at most the units in flight and a look-ahead of as many again,
-    drawn from ``units`` as results come back: never a list of every unit of the run."""
+    drawn from ``units`` as results come back: never a list of every unit of the run, and
+    fewer units when each holds many tiles (:func:`_tile_bounded`)."""
     import dask.config
     from distributed import as_completed
     from distributed.scheduler import KilledWorker
@@ -281,7 +292,6 @@ def _run_jobs(client, units: UnitStream, *, gpu: bool, progress: bool) -> int:
 
     if not units.todo:
         return 0
-    window = _in_flight_limit(client)
     resources = {"GPU": gpu_share()} if gpu else None
     bar = tqdm(
         total=units.todo_windows,
@@ -291,7 +301,13 @@ def _run_jobs(client, units: UnitStream, *, gpu: bool, progress: bool) -> int:
         dynamic_ncols=True,
         desc="fingerprint",
     )
-    it = _largest_first(units.jobs(on_skip=bar.update), lookahead=window)
+    jobs = units.jobs(on_skip=bar.update)
+    first = next(jobs, None)
+    if first is None:  # every unit of the stream was done after all
+        bar.close()
+        return 0
+    window = _tile_bounded(_in_flight_limit(client), first, client)
+    it = _largest_first(itertools.chain([first], jobs), lookahead=window)
     run_token = os.urandom(4).hex()
     in_flight: set = set()
     pending = as_completed()
