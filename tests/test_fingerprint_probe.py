@@ -47,7 +47,13 @@ def test_batches_give_the_same_sources_and_limits_as_the_client(client, files):
         client, listing, range(5), hdu=None, variable=None, preprocess=pre, batch=2
     )
     want = [open_listed(i, s) for i, s in zip(listing.ids, listing.specs, strict=True)]
-    assert [s.to_record() for s in got.sources] == [s.to_record() for s in want]
+    # The sources stay on the workers: ids and shapes came back, no source yet.
+    src = got.sources
+    assert isinstance(src, probe.ProbedSources) and src._held == (-1, ())
+    assert src.ids == listing.ids and src.shapes == tuple(tuple(s.shape) for s in want)
+    assert [s.to_record() for s in src] == [s.to_record() for s in want]
+    assert len(src._held[1]) == 1  # a walk keeps one batch (here the last, of one image)
+    assert src.by_id()[want[2].id].to_record() == want[2].to_record()
     assert got.limits == _image_limits(want, pre) and len(got.limits) == 5
     assert not got.errors and got.limits_error is None
 

@@ -316,16 +316,28 @@ def test_records_are_written_a_table_chunk_at_a_time(tmp_path, monkeypatch):
         tmp_path / "s.zarr", feature_dim=4, topk=3, chunk_rows=8, attrs={"model_sha256": "a"}
     )
 
+    asked: list[str] = []
+
+    class Made(dict):  # records made when asked for, as fingerprint's are: each asked once
+        def __getitem__(self, n):
+            asked.append(n)
+            return super().__getitem__(n)
+
+        def get(self, n, default=None):
+            return self[n] if n in self else default
+
     def inputs(names):  # 0, 1 or 2 files per image: file rows do not follow image rows
-        return {
-            n: {
-                "files": [
-                    {"path": f"/d/{n}-{j}.fits", "size": j, "mtime": 1.0} for j in range(k % 3)
-                ],
-                "limits": [[0.0, float(k)]],
+        return Made(
+            {
+                n: {
+                    "files": [
+                        {"path": f"/d/{n}-{j}.fits", "size": j, "mtime": 1.0} for j in range(k % 3)
+                    ],
+                    "limits": [[0.0, float(k)]],
+                }
+                for k, n in enumerate(names)
             }
-            for k, n in enumerate(names)
-        }
+        )
 
     first = [f"a{i}" for i in range(6)]
     second = [f"b{i}" for i in range(11)]
@@ -337,6 +349,7 @@ def test_records_are_written_a_table_chunk_at_a_time(tmp_path, monkeypatch):
             inputs=inputs(names),
         )
     assert [len(x) for x in slices] == [4, 2, 2, 4, 4, 1]  # table rows 0-3 4-5 | 6-7 8-11 ...
+    assert asked == first + second
     table = Store.open(s.path).images()
     assert len(table) == 17
     for names in (first, second):

@@ -13,7 +13,7 @@ import dataclasses
 import functools
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -326,7 +326,7 @@ def _grow_store(
         )
         if plan is not None:
             if plan.n_windows == 0:
-                logger.warning("no cutouts planned for %s", ", ".join(s.id for s in new))
+                logger.warning("no cutouts planned for %s", ", ".join(plan.images))
             index = len(st.segments)
             _record_segment(st, index, plan, new, found.listing, limits)
             touched.append(index)
@@ -370,9 +370,12 @@ def _units(
         "side": settings.cutouts.size,
         "dtype": settings.dtype,
     }
-    return UnitStream(
-        st, touched, base=base, new_sources={s.id: s for s in new}, done=done_in(st, touched)
-    )
+    return UnitStream(st, touched, base=base, new_sources=_by_id(new), done=done_in(st, touched))
+
+
+def _by_id(sources: Sequence[ImageSource]) -> Mapping[str, ImageSource]:
+    by_id = getattr(sources, "by_id", None)  # probed sources stay on the workers until used
+    return by_id() if by_id is not None else {s.id: s for s in sources}
 
 
 @contextlib.contextmanager

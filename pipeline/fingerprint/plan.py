@@ -36,8 +36,8 @@ def _plan_sources(
         # A formula: each image's shape and the settings, nothing per window.
         try:
             return plan_grid(
-                [s.shape[-2:] for s in sources],
-                image_ids=[s.id for s in sources],
+                [shape[-2:] for shape in _shapes(sources)],
+                image_ids=list(_ids(sources)),
                 method=method,
                 size=cut["size"],
                 stride=cut["stride"],
@@ -47,6 +47,8 @@ def _plan_sources(
         except ImageInputError as e:  # planning is pure and knows ids; the user knows files
             s = sources[e.image_index]
             raise InputError(f"{'+'.join(s.paths)}: {e}") from None
+    # Sparse plans look at every source's WCS and pixels: they are brought to the client.
+    sources = list(sources)
     if method == "catalog":
         from ..catalog import plan_catalog
 
@@ -54,6 +56,15 @@ def _plan_sources(
             raise ConfigError("--method catalog needs --catalog FILE")
         return plan_catalog(catalog, sources, size=cut["size"], tile_size=ts)
     return _plan_blobs(client, sources, tile_size=ts, first_index=first_index)
+
+
+def _ids(sources: Sequence[ImageSource]) -> Sequence[str]:
+    # Probed sources (``probe.ProbedSources``) know their ids and shapes without the sources.
+    return getattr(sources, "ids", None) or [s.id for s in sources]
+
+
+def _shapes(sources: Sequence[ImageSource]) -> Sequence[tuple[int, ...]]:
+    return getattr(sources, "shapes", None) or [s.shape for s in sources]
 
 
 def _plan_blobs(
@@ -107,7 +118,7 @@ def _record_segment(
     Returns the new segment."""
     st.save_plan(index, plan)
     return st.append_segment(
-        images=[s.id for s in sources],
+        images=list(_ids(sources)),
         layout=pack_units(plan.tile_start, chunk_rows=st.chunk_rows),
         plan_digest=_plan_digest(plan),
         inputs=_Records(sources, listing, limits),
@@ -117,15 +128,17 @@ def _record_segment(
 
 class _Records(Mapping):
     """Image id -> its record (files from the listing, source, limits), made when asked for:
-    the store writes its table a chunk at a time, so no segment's records are all held."""
+    the store writes its table a chunk at a time, in image order, so no segment's records
+    (nor, for probed sources, its sources) are all held."""
 
     def __init__(self, sources: Sequence[ImageSource], listing: InputListing, limits: dict):
-        self._sources = {s.id: s for s in sources}
+        self._sources = sources
+        self._at = {img: k for k, img in enumerate(_ids(sources))}
         self._position = {img: k for k, img in enumerate(listing.ids)}
         self._listing, self._limits = listing, limits
 
     def __getitem__(self, img: str) -> dict:
-        s = self._sources[img]
+        s = self._sources[self._at[img]]
         return {
             "files": self._listing.files(self._position[img]),
             "source": s.to_record(),
@@ -133,7 +146,7 @@ class _Records(Mapping):
         }
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._sources)
+        return iter(self._at)
 
     def __len__(self) -> int:
-        return len(self._sources)
+        return len(self._at)

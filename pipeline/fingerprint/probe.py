@@ -11,17 +11,20 @@ changed images, then the limits), before anything is written.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import functools
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+
+import numpy as np
 
 from ..errors import ElodinError, InputError
 from ..sources import ImageSource
 from .listing import InputListing
 from .worker import _UnitFailed
 
-__all__ = ["BATCH", "Probed", "probe_images"]
+__all__ = ["BATCH", "Probed", "ProbedSources", "probe_images"]
 
 # Images per task: enough that the task's overhead (a few ms) is small beside its work, few
 # enough that 10^3 new images still spread over every worker thread.
@@ -35,10 +38,16 @@ class Probed:
     ``limits`` (image id -> limits) with the first image whose limits could not be measured
     (``limits_error``)."""
 
-    sources: tuple[ImageSource, ...]
+    sources: Sequence[ImageSource]
     errors: dict
     limits: dict
     limits_error: _UnitFailed | None = None
+    ids: tuple[str, ...] = ()
+    shapes: tuple[tuple[int, ...], ...] = ()
+
+    def summary(self) -> Probed:
+        """All but the sources (ids and shapes kept): what the client gathers of a batch."""
+        return dataclasses.replace(self, sources=())
 
     def raise_first(self, positions: Sequence[int]) -> None:
         """Raise the error of the first of the images at listing ``positions`` that failed."""
@@ -73,13 +82,77 @@ def _probe_task(
             errors[k] = _UnitFailed(type(e), str(e))
             continue
         sources.append(s)
+    found = functools.partial(
+        Probed,
+        tuple(sources),
+        ids=tuple(s.id for s in sources),
+        shapes=tuple(tuple(s.shape) for s in sources),
+    )
     if errors:  # the run stops at an image that did not open: its limits are not needed
-        return Probed(tuple(sources), errors, {})
+        return found(errors, {})
     try:
         limits = _image_limits(sources, preprocess)
     except ElodinError as e:
-        return Probed(tuple(sources), errors, {}, _UnitFailed(type(e), str(e)))
-    return Probed(tuple(sources), errors, limits)
+        return found(errors, {}, _UnitFailed(type(e), str(e)))
+    return found(errors, limits)
+
+
+def _summary(probed: Probed) -> Probed:
+    return probed.summary()
+
+
+class ProbedSources(Sequence):
+    """The opened sources of :func:`probe_images`, in listing order, left on the workers.
+
+    Their ``ids`` and ``shapes`` are on the client (a grid plan needs no more); a source comes
+    when asked for, with the rest of its batch, and one batch is kept: a walk in order (the
+    records, then the units) brings each batch once, and the client never holds every
+    source of 10^5 new images (1.7 kB each). Batches probed again one image at a time (their
+    workers died) are held here as they are."""
+
+    def __init__(self, client, batches: Sequence, found: Sequence[Probed]):
+        self._client = client
+        self._batches = list(batches)  # a future, or a Probed already on the client
+        self.ids = tuple(i for p in found for i in p.ids)
+        self.shapes = tuple(sh for p in found for sh in p.shapes)
+        self._ends = np.cumsum([len(p.ids) for p in found]).tolist()
+        self._held: tuple[int, tuple[ImageSource, ...]] = (-1, ())
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, k):
+        if isinstance(k, slice):
+            return [self[i] for i in range(*k.indices(len(self)))]
+        if k < 0:
+            k += len(self)
+        if not 0 <= k < len(self):
+            raise IndexError(k)
+        b = bisect.bisect_right(self._ends, k)
+        if self._held[0] != b:
+            got = self._batches[b]
+            got = got if isinstance(got, Probed) else got.result()
+            self._held = (b, got.sources)
+        return self._held[1][k - (self._ends[b - 1] if b else 0)]
+
+    def by_id(self) -> Mapping[str, ImageSource]:
+        """The same sources by image id."""
+        return _ById(self)
+
+
+class _ById(Mapping):
+    def __init__(self, sources: ProbedSources):
+        self._sources = sources
+        self._at = {img: k for k, img in enumerate(sources.ids)}
+
+    def __getitem__(self, img: str) -> ImageSource:
+        return self._sources[self._at[img]]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._sources.ids)
+
+    def __len__(self) -> int:
+        return len(self._sources)
 
 
 def probe_images(
@@ -93,22 +166,26 @@ def probe_images(
     batch: int = BATCH,
 ) -> Probed:
     """Open (headers, WCS, bands) and measure the listed images at ``positions`` (ascending),
-    :data:`BATCH` a task on ``client``'s workers; the batches' findings merged in order."""
+    :data:`BATCH` a task on ``client``'s workers; the batches' findings merged in order, their
+    sources left on the workers (:class:`ProbedSources`)."""
     items = [(k, listing.ids[k], listing.specs[k]) for k in positions]
     if not items:
-        return Probed((), {}, {})
+        return Probed(ProbedSources(client, [], []), {}, {})
     batches = [items[i : i + batch] for i in range(0, len(items), batch)]
     run = functools.partial(_probe_task, hdu=hdu, variable=variable, preprocess=preprocess)
     token = os.urandom(4).hex()
     futures = _submit(client, run, batches, f"elodin-probe-{token}")
+    summaries = client.map(_summary, futures, key=[f"{f.key}-summary" for f in futures])
     try:
-        found, killed = _results(futures)
+        found, killed = _results(summaries)
     except BaseException:
-        client.cancel(futures)
+        client.cancel(futures + summaries)
         raise
+    held: list = list(futures)
     for i in killed:
-        found[i] = _narrowed(client, run, batches[i], f"elodin-probe1-{i}-{token}")
-    return _merged(found)
+        found[i] = held[i] = _narrowed(client, run, batches[i], f"elodin-probe1-{i}-{token}")
+    merged = _merged(found)
+    return dataclasses.replace(merged, sources=ProbedSources(client, held, found))
 
 
 def _submit(client, run, batches, prefix: str) -> list:
@@ -155,13 +232,16 @@ def _narrowed(client, run, items, prefix: str) -> Probed:
 
 def _merged(found: Sequence[Probed]) -> Probed:
     sources, errors, limits, first_limits_error = [], {}, {}, None
+    ids, shapes = [], []
     for p in found:
         sources.extend(p.sources)
+        ids.extend(p.ids)
+        shapes.extend(p.shapes)
         errors.update(p.errors)
         limits.update(p.limits)
         if first_limits_error is None:
             first_limits_error = p.limits_error
-    return Probed(tuple(sources), errors, limits, first_limits_error)
+    return Probed(tuple(sources), errors, limits, first_limits_error, tuple(ids), tuple(shapes))
 
 
 def open_and_measure(
@@ -174,7 +254,7 @@ def open_and_measure(
     variable,
     preprocess: dict,
     check_store: Callable[[], None],
-) -> tuple[list[ImageSource], dict]:
+) -> tuple[ProbedSources, dict]:
     """The new and ``changed`` images (listing positions) opened and measured on the
     cluster, in listing order, with their stretch limits. The first problem is raised in the
     order the client checked before: a new image that does not open or cannot take the
@@ -191,4 +271,4 @@ def open_and_measure(
     check_store()
     probed.raise_first(changed)
     probed.raise_limits()
-    return list(probed.sources), probed.limits
+    return probed.sources, probed.limits

@@ -8,6 +8,7 @@ restriction on each task; a unit whose workers kept dying is submitted again und
 
 from __future__ import annotations
 
+import functools
 import heapq
 import itertools
 import logging
@@ -114,12 +115,13 @@ def _segment_jobs(
             tiles.append(TileJob(src, _read_box(wins, src.shape), wins))
         rows = int(layout.unit_rows[u + 1] - layout.unit_rows[u])
         ids = {t.source.id for t in tiles}
+        own = {i: v for i in ids if (v := limits.get(i)) is not None}
         yield UnitJob(
             row_start=seg.row_start + int(layout.unit_rows[u]),
             n_rows=rows,
             unit=unit,
             tiles=tuple(tiles),
-            **{**base, "image_limits": {i: v for i, v in limits.items() if i in ids}},
+            **{**base, "image_limits": own},
         )
 
 
@@ -172,27 +174,53 @@ class UnitStream:
         table = self.store.images() if self.todo else None
         for index in self.todo:
             plan = self.store.load_plan(index)
-            sources: dict[str, ImageSource] = {}
-            limits: dict[str, Any] = {}
-            for i in table.in_segment(index):
-                img = str(table.ids[i])
-                # A segment is resumed as a whole: its other images are reopened from the record.
-                sources[img] = self.new_sources[img] if img in self.new_sources else table.source(i)
-                lim = table.limits(i)
-                if lim is not None:
-                    limits[img] = lim
+            rows = {str(table.ids[i]): int(i) for i in table.in_segment(index)}
             for job in _segment_jobs(
                 self.store,
                 index,
                 plan,
-                sources,
+                _SegmentSources(rows, table, self.new_sources),
                 self.base,
                 self.done,
-                limits=limits,
+                limits=_SegmentLimits(rows, table),
                 on_skip=on_skip,
             ):
                 self.made += 1
                 yield job
+
+
+class _SegmentSources(Mapping):
+    """Image id -> source for one segment's images, looked up as its units are made: a new
+    image's from the probe, an image being resumed reopened from its record. The last few are
+    kept (a unit's tiles come image after image), never the whole segment's."""
+
+    def __init__(self, rows: Mapping[str, int], table, new: Mapping[str, ImageSource]):
+        self._rows, self._table, self._new = rows, table, new
+        self._get = functools.lru_cache(maxsize=64)(self._lookup)
+
+    def _lookup(self, img: str) -> ImageSource:
+        return self._new[img] if img in self._new else self._table.source(self._rows[img])
+
+    def __getitem__(self, img: str) -> ImageSource:
+        if img not in self._rows:
+            raise KeyError(img)
+        return self._get(img)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._rows)
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+
+class _SegmentLimits(_SegmentSources):
+    """Image id -> recorded stretch limits (None: none recorded) for one segment's images."""
+
+    def __init__(self, rows: Mapping[str, int], table):
+        super().__init__(rows, table, {})
+
+    def _lookup(self, img: str):
+        return self._table.limits(self._rows[img])
 
 
 def _unit_size(job: UnitJob) -> int:

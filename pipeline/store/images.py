@@ -296,15 +296,16 @@ def append_records(
     rows ``image_start...`` and file rows ``file_start...`` (uncommitted until the segment is
     recorded); returns the number of files written.
 
-    The columns are made (or grown) once to their new length, then written a table chunk of
-    images at a time: the client holds one chunk's JSON texts and encoded strings, never the
-    whole segment's (at 10^4 images that was a 190 MB peak for 40 MB of records)."""
-    n_files = sum(len((inputs.get(img) or {}).get("files") or []) for img in images)
-    stop = {"image": image_start + len(images), "file": file_start + n_files}
-    group = _create_images_table(root, stop)  # made by a first append at its size
+    The image columns are made (or grown) once to their new length, then written a table
+    chunk of images at a time, each record asked of ``inputs`` once (it may be made when asked
+    for): the client holds one chunk's JSON texts and encoded strings, never the whole
+    segment's (at 10^4 images that was a 190 MB peak for 40 MB of records). The file columns
+    grow with each chunk, by the files its records name."""
+    group = _create_images_table(root, {"image": image_start + len(images), "file": file_start})
     for name, (dim, _, _) in _IMAGE_COLUMNS.items():
-        if group[name].shape[0] != stop[dim]:
-            group[name].resize((stop[dim],))
+        stop = image_start + len(images) if dim == "image" else file_start
+        if group[name].shape[0] != stop:
+            group[name].resize((stop,))
     f = file_start
     # Slices end on the table's chunk boundaries: each chunk is encoded and written once.
     ends = range(_IMAGE_CHUNK - image_start % _IMAGE_CHUNK, len(images), _IMAGE_CHUNK)
@@ -313,6 +314,8 @@ def append_records(
         f += len(cols["file_path"])
         for name, values in cols.items():
             dim, dtype, _ = _IMAGE_COLUMNS[name]
+            if dim == "file" and values:
+                group[name].resize((f,))
             _write_column(group[name], image_start + lo if dim == "image" else f_lo, values, dtype)
     return f - file_start
 
