@@ -37,7 +37,7 @@ def _preprocess(**over):
     return preprocess_settings(over)
 
 
-def test_batches_give_the_same_sources_and_limits_as_the_client(client, files):
+def test_batches_give_the_same_sources_and_limits_as_the_client(client, files, monkeypatch):
     from pipeline.fingerprint.plan import _image_limits
     from pipeline.sources import open_listed
 
@@ -49,10 +49,13 @@ def test_batches_give_the_same_sources_and_limits_as_the_client(client, files):
     want = [open_listed(i, s) for i, s in zip(listing.ids, listing.specs, strict=True)]
     # The sources stay on the workers: ids and shapes came back, no source yet.
     src = got.sources
-    assert isinstance(src, probe.ProbedSources) and src._held == (-1, ())
+    assert isinstance(src, probe.ProbedSources) and not src._held
     assert src.ids == listing.ids and src.shapes == tuple(tuple(s.shape) for s in want)
     assert [s.to_record() for s in src] == [s.to_record() for s in want]
-    assert len(src._held[1]) == 1  # a walk keeps one batch (here the last, of one image)
+    assert list(src._held) == [0, 1, 2]  # brought together (_GATHER batches from the first)
+    monkeypatch.setattr(probe, "_GATHER", 1)
+    src._held = {}
+    assert src[3].id == want[3].id and list(src._held) == [1]  # one batch, then the next
     assert src.by_id()[want[2].id].to_record() == want[2].to_record()
     assert got.limits == _image_limits(want, pre) and len(got.limits) == 5
     assert not got.errors and got.limits_error is None

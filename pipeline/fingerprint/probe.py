@@ -26,6 +26,9 @@ from .worker import _UnitFailed
 
 __all__ = ["BATCH", "Probed", "ProbedSources", "probe_images"]
 
+# Probe batches a walk over ProbedSources brings at once (8 x 128 = one images-table chunk).
+_GATHER = 8
+
 # Images per task: enough that the task's overhead (a few ms) is small beside its work, few
 # enough that 10^3 new images still spread over every worker thread.
 BATCH = 128
@@ -105,8 +108,9 @@ class ProbedSources(Sequence):
     """The opened sources of :func:`probe_images`, in listing order, left on the workers.
 
     Their ``ids`` and ``shapes`` are on the client (a grid plan needs no more); a source comes
-    when asked for, with the rest of its batch, and one batch is kept: a walk in order (the
-    records, then the units) brings each batch once, and the client never holds every
+    when asked for, with the rest of its batch and the next few (:data:`_GATHER` batches, one
+    round trip), and those are all that is kept: a walk in order (the records, then the
+    units) brings each batch once, and the client never holds every
     source of 10^5 new images (1.7 kB each). Batches probed again one image at a time (their
     workers died) are held here as they are."""
 
@@ -116,7 +120,7 @@ class ProbedSources(Sequence):
         self.ids = tuple(i for p in found for i in p.ids)
         self.shapes = tuple(sh for p in found for sh in p.shapes)
         self._ends = np.cumsum([len(p.ids) for p in found]).tolist()
-        self._held: tuple[int, tuple[ImageSource, ...]] = (-1, ())
+        self._held: dict[int, tuple[ImageSource, ...]] = {}
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -129,11 +133,16 @@ class ProbedSources(Sequence):
         if not 0 <= k < len(self):
             raise IndexError(k)
         b = bisect.bisect_right(self._ends, k)
-        if self._held[0] != b:
-            got = self._batches[b]
-            got = got if isinstance(got, Probed) else got.result()
-            self._held = (b, got.sources)
-        return self._held[1][k - (self._ends[b - 1] if b else 0)]
+        if b not in self._held:
+            # The batches from b on come together: one round trip for a table chunk's worth.
+            ahead = self._batches[b : b + _GATHER]
+            got = self._client.gather([f for f in ahead if not isinstance(f, Probed)])
+            at = iter(got)
+            self._held = {
+                b + n: (f if isinstance(f, Probed) else next(at)).sources
+                for n, f in enumerate(ahead)
+            }
+        return self._held[b][k - (self._ends[b - 1] if b else 0)]
 
     def by_id(self) -> Mapping[str, ImageSource]:
         """The same sources by image id."""
