@@ -143,3 +143,62 @@ def test_a_file_that_kills_its_workers_is_named(tmp_path, files):
         with pytest.raises(InputError, match=r"crash\.fits: the Dask workers opening it died"):
             fingerprint(inputs, out, client=c, progress=False, model="efficientnet-lite0:native")
     assert not Store.exists(out)
+
+
+# What the unit tasks were given; the workers are this process's threads (a closure's list would
+# be pickled with the task, a module's is not).
+_SEEN: list = []
+
+
+def _seen_task(job, probed=()):
+    from pipeline.fingerprint.worker import _unit_task
+
+    _SEEN.append(([type(t.source) for t in job.tiles], len(probed), job.image_limits))
+    return _unit_task(job, probed)
+
+
+def test_units_name_new_sources_by_place_and_the_client_never_brings_them(
+    client, files, tmp_path, monkeypatch
+):
+    """Once units are being made, no probed source comes to the client: each unit names its new
+    images by probe batch and place, and its task is given those batches as arguments."""
+    import xarray as xr
+
+    from pipeline.fingerprint import api, fingerprint, submit, worker
+
+    making_units, brought, seen = [], [], _SEEN
+    seen.clear()
+    real_units, real_getitem = api._units, probe.ProbedSources.__getitem__
+
+    def units(*a, **k):
+        making_units.append(1)
+        return real_units(*a, **k)
+
+    def getitem(self, k):
+        if making_units:
+            brought.append(k)
+        return real_getitem(self, k)
+
+    monkeypatch.setattr(api, "_units", units)
+    monkeypatch.setattr(probe.ProbedSources, "__getitem__", getitem)
+    monkeypatch.setattr(submit, "_unit_task", _seen_task)
+    monkeypatch.setattr(probe, "BATCH", 2)  # five images: three probe batches
+    out = tmp_path / "refs.zarr"
+    inputs = [str(f) for f in files[:5]]
+    fingerprint(inputs, out, client=client, progress=False, model="efficientnet-lite0:native")
+    assert making_units and not brought, "a probed source was brought to the client"
+    assert seen and all(kinds == [worker.ProbedRef] * len(kinds) for kinds, _, _ in seen)
+    assert all(n >= 1 for _, n, _ in seen) and all(not lim for _, _, lim in seen)
+    # The same fingerprints as sources held on the client: a plain run of each image alone.
+    monkeypatch.undo()
+    ds = xr.open_zarr(out, consolidated=False)
+    for f in files[:2]:
+        one = tmp_path / f"{Path(f).stem}.zarr"
+        fingerprint([str(f)], one, client=client, progress=False, model="efficientnet-lite0:native")
+        alone = xr.open_zarr(one, consolidated=False)
+        own = alone["valid"].values
+        rows = ds["image"].values == alone["image"].values[own][0]
+        assert rows.sum() == own.sum() >= 1
+        np.testing.assert_array_equal(
+            ds["fingerprint"].values[rows], alone["fingerprint"].values[own]
+        )

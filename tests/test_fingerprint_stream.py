@@ -63,13 +63,13 @@ _RAN: list[int] = []
 _LOCK = threading.Lock()
 
 
-def _fake_task(job: UnitJob) -> int:
+def _fake_task(job: UnitJob, probed: tuple = ()) -> int:
     with _LOCK:
         _RAN.append(job.unit)
     return job.n_rows
 
 
-def _failing_task(job: UnitJob):
+def _failing_task(job: UnitJob, probed: tuple = ()):
     from pipeline.errors import InputError
     from pipeline.fingerprint.worker import _UnitFailed
 

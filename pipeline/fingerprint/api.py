@@ -13,7 +13,7 @@ import dataclasses
 import functools
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -24,7 +24,7 @@ from ..store import Store, chunk_rows_for
 from ..tiling import Plan
 from .listing import InputListing, compare_with_records
 from .plan import _plan_sources, _record_segment
-from .probe import open_and_measure
+from .probe import ProbedSources, open_and_measure
 from .settings import FingerprintSettings
 from .submit import (
     UnitStream,
@@ -355,7 +355,7 @@ def _new_chunk_rows(plan: Plan | None, settings: FingerprintSettings, client) ->
 def _units(
     st: Store,
     touched: list[int],
-    new: list[ImageSource],
+    new: ProbedSources,
     settings: FingerprintSettings,
     model: _Model,
     client,
@@ -370,12 +370,8 @@ def _units(
         "side": settings.cutouts.size,
         "dtype": settings.dtype,
     }
-    return UnitStream(st, touched, base=base, new_sources=_by_id(new), done=done_in(st, touched))
-
-
-def _by_id(sources: Sequence[ImageSource]) -> Mapping[str, ImageSource]:
-    by_id = getattr(sources, "by_id", None)  # probed sources stay on the workers until used
-    return by_id() if by_id is not None else {s.id: s for s in sources}
+    # The new images' sources stay on the workers: units name them by probe batch and place.
+    return UnitStream(st, touched, base=base, new_sources=new.by_id(), done=done_in(st, touched))
 
 
 @contextlib.contextmanager

@@ -16,15 +16,16 @@ import dataclasses
 import functools
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
 from ..errors import ElodinError, InputError
 from ..sources import ImageSource
 from .listing import InputListing
-from .worker import _UnitFailed
+from .worker import ProbedRef, _UnitFailed
 
-__all__ = ["BATCH", "Probed", "ProbedSources", "probe_images"]
+__all__ = ["BATCH", "Probed", "ProbedById", "ProbedSources", "probe_images"]
 
 # Probe batches a walk over ProbedSources brings at once (8 x 128 = one images-table chunk).
 _GATHER = 8
@@ -144,18 +145,36 @@ class ProbedSources(Sequence):
             }
         return self._held[b][k - (self._ends[b - 1] if b else 0)]
 
-    def by_id(self) -> Mapping[str, ImageSource]:
+    def ref(self, k: int) -> ImageSource | tuple[Any, ProbedRef]:
+        """Where source ``k`` is, without bringing it over: the source itself when its batch
+        is on the client, else its batch's future and a :class:`~.worker.ProbedRef` to it (a
+        unit task given that future finds the source in the batch)."""
+        b = bisect.bisect_right(self._ends, k)
+        batch, at = self._batches[b], k - (self._ends[b - 1] if b else 0)
+        if isinstance(batch, Probed):
+            return batch.sources[at]
+        return batch, ProbedRef(self.ids[k], self.shapes[k], at)
+
+    def by_id(self) -> ProbedById:
         """The same sources by image id."""
-        return _ById(self)
+        return ProbedById(self)
 
 
-class _ById(Mapping):
+class ProbedById(Mapping):
+    """:class:`ProbedSources` by image id; :meth:`ref` as there."""
+
     def __init__(self, sources: ProbedSources):
         self._sources = sources
         self._at = {img: k for k, img in enumerate(sources.ids)}
 
     def __getitem__(self, img: str) -> ImageSource:
         return self._sources[self._at[img]]
+
+    def __contains__(self, img: object) -> bool:  # Mapping's would bring the source over
+        return img in self._at
+
+    def ref(self, img: str) -> ImageSource | tuple[Any, ProbedRef]:
+        return self._sources.ref(self._at[img])
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._sources.ids)
@@ -172,11 +191,12 @@ def probe_images(
     hdu,
     variable,
     preprocess: dict,
-    batch: int = BATCH,
+    batch: int | None = None,
 ) -> Probed:
     """Open (headers, WCS, bands) and measure the listed images at ``positions`` (ascending),
-    :data:`BATCH` a task on ``client``'s workers; the batches' findings merged in order, their
-    sources left on the workers (:class:`ProbedSources`)."""
+    ``batch`` (default :data:`BATCH`) a task on ``client``'s workers; the batches' findings
+    merged in order, their sources left on the workers (:class:`ProbedSources`)."""
+    batch = batch or BATCH
     items = [(k, listing.ids[k], listing.specs[k]) for k in positions]
     if not items:
         return Probed(ProbedSources(client, [], []), {}, {})

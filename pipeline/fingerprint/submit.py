@@ -8,6 +8,7 @@ restriction on each task; a unit whose workers kept dying is submitted again und
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import heapq
 import itertools
@@ -27,7 +28,8 @@ from ..geometry import read_box as _read_box
 from ..sources import ImageSource
 from ..store import Layout, Store, pack_units
 from ..tiling import Plan
-from .worker import ANY_HOST, ModelRef, TileJob, UnitJob, _unit_task, _UnitFailed
+from .probe import ProbedById
+from .worker import ANY_HOST, ModelRef, ProbedRef, TileJob, UnitJob, _unit_task, _UnitFailed
 
 __all__ = ["UnitStream", "gpu_share"]
 
@@ -90,7 +92,11 @@ def _segment_jobs(
 ) -> Iterator[UnitJob]:
     """The jobs of segment ``seg_index``'s units without a done marker, in unit order, made
     one at a time. Each job carries the stretch ``limits`` of its own images only;
-    ``on_skip(n)`` is told the windows of each done unit passed over."""
+    ``on_skip(n)`` is told the windows of each done unit passed over.
+
+    ``sources`` gives an image's source, or, for a source left on the workers, its probe
+    batch's future and a :class:`~.worker.ProbedRef` (see :meth:`.probe.ProbedSources.ref`):
+    the job then names the source by place, and carries the futures as ``probed``."""
     seg = store.segments[seg_index]
     layout: Layout = pack_units(plan.tile_start, chunk_rows=store.chunk_rows)
     limits = limits or {}
@@ -104,23 +110,30 @@ def _segment_jobs(
         t0 = int(np.searchsorted(plan.tile_start, w0, side="right")) - 1
         t1 = int(np.searchsorted(plan.tile_start, w1, side="left"))
         tiles = []
+        probed: dict[str, tuple[int, Any]] = {}  # probe batch key -> (place, future)
         for t in range(t0, t1):
             lo, hi = max(w0, int(plan.tile_start[t])), min(w1, int(plan.tile_start[t + 1]))
             if hi <= lo:
                 continue
             src = sources[plan.images[int(plan.tiles[t]["image"])]]
+            if isinstance(src, tuple):  # a new image's source, left on the workers
+                batch, ref = src
+                place = probed.setdefault(batch.key, (len(probed), batch))[0]
+                src = dataclasses.replace(ref, batch=place)
             first = int(plan.tile_start[t])
             # Derived here for a formula plan: windows exist for the units in flight only.
             wins = np.ascontiguousarray(plan.tile_windows(t)[lo - first : hi - first])
             tiles.append(TileJob(src, _read_box(wins, src.shape), wins))
         rows = int(layout.unit_rows[u + 1] - layout.unit_rows[u])
-        ids = {t.source.id for t in tiles}
+        # A new image's limits come to the task with its source (UnitJob.resolved).
+        ids = {t.source.id for t in tiles if not isinstance(t.source, ProbedRef)}
         own = {i: v for i in ids if (v := limits.get(i)) is not None}
         yield UnitJob(
             row_start=seg.row_start + int(layout.unit_rows[u]),
             n_rows=rows,
             unit=unit,
             tiles=tuple(tiles),
+            probed=tuple(f for _, f in probed.values()),
             **{**base, "image_limits": own},
         )
 
@@ -150,7 +163,7 @@ class UnitStream:
         segments: Sequence[int],
         *,
         base: dict,
-        new_sources: Mapping[str, ImageSource],
+        new_sources: ProbedById,
         done: set[int],
     ):
         self.store = store
@@ -191,15 +204,16 @@ class UnitStream:
 
 class _SegmentSources(Mapping):
     """Image id -> source for one segment's images, looked up as its units are made: a new
-    image's from the probe, an image being resumed reopened from its record. The last few are
-    kept (a unit's tiles come image after image), never the whole segment's."""
+    image's where the probe left it (:meth:`.probe.ProbedById.ref`), an image being resumed
+    reopened from its record. The last few are kept (a unit's tiles come image after image),
+    never the whole segment's."""
 
-    def __init__(self, rows: Mapping[str, int], table, new: Mapping[str, ImageSource]):
+    def __init__(self, rows: Mapping[str, int], table, new: ProbedById):
         self._rows, self._table, self._new = rows, table, new
         self._get = functools.lru_cache(maxsize=64)(self._lookup)
 
-    def _lookup(self, img: str) -> ImageSource:
-        return self._new[img] if img in self._new else self._table.source(self._rows[img])
+    def _lookup(self, img: str) -> ImageSource | tuple[Any, ProbedRef]:
+        return self._new.ref(img) if img in self._new else self._table.source(self._rows[img])
 
     def __getitem__(self, img: str) -> ImageSource:
         if img not in self._rows:
@@ -219,7 +233,7 @@ class _SegmentLimits(_SegmentSources):
     def __init__(self, rows: Mapping[str, int], table):
         super().__init__(rows, table, {})
 
-    def _lookup(self, img: str):
+    def _lookup(self, img: str):  # type: ignore[override]
         return self._table.limits(self._rows[img])
 
 
@@ -345,9 +359,12 @@ def _run_jobs(client, units: UnitStream, *, gpu: bool, progress: bool) -> int:
 
     def submit(job: UnitJob) -> None:
         again = resubmitted.get(job.unit, 0)
+        # The probe batches go as the task's argument (Dask brings their sources to it), not
+        # inside the pickled job.
         fut = client.submit(
             _unit_task,
-            job,
+            dataclasses.replace(job, probed=()),
+            job.probed,
             key=f"elodin-unit-{job.unit}-{run_token}" + (f"-{again}" if again else ""),
             resources=resources,
             pure=False,

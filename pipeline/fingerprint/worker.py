@@ -20,7 +20,7 @@ from ..geometry import window_centres
 from ..sources import ImageSource
 from ..store import Store, filled_rows
 
-__all__ = ["ANY_HOST", "ModelRef", "TileJob", "UnitJob", "run_unit"]
+__all__ = ["ANY_HOST", "ModelRef", "ProbedRef", "TileJob", "UnitJob", "run_unit"]
 
 
 # ---------------------------------------------------------------------------------- job specs
@@ -48,8 +48,21 @@ ANY_HOST = "*"
 
 
 @dataclasses.dataclass(frozen=True)
+class ProbedRef:
+    """A new image's source where the probe left it, on the workers: place ``index`` of the
+    task's probe batch ``batch`` (of the unit's :attr:`UnitJob.probed`). The client makes units
+    from these, never bringing the sources over (at 576 images a unit, the sources of the units
+    in flight were most of its memory); ``id`` and ``shape`` are all it needs of them."""
+
+    id: str
+    shape: tuple[int, int]
+    index: int
+    batch: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
 class TileJob:
-    source: ImageSource
+    source: ImageSource | ProbedRef
     read_box: tuple[int, int, int, int]  # ry0, ry1, rx0, rx1 (inside the image)
     windows: np.ndarray  # (n, 4) x0, y0, w, h in image pixels
 
@@ -70,6 +83,27 @@ class UnitJob:
     fill: float
     side: int  # common side for windows of varying size (blobs, catalog sizes)
     dtype: str
+    # The probe batches (Dask futures) that its ProbedRef tiles point into, on the client
+    # only: they are given to the task as its argument, so Dask brings their sources to it.
+    probed: tuple = ()
+
+    def resolved(self, probed: tuple) -> UnitJob:
+        """The job with each :class:`ProbedRef` replaced by its source and its image's
+        stretch limits added, both from ``probed`` (the batches' :class:`~.probe.Probed`
+        results, in :attr:`probed` order; the limits as the store records them)."""
+        tiles, limits = [], dict(self.image_limits)
+        for t in self.tiles:
+            ref = t.source
+            if isinstance(ref, ProbedRef):
+                batch = probed[ref.batch]
+                src = batch.sources[ref.index]
+                if src.id != ref.id:  # a bug, not a user's problem: fail loudly
+                    raise RuntimeError(f"probe batch {ref.batch} holds {src.id}, not {ref.id}")
+                t = dataclasses.replace(t, source=src)
+                if (lim := batch.limits.get(src.id)) is not None:
+                    limits[src.id] = np.asarray(lim, np.float32)
+            tiles.append(t)
+        return dataclasses.replace(self, tiles=tuple(tiles), image_limits=limits, probed=())
 
 
 # ------------------------------------------------------------------------------ worker side
@@ -212,8 +246,8 @@ class _UnitFailed:
         return self.kind(self.message)
 
 
-def _unit_task(job: UnitJob) -> int | _UnitFailed:
+def _unit_task(job: UnitJob, probed: tuple = ()) -> int | _UnitFailed:
     try:
-        return run_unit(job)
+        return run_unit(job.resolved(probed) if probed else job)
     except ElodinError as e:
         return _UnitFailed(type(e), str(e))
