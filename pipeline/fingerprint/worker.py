@@ -117,16 +117,35 @@ def _worker_store(path: str) -> Store:
 
 
 def _prepared_batches(job: UnitJob):
-    """Yield ``(tile_index, rgb, masked_fraction)`` batches of the unit, in row order."""
+    """Yield ``(tile, rgb, masked_fraction)`` batches of the unit, in row order (``tile``: the
+    index of the tile of the batch's last cutout).
+
+    A batch is filled across tiles: every batch holds ``batch_size`` cutouts but the unit's
+    last. A survey of small patches has one window a tile, and a batch a tile ran the model
+    576 times a unit on one cutout each (the batch's fixed cost, paid per patch)."""
     from ..cutouts import CutoutReader
 
     reader = CutoutReader(preprocess=job.preprocess, fill=job.fill, image_limits=job.image_limits)
+    rgbs, fracs, n = [], [], 0  # the batch being filled
     for t, tile in enumerate(job.tiles):
         data = tile.source.read(*tile.read_box)
-        for b in range(0, len(tile.windows), job.batch_size):
-            wins = tile.windows[b : b + job.batch_size]
+        b = 0
+        while b < len(tile.windows):
+            wins = tile.windows[b : b + job.batch_size - n]
             cut = reader.cut(data, tile.read_box, wins, side=job.side)
-            yield t, *reader.prepare(cut, tile.source.id)
+            rgb, frac = reader.prepare(cut, tile.source.id)
+            rgbs.append(rgb)
+            fracs.append(frac)
+            n, b = n + len(wins), b + len(wins)
+            if n == job.batch_size:
+                yield t, _joined(rgbs), _joined(fracs)
+                rgbs, fracs, n = [], [], 0
+    if n:
+        yield len(job.tiles) - 1, _joined(rgbs), _joined(fracs)
+
+
+def _joined(parts: list[np.ndarray]) -> np.ndarray:
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
 def _prefetch(gen, depth: int = 1):
