@@ -156,6 +156,44 @@ def test_fits_scaling_and_blank_applied(tmp_path, rng):
     np.testing.assert_allclose(got, expected.astype(np.float32), equal_nan=True)
 
 
+def test_primary_probe_equals_the_full_probe(tmp_path, rng, monkeypatch):
+    """A primary image is probed from its header alone (no HDU list): the same part and WCS
+    text as astropy's HDU list gives, and anything it cannot vouch for goes the full way."""
+    from pipeline.sources import fits as fits_source
+
+    cube = rng.normal(size=(3, 16, 21)).astype(np.float32)
+    wave = tan_header(16, 21)
+    wave.update(CTYPE3="WAVE", CRVAL3=5e-7, CDELT3=1e-7, CRPIX3=1, CUNIT3="m")
+    scaled = fits.PrimaryHDU(rng.integers(-9, 9, size=(20, 30)).astype(np.int16))
+    scaled.header.update(BSCALE=0.5, BZERO=100.0, BLANK=-32768)
+    scaled.writeto(tmp_path / "scaled.fits")
+    fits.PrimaryHDU(np.zeros((5, 7), np.uint16)).writeto(tmp_path / "uint16.fits")
+    fast = [
+        write_fits(tmp_path / "tan.fits", np.zeros((37, 53), np.float32), tan_header(37, 53)),
+        write_fits(tmp_path / "sip.fits", np.zeros((60, 80), np.float32), sip_fk5_header(60, 80)),
+        write_fits(tmp_path / "cube.fits", cube, wave),
+        write_fits(tmp_path / "radio.fits", cube[:1, np.newaxis]),
+        write_fits(tmp_path / "f64.fits", np.zeros((9, 11), np.float64)),
+        tmp_path / "scaled.fits",
+        tmp_path / "uint16.fits",
+    ]
+    got = {str(p): fits_source._probe_primary(str(p)) for p in fast}
+    monkeypatch.setattr(fits_source, "_probe_primary", lambda path: None)
+    for p, g in got.items():
+        assert g is not None, p
+        assert g == fits_source._probe_fits(p, None), p
+    monkeypatch.undo()
+    # Not for the header alone: an empty primary, a short file, a table's extension.
+    mef = tmp_path / "mef.fits"
+    fits.HDUList([fits.PrimaryHDU(), fits.ImageHDU(np.zeros((4, 4), np.float32))]).writeto(mef)
+    short = tmp_path / "short.fits"
+    short.write_bytes((tmp_path / "tan.fits").read_bytes()[:4000])
+    assert fits_source._probe_primary(str(mef)) is None
+    assert fits_source._probe_primary(str(short)) is None
+    with pytest.raises(InputError, match="short.fits.*truncated"):
+        fits_source._probe_fits(str(short), None)
+
+
 @pytest.fixture
 def mef(tmp_path, rng) -> tuple[Path, np.ndarray, np.ndarray]:
     sci = rng.normal(size=(24, 31)).astype(np.float32)
