@@ -168,7 +168,14 @@ def test_primary_probe_equals_the_full_probe(tmp_path, rng, monkeypatch):
     scaled.header.update(BSCALE=0.5, BZERO=100.0, BLANK=-32768)
     scaled.writeto(tmp_path / "scaled.fits")
     fits.PrimaryHDU(np.zeros((5, 7), np.uint16)).writeto(tmp_path / "uint16.fits")
+    # Cards the structural scan passes over: HIERARCH, a long string (CONTINUE), comments.
+    busy = tan_header(12, 14)
+    busy["HIERARCH ESO DET CHIP NAME"] = "ccd / 3"
+    busy["ORIGIN"] = "x" * 120
+    busy.add_comment("BITPIX = 8 in a comment is not a card")
+    busy.add_history("NAXIS1 = 3")
     fast = [
+        write_fits(tmp_path / "busy.fits", np.zeros((12, 14), np.float32), busy),
         write_fits(tmp_path / "tan.fits", np.zeros((37, 53), np.float32), tan_header(37, 53)),
         write_fits(tmp_path / "sip.fits", np.zeros((60, 80), np.float32), sip_fk5_header(60, 80)),
         write_fits(tmp_path / "cube.fits", cube, wave),
@@ -190,6 +197,30 @@ def test_primary_probe_equals_the_full_probe(tmp_path, rng, monkeypatch):
     short.write_bytes((tmp_path / "tan.fits").read_bytes()[:4000])
     assert fits_source._probe_primary(str(mef)) is None
     assert fits_source._probe_primary(str(short)) is None
+    # Nor a structural card out of fixed format, nor bytes that are not printable ASCII:
+    # astropy reads those (its answer stands, whatever it is).
+    tan = (tmp_path / "tan.fits").read_bytes()
+    bitpix = tan[80:160]
+    assert bitpix.startswith(b"BITPIX  =                  -32 /")
+
+    def card(text: str) -> bytes:
+        return text.encode("latin-1").ljust(80)
+
+    odd = {
+        "free": tan.replace(bitpix, card("BITPIX  = -32 / array data type")),
+        "float": tan.replace(bitpix, card("BITPIX  =                -32.0")),
+        "latin1": tan.replace(bitpix, bitpix[:-1] + "\xe9".encode("latin-1")),
+    }
+    for name, body in odd.items():
+        (tmp_path / f"{name}.fits").write_bytes(body)
+        path = str(tmp_path / f"{name}.fits")
+        if name == "free":  # still a plain number: taken, to astropy's answer
+            taken = fits_source._probe_primary(path)
+            monkeypatch.setattr(fits_source, "_probe_primary", lambda path: None)
+            assert taken is not None and taken == fits_source._probe_fits(path, None)
+            monkeypatch.undo()
+            continue
+        assert fits_source._probe_primary(path) is None, name
     with pytest.raises(InputError, match="short.fits.*truncated"):
         fits_source._probe_fits(str(short), None)
 

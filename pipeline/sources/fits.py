@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import warnings
 import zlib
 from typing import Any
@@ -17,6 +18,7 @@ import numpy as np
 from ..errors import InputError
 from ._common import (
     _celestial_header,
+    _fast_celestial_header,
     _is_url,
     _label,
     _local_stat_key,
@@ -203,38 +205,46 @@ def _probe_fits_hdul(path: str, hdul: Any, hdu: int | str | None) -> tuple[_Part
 
 
 def _probe_primary(path: str) -> tuple[_Part, str | None] | None:
-    """The common case probed from the primary header alone, without astropy's HDU list: a
-    plain local file whose primary HDU holds a good, whole 2-D or 3-D image. Anything else
-    (no image there, a header or a size to complain about) is None: the full probe judges it
-    and words the error. Opening the list cost two thirds of a small patch's probe (it builds
-    the HDU, and tries to read a second one when the primary header has no EXTEND card)."""
-    from astropy.io import fits
-
+    """The common case probed from the primary header's cards alone, without astropy's
+    header or HDU list: a plain local file whose primary HDU holds a good, whole 2-D or 3-D
+    image, its structural cards in the standard's fixed format. Anything else (no image
+    there, a card to read another way, a size to complain about) is None: the full probe
+    judges it and words the error. Opening the list cost two thirds of a small patch's
+    probe, and parsing the header as astropy cards most of the rest (each value is checked
+    in Python, with a configuration lookup per card)."""
     label = _label(path, 0)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
             with open(path, "rb") as f:
-                header = fits.Header.fromfile(f)
-                data_loc = f.tell()  # the header's blocks end where the data begins
-                f.seek(0)
-                raw = f.read(data_loc)
-            naxis, bitpix = header.get("NAXIS"), header.get("BITPIX")
+                raw = _primary_block(f)
+            if raw is None:
+                return None
+            cards = _structural_cards(raw)
+            naxis, bitpix = cards.get("NAXIS"), cards.get("BITPIX")
             if (
-                header.get("SIMPLE") is not True
-                or header.get("GROUPS")
-                or not isinstance(naxis, int)
+                cards.get("SIMPLE") is not True
+                or cards.get("GROUPS")
+                or type(naxis) is not int
                 or naxis < 2
+                or type(bitpix) is not int
                 or bitpix not in _BITPIX
             ):
                 return None
-            shape = tuple(int(header[f"NAXIS{naxis - i}"]) for i in range(naxis))
-            if min(shape) < 1 or os.path.getsize(path) < data_loc + abs(bitpix) // 8 * math.prod(
-                shape
-            ):
+            shape = tuple(cards[f"NAXIS{naxis - i}"] for i in range(naxis))
+            if not all(type(n) is int for n in shape) or min(shape) < 1:
+                return None
+            if os.path.getsize(path) < len(raw) + abs(bitpix) // 8 * math.prod(shape):
                 return None
             y_axis, x_axis, band_axis = _squeeze_layout(shape, label=label)
-            wcs_header = _celestial_header(header, label=label, raw=raw)
+            # wcslib reads the WCS from the block itself; astropy's header is parsed only for
+            # what is not all wcslib's (SIP, another frame, no WCS).
+            wcs_header = _fast_celestial_header(raw)
+            if wcs_header is None:
+                from astropy.io import fits
+
+                header = fits.Header.fromstring(raw.decode("ascii"))
+                wcs_header = _celestial_header(header, label=label)
         except Exception:  # whatever it is, the full probe words it
             return None
     if caught:  # a header astropy had something to say about: the full probe judges it
@@ -250,10 +260,68 @@ def _probe_primary(path: str) -> tuple[_Part, str | None] | None:
         n_bands=shape[band_axis] if band_axis is not None else 1,
         hdu=0,
     )
-    plain = _plain_dtype(header)
+    plain = _plain_dtype(cards)
     if plain is not None:
-        part = dataclasses.replace(part, plain=(plain.str, data_loc))
+        part = dataclasses.replace(part, plain=(plain.str, len(raw)))
     return part, wcs_header
+
+
+# A primary header of more blocks than this is left to astropy (a patch's is one or two).
+_MAX_PRIMARY_BLOCKS = 64
+_END_CARD = b"END" + b" " * 77
+
+
+def _primary_block(f) -> bytes | None:
+    """The primary header's blocks (cards, END, padding) from the file's start, or None: no
+    END card on a card boundary, a short block, bytes that are not printable ASCII."""
+    blocks: list[bytes] = []
+    while len(blocks) < _MAX_PRIMARY_BLOCKS:
+        block = f.read(_BLOCK)
+        if len(block) < _BLOCK:
+            return None
+        if not blocks and not block.startswith(b"SIMPLE  = "):
+            return None  # the standard's first card of a primary header
+        blocks.append(block)
+        at = block.find(b"END")
+        while at >= 0:
+            if at % 80 == 0 and block[at : at + 80] == _END_CARD:
+                raw = b"".join(blocks)
+                return raw if _PRINTABLE.fullmatch(raw) else None
+            at = block.find(b"END", at + 1)
+    return None
+
+
+_BLOCK = 2880
+_PRINTABLE = re.compile(rb"[ -~]*")
+# The cards that say where the pixels are and what they are: the keyword, "= ", a logical or a
+# plain number ending by column 30 (the standard's fixed format; a little freer here), then
+# blanks or a comment. A card of these keywords in any other form leaves the file to astropy.
+_STRUCTURAL = ("SIMPLE", "BITPIX", "NAXIS", "GROUPS", "BSCALE", "BZERO", "BLANK")
+_FIXED = re.compile(rb" {0,19}(?P<v>[TF]|[-+]?[0-9]+|[-+]?[0-9.]+(?:[EeDd][-+]?[0-9]+)?) *(?:/.*)?")
+
+
+def _structural_cards(raw: bytes) -> dict[str, Any]:
+    """The structural keywords of a header block (``SIMPLE``, ``BITPIX``, ``NAXISn``,
+    ``GROUPS``, ``BSCALE``, ``BZERO``, ``BLANK``) and their values; a keyword whose card is
+    not in fixed format, or repeated, is an error (the caller leaves the file to astropy)."""
+    cards: dict[str, Any] = {}
+    for i in range(0, len(raw), 80):
+        key = raw[i : i + 8].rstrip().decode()
+        if key not in _STRUCTURAL and not (key.startswith("NAXIS") and key[5:].isdigit()):
+            continue
+        if raw[i + 8 : i + 10] != b"= " or key in cards:
+            raise ValueError(f"card {key} not in fixed format, or repeated")
+        m = _FIXED.fullmatch(raw, i + 10, i + 80)
+        if m is None:
+            raise ValueError(f"card {key}: value not in fixed format")
+        v = m["v"].decode()
+        if v in ("T", "F"):
+            cards[key] = v == "T"
+        elif v.lstrip("+-").isdigit():
+            cards[key] = int(v)
+        else:
+            cards[key] = float(v.replace("D", "E").replace("d", "e"))
+    return cards
 
 
 def _hdu_fileinfo(hdul: Any, index: int, *, compressed: bool) -> dict:
