@@ -357,3 +357,25 @@ def test_records_are_written_a_table_chunk_at_a_time(tmp_path, monkeypatch):
             rec = table.record(table.find(n))
             assert [f["path"] for f in rec["files"]] == [f"/d/{n}-{j}.fits" for j in range(k % 3)]
             assert table.limits(table.find(n)).tolist() == [[0, k]]
+
+
+_PLAIN = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4)
+    | st.tuples(inner, inner)
+    | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+@given(value=_PLAIN | st.lists(st.builds(np.float32, st.floats(width=32)), max_size=3))
+@settings(max_examples=200, deadline=None, derandomize=True)
+def test_record_text_is_the_stored_json_in_one_pass(value):
+    """A record field's text is what the round trip through JSON wrote (tuples as lists,
+    numpy numbers as strings), written in one pass for plain values."""
+    import json
+
+    from pipeline.store._common import _json_text, _jsonable
+
+    want = "" if value is None else json.dumps(_jsonable(value), sort_keys=True)
+    assert _json_text(value) == want

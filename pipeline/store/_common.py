@@ -22,5 +22,14 @@ def _jsonable(value: Any) -> Any:
 
 
 def _json_text(value: Any) -> str:
-    """A record field as canonical JSON text (``""`` for None)."""
-    return "" if value is None else json.dumps(_jsonable(value), sort_keys=True)
+    """A record field as canonical JSON text (``""`` for None).
+
+    Plain values (what records hold: str keys, lists, numbers, strings) are written in one
+    pass; anything else (numpy numbers, paths) is first made JSON-able as stored. The round
+    trip for every record was a third of a 10^4-image append's client time."""
+    if value is None:
+        return ""
+    try:
+        return json.dumps(value, sort_keys=True)
+    except TypeError:
+        return json.dumps(_jsonable(value), sort_keys=True)
