@@ -302,10 +302,12 @@ def append_records(
     segment's (at 10^4 images that was a 190 MB peak for 40 MB of records). The file columns
     grow with each chunk, by the files its records name."""
     group = _create_images_table(root, {"image": image_start + len(images), "file": file_start})
+    # Each column opened once (an open reads its metadata): a resize updates the handle too.
+    arrays = {name: group[name] for name in _IMAGE_COLUMNS}
     for name, (dim, _, _) in _IMAGE_COLUMNS.items():
         stop = image_start + len(images) if dim == "image" else file_start
-        if group[name].shape[0] != stop:
-            group[name].resize((stop,))
+        if arrays[name].shape[0] != stop:
+            arrays[name].resize((stop,))
     f = file_start
     # Slices end on the table's chunk boundaries: each chunk is encoded and written once.
     ends = range(_IMAGE_CHUNK - image_start % _IMAGE_CHUNK, len(images), _IMAGE_CHUNK)
@@ -315,8 +317,8 @@ def append_records(
         for name, values in cols.items():
             dim, dtype, _ = _IMAGE_COLUMNS[name]
             if dim == "file" and values:
-                group[name].resize((f,))
-            _write_column(group[name], image_start + lo if dim == "image" else f_lo, values, dtype)
+                arrays[name].resize((f,))
+            _write_column(arrays[name], image_start + lo if dim == "image" else f_lo, values, dtype)
     return f - file_start
 
 
