@@ -341,6 +341,43 @@ class CutoutReader:
             raw, config=self.preprocess, image_limits=self.image_limits(image), image=image
         )
 
+    def prepare_many(
+        self, parts: Sequence[tuple[np.ndarray, str]]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`prepare` of raw cutouts of several images, ``(raw, image)`` each, joined in
+        order: one stretch for each run of parts with the same bands (each cutout with its
+        own image's limits), the same values as a call per part. A survey of small patches
+        has a window or two an image, and a stretch per image cost more than the cutting."""
+        from .preprocess import preprocess_settings, stretch_cutouts
+
+        per_image = preprocess_settings(self.preprocess)["scope"] == "image"
+        rgbs, fracs = [], []
+        start = 0
+        while start < len(parts):
+            stop = start + 1
+            bands = parts[start][0].shape[1]
+            while stop < len(parts) and parts[stop][0].shape[1] == bands:
+                stop += 1
+            run = parts[start:stop]
+            raw = run[0][0] if len(run) == 1 else np.concatenate([r for r, _ in run])
+            limits = (
+                np.concatenate([self._each(img, len(r)) for r, img in run]) if per_image else None
+            )
+            rgb, frac = stretch_cutouts(
+                raw, config=self.preprocess, image_limits=limits, image=run[0][1]
+            )
+            rgbs.append(rgb)
+            fracs.append(frac)
+            start = stop
+        if len(rgbs) == 1:
+            return rgbs[0], fracs[0]
+        return np.concatenate(rgbs), np.concatenate(fracs)
+
+    def _each(self, image: str, n: int) -> np.ndarray:
+        """``image``'s stretch limits for each of ``n`` cutouts: ``(n, c, 2)``."""
+        one = np.asarray(self.image_limits(image), np.float64).reshape(1, -1, 2)
+        return np.broadcast_to(one, (n, *one.shape[1:]))
+
     def read_raw(self, image: str, windows: np.ndarray) -> list[np.ndarray]:
         """Raw pixels of each window of ``image`` (any size, anywhere), in few small reads."""
         return read_windows(self.source(image), windows, fill=self.fill)

@@ -104,6 +104,9 @@ def cut_windows(
     ly = windows[:, 1] - ry0
     inside = (lx >= 0) & (ly >= 0) & (lx + w <= data.shape[2]) & (ly + h <= data.shape[1])
     out = np.empty((len(windows), bands, h, w), dtype=np.float32)
+    if len(windows) == 1 and inside[0]:  # a patch's one window: a plain slice
+        out[0] = data[:, ly[0] : ly[0] + h, lx[0] : lx[0] + w]
+        return out
     if inside.all():
         # One gather over a strided view instead of a Python loop per window.
         view = np.lib.stride_tricks.sliding_window_view(data, (h, w), axis=(1, 2))

@@ -388,8 +388,9 @@ def stretch_cutouts(
         Raw values; NaN / inf where masked or padded outside the image.
     config : mapping, optional
         Overrides of ``elodin.preprocess`` keys (``{"interval": "percentile"}``).
-    image_limits : (c, 2) array, optional
-        Per-channel ``vmin, vmax`` from :func:`image_limits_for`; required with
+    image_limits : (c, 2) or (n, c, 2) array, optional
+        Per-channel ``vmin, vmax`` from :func:`image_limits_for`, of the cutouts' image or
+        of each cutout's (cutouts of several images stretched in one call); required with
         ``scope: image``, ignored otherwise.
     image : str, optional
         Image id, named in configuration errors about bands.
@@ -440,7 +441,12 @@ def _limits(data: np.ndarray, settings: Mapping, image_limits) -> np.ndarray:
     if settings["scope"] == "image":
         if image_limits is None:
             raise ValueError("scope 'image' needs image_limits (see image_limits_for)")
-        lim = np.asarray(image_limits, dtype=np.float64).reshape(-1, 2)
+        lim = np.asarray(image_limits, dtype=np.float64)
+        if lim.ndim == 3:  # each cutout's image's
+            if lim.shape != (n, c, 2):
+                raise ValueError(f"image_limits has shape {lim.shape}, cutouts need ({n}, {c}, 2)")
+            return lim
+        lim = lim.reshape(-1, 2)
         if lim.shape[0] != c:
             raise ValueError(f"image_limits has {lim.shape[0]} channel(s), cutouts {c}")
         return np.broadcast_to(lim, (n, c, 2))

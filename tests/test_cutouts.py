@@ -38,6 +38,43 @@ def test_cut_of_one_size_is_cut_windows_and_varying_sizes_share_a_side(source):
         reader.cut(data, box, mixed)
 
 
+def test_one_window_is_cut_as_the_strided_gather_does(source):
+    data = source.read(0, 60, 0, 70)
+    box = (0, 60, 0, 70)
+    wins = np.array([[3, 5, 8, 8], [61, 52, 8, 8], [40, 0, 8, 8]])
+    many = cut_windows(data, box, wins, fill=-1.0)
+    for k in range(len(wins)):  # one window alone takes the slice path
+        np.testing.assert_array_equal(
+            cut_windows(data, box, wins[k : k + 1], fill=-1.0), many[k : k + 1]
+        )
+
+
+@pytest.mark.parametrize(
+    "pre", [{"scope": "image"}, {"scope": "cutout"}, {"scope": "image", "rgb": "lupton"}]
+)
+def test_cutouts_of_many_images_stretch_as_one_call_per_image(pre, rng):
+    """``prepare_many`` (the worker's batch of several small patches) gives what a
+    ``prepare`` per image gives, images of 1 and 3 bands mixed, each with its own limits."""
+    from pipeline.preprocess import preprocess_settings
+
+    pre = preprocess_settings(pre)
+    raws = [
+        rng.normal(size=(n, b, 8, 8)).astype(np.float32) * (1 + i)
+        for i, (n, b) in enumerate([(1, 1), (2, 1), (1, 3), (3, 3), (1, 1)])
+    ]
+    raws[1][0, 0, 2, 2] = np.nan  # a masked pixel
+    images = [f"im{i}" for i in range(len(raws))]
+    limits = {
+        img: np.sort(rng.normal(size=(r.shape[1], 2)), axis=1)
+        for img, r in zip(images, raws, strict=True)
+    }
+    reader = CutoutReader(preprocess=pre, fill=0.0, image_limits=limits)
+    rgb, frac = reader.prepare_many(list(zip(raws, images, strict=True)))
+    want = [reader.prepare(r, img) for r, img in zip(raws, images, strict=True)]
+    np.testing.assert_array_equal(rgb, np.concatenate([w[0] for w in want]))
+    np.testing.assert_array_equal(frac, np.concatenate([w[1] for w in want]))
+
+
 def test_read_raw_equals_cutting_the_whole_image(source):
     windows = np.array([[-3, -2, 8, 8], [30, 20, 9, 7], [65, 55, 8, 8], [200, 200, 4, 4]])
     reader = CutoutReader({source.id: source}, fill=0.5)

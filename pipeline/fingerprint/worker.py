@@ -122,30 +122,24 @@ def _prepared_batches(job: UnitJob):
 
     A batch is filled across tiles: every batch holds ``batch_size`` cutouts but the unit's
     last. A survey of small patches has one window a tile, and a batch a tile ran the model
-    576 times a unit on one cutout each (the batch's fixed cost, paid per patch)."""
+    576 times a unit on one cutout each (the batch's fixed cost, paid per patch); its cutouts
+    are stretched together too, each with its own image's limits."""
     from ..cutouts import CutoutReader
 
     reader = CutoutReader(preprocess=job.preprocess, fill=job.fill, image_limits=job.image_limits)
-    rgbs, fracs, n = [], [], 0  # the batch being filled
+    parts, n = [], 0  # the batch being filled: raw cutouts and their image
     for t, tile in enumerate(job.tiles):
         data = tile.source.read(*tile.read_box)
         b = 0
         while b < len(tile.windows):
             wins = tile.windows[b : b + job.batch_size - n]
-            cut = reader.cut(data, tile.read_box, wins, side=job.side)
-            rgb, frac = reader.prepare(cut, tile.source.id)
-            rgbs.append(rgb)
-            fracs.append(frac)
+            parts.append((reader.cut(data, tile.read_box, wins, side=job.side), tile.source.id))
             n, b = n + len(wins), b + len(wins)
             if n == job.batch_size:
-                yield t, _joined(rgbs), _joined(fracs)
-                rgbs, fracs, n = [], [], 0
+                yield t, *reader.prepare_many(parts)
+                parts, n = [], 0
     if n:
-        yield len(job.tiles) - 1, _joined(rgbs), _joined(fracs)
-
-
-def _joined(parts: list[np.ndarray]) -> np.ndarray:
-    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+        yield len(job.tiles) - 1, *reader.prepare_many(parts)
 
 
 def _prefetch(gen, depth: int = 1):
