@@ -23,6 +23,8 @@ import xarray as xr
 import zarr
 from astropy.io import fits
 from astropy.wcs import WCS
+from hypothesis import event, given
+from hypothesis import strategies as st
 from PIL import Image
 
 from pipeline.errors import InputError
@@ -223,6 +225,57 @@ def test_primary_probe_equals_the_full_probe(tmp_path, rng, monkeypatch):
         assert fits_source._probe_primary(path) is None, name
     with pytest.raises(InputError, match="short.fits.*truncated"):
         fits_source._probe_fits(str(short), None)
+
+
+_VALUE_FORMS = (
+    lambda v: f"{v:>20}",  # the standard's fixed format
+    lambda v: f"{v:<20}",  # free format, still a plain value
+    lambda v: f"{v:>20} / a comment",
+    lambda v: f"+{v}" if str(v)[0] != "-" else str(v),
+    lambda v: f"{v}.0",  # a real where an integer belongs
+    lambda v: f"{v}E0",
+    lambda v: "'" + str(v) + "'",  # a string
+    lambda v: "",  # no value
+    lambda v: f"{v} {v}",
+)
+
+
+@given(
+    dtype=st.sampled_from(["u1", ">i2", ">i4", ">f4", ">f8"]),
+    card=st.sampled_from(["SIMPLE", "BITPIX", "NAXIS", "NAXIS1", "NAXIS2", "BZERO", "BSCALE"]),
+    form=st.integers(0, len(_VALUE_FORMS) - 1),
+    equals=st.sampled_from(["= ", "=  ", " =", "  "]),
+)
+def test_the_structural_scan_agrees_with_astropy_or_steps_aside(
+    tmp_path_factory, dtype, card, form, equals
+):
+    """Whatever the form of a structural card, the primary probe either gives what astropy's
+    HDU list gives or leaves the file to it (None); never another answer."""
+    from pipeline.sources import fits as fits_source
+
+    hdu = fits.PrimaryHDU(np.zeros((6, 9), np.dtype(dtype)), header=tan_header(6, 9))
+    hdu.header["BSCALE"], hdu.header["BZERO"] = 1, 0
+    raw = bytearray(hdu.header.tostring().encode("ascii"))
+    cards = [bytes(raw[i : i + 80]) for i in range(0, len(raw), 80)]
+    k = next(i for i, c in enumerate(cards) if c[:8].rstrip() == card.encode())
+    value = hdu.header[card]
+    value = "T" if value is True else value
+    text = (card.ljust(8) + equals + _VALUE_FORMS[form](value))[:80].ljust(80)
+    raw[k * 80 : (k + 1) * 80] = text.encode("ascii")
+    path = tmp_path_factory.mktemp("scan") / "p.fits"
+    path.write_bytes(bytes(raw) + np.zeros((6, 9), np.dtype(dtype)).tobytes().ljust(2880, b"\0"))
+    fast = fits_source._probe_primary(str(path))
+    real = fits_source._probe_primary
+    try:
+        fits_source._probe_primary = lambda path: None
+        try:
+            full = fits_source._probe_fits(str(path), None)
+        except InputError:
+            full = None
+    finally:
+        fits_source._probe_primary = real
+    event("taken" if fast is not None else "left to astropy")
+    assert fast is None or fast == full
 
 
 @pytest.fixture

@@ -371,7 +371,6 @@ _PLAIN = st.recursive(
 
 
 @given(value=_PLAIN | st.lists(st.builds(np.float32, st.floats(width=32)), max_size=3))
-@settings(max_examples=200, deadline=None, derandomize=True)
 def test_record_text_is_the_stored_json_in_one_pass(value):
     """A record field's text is what the round trip through JSON wrote (tuples as lists,
     numpy numbers as strings), written in one pass for plain values."""
