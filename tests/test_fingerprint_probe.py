@@ -202,3 +202,24 @@ def test_units_name_new_sources_by_place_and_the_client_never_brings_them(
         np.testing.assert_array_equal(
             ds["fingerprint"].values[rows], alone["fingerprint"].values[own]
         )
+
+
+def test_opening_shows_progress_by_image(client, files, capsys):
+    """10^6 new files are minutes of opening: a bar counts the images as batches come back."""
+    listing = InputListing.of([str(f) for f in files[:5]])
+    probe.probe_images(
+        client,
+        listing,
+        range(5),
+        hdu=None,
+        variable=None,
+        preprocess=_preprocess(),
+        batch=2,
+        progress=True,
+    )
+    err = capsys.readouterr().err
+    assert "open" in err and "5/5" in err and "image" in err
+    probe.probe_images(
+        client, listing, range(5), hdu=None, variable=None, preprocess=_preprocess(), batch=2
+    )
+    assert "open" not in capsys.readouterr().err  # progress=False (the default): silent

@@ -341,14 +341,17 @@ def test_records_are_written_a_table_chunk_at_a_time(tmp_path, monkeypatch):
 
     first = [f"a{i}" for i in range(6)]
     second = [f"b{i}" for i in range(11)]
+    written: list[int] = []  # what a progress bar is told
     for names in (first, second):
         s.append_segment(
             images=names,
             layout=pack_units(np.array([0, 8]), chunk_rows=8),
             plan_digest="d",
             inputs=inputs(names),
+            on_records=written.append,
         )
     assert [len(x) for x in slices] == [4, 2, 2, 4, 4, 1]  # table rows 0-3 4-5 | 6-7 8-11 ...
+    assert written == [len(x) for x in slices]
     assert asked == first + second
     table = Store.open(s.path).images()
     assert len(table) == 17

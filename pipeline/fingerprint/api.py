@@ -167,10 +167,11 @@ def fingerprint(
                 variable=variable,
                 preprocess=settings.preprocess,
                 check_store=check_store if found.to_open else lambda: None,
+                progress=progress,
             )
             plan = _plan_sources(client, new, settings.as_dict(), catalog, 0) if new else None
             st, touched = _grow_store(
-                existing, store_path, plan, new, limits, found, settings, attrs, client
+                existing, store_path, plan, new, limits, found, settings, attrs, client, progress
             )
             units = _units(st, touched, new, settings, resolved, client)
             _run_jobs(client, units, gpu=settings.gpu, progress=progress)
@@ -307,6 +308,7 @@ def _grow_store(
     settings: FingerprintSettings,
     attrs: dict,
     client,
+    progress: bool = False,
 ) -> tuple[Store, list[int]]:
     """The first writes: retire the changed images' rows, create the store if there is none,
     and append the new images' segment (its plan first). Returns the store and the segments
@@ -328,7 +330,7 @@ def _grow_store(
             if plan.n_windows == 0:
                 logger.warning("no cutouts planned for %s", ", ".join(plan.images))
             index = len(st.segments)
-            _record_segment(st, index, plan, new, found.listing, limits)
+            _record_segment(st, index, plan, new, found.listing, limits, progress=progress)
             touched.append(index)
     return st, touched
 

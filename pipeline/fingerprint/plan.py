@@ -112,18 +112,34 @@ def _record_segment(
     sources: Sequence[ImageSource],
     listing: InputListing,
     limits: dict,
+    *,
+    progress: bool = False,
 ):
     """Save segment ``index``'s ``plan`` and append the segment: its units, and a record per
-    image (its files' size and mtime from ``listing``, its source, its stretch limits).
-    Returns the new segment."""
+    image (its files' size and mtime from ``listing``, its source, its stretch limits), with
+    a bar of the records written when ``progress``. Returns the new segment."""
+    import sys
+
+    from tqdm.auto import tqdm
+
     st.save_plan(index, plan)
-    return st.append_segment(
-        images=list(_ids(sources)),
-        layout=pack_units(plan.tile_start, chunk_rows=st.chunk_rows),
-        plan_digest=_plan_digest(plan),
-        inputs=_Records(sources, listing, limits),
-        plan=plan,
-    )
+    images = list(_ids(sources))
+    with tqdm(
+        total=len(images),
+        unit="image",
+        disable=not progress,
+        file=sys.stderr,
+        dynamic_ncols=True,
+        desc="record",
+    ) as bar:
+        return st.append_segment(
+            images=images,
+            layout=pack_units(plan.tile_start, chunk_rows=st.chunk_rows),
+            plan_digest=_plan_digest(plan),
+            inputs=_Records(sources, listing, limits),
+            plan=plan,
+            on_records=bar.update,
+        )
 
 
 class _Records(Mapping):

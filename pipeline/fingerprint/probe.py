@@ -192,10 +192,12 @@ def probe_images(
     variable,
     preprocess: dict,
     batch: int | None = None,
+    progress: bool = False,
 ) -> Probed:
     """Open (headers, WCS, bands) and measure the listed images at ``positions`` (ascending),
     ``batch`` (default :data:`BATCH`) a task on ``client``'s workers; the batches' findings
-    merged in order, their sources left on the workers (:class:`ProbedSources`)."""
+    merged in order, their sources left on the workers (:class:`ProbedSources`). With
+    ``progress``, a bar counts the images opened (10^6 new files are minutes of it)."""
     batch = batch or BATCH
     items = [(k, listing.ids[k], listing.specs[k]) for k in positions]
     if not items:
@@ -206,7 +208,8 @@ def probe_images(
     futures = _submit(client, run, batches, f"elodin-probe-{token}")
     summaries = client.map(_summary, futures, key=[f"{f.key}-summary" for f in futures])
     try:
-        found, killed = _results(summaries)
+        with _bar(len(items), progress) as bar:
+            found, killed = _results(summaries, on_done=lambda i: bar.update(len(batches[i])))
     except BaseException:
         client.cancel(futures + summaries)
         raise
@@ -222,18 +225,38 @@ def _submit(client, run, batches, prefix: str) -> list:
     return client.map(run, batches, key=keys, pure=False)
 
 
-def _results(futures) -> tuple[list, list[int]]:
-    """Each future's result, and the positions of those whose workers kept dying."""
+def _bar(total: int, progress: bool):
+    import sys
+
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=total,
+        unit="image",
+        disable=not progress,
+        file=sys.stderr,
+        dynamic_ncols=True,
+        desc="open",
+    )
+
+
+def _results(futures, on_done: Callable[[int], Any] = lambda i: None) -> tuple[list, list[int]]:
+    """Each future's result, and the positions of those whose workers kept dying;
+    ``on_done(i)`` as each comes back."""
+    from distributed import as_completed
     from distributed.scheduler import KilledWorker
 
-    found, killed = [], []
-    for i, fut in enumerate(futures):
+    at = {fut.key: i for i, fut in enumerate(futures)}
+    found: list = [None] * len(futures)
+    killed = []
+    for fut in as_completed(futures):
+        i = at[fut.key]
         try:
-            found.append(fut.result())
+            found[i] = fut.result()
         except KilledWorker:
-            found.append(None)
             killed.append(i)
-    return found, killed
+        on_done(i)
+    return found, sorted(killed)
 
 
 def _narrowed(client, run, items, prefix: str) -> Probed:
@@ -283,6 +306,7 @@ def open_and_measure(
     variable,
     preprocess: dict,
     check_store: Callable[[], None],
+    progress: bool = False,
 ) -> tuple[ProbedSources, dict]:
     """The new and ``changed`` images (listing positions) opened and measured on the
     cluster, in listing order, with their stretch limits. The first problem is raised in the
@@ -295,6 +319,7 @@ def open_and_measure(
         hdu=hdu,
         variable=variable,
         preprocess=preprocess,
+        progress=progress,
     )
     probed.raise_first(new)
     check_store()

@@ -24,7 +24,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -332,12 +332,14 @@ class Store:
         plan_digest: str,
         inputs: Mapping,
         plan=None,
+        on_records: Callable[[int], Any] | None = None,
     ) -> Segment:
         """Grow every row array by ``layout.n_rows`` and record the new segment.
 
         ``inputs`` maps each image id to its record: ``files`` (``path``, ``size``, ``mtime``),
         ``source`` (:meth:`ImageSource.to_record`) and ``limits``. ``plan`` (the segment's
         plan) gives each image's row range; without it an image spans the segment's rows.
+        ``on_records(n)`` is called as each table chunk of ``n`` records is written (a bar).
 
         The order is the commit protocol: the images table grows first, then the row arrays,
         and the segment record in the root attrs, written last and at once, makes both count.
@@ -355,7 +357,7 @@ class Store:
         )
         rows = np.where(rows >= 0, rows + start, -1)
         n_files = self._append_images(
-            images, inputs, rows, image_start, file_start, segment=len(segs)
+            images, inputs, rows, image_start, file_start, segment=len(segs), on_chunk=on_records
         )
         seg = Segment(
             row_start=start,
@@ -384,11 +386,19 @@ class Store:
         file_start: int,
         *,
         segment: int,
+        on_chunk: Callable[[int], Any] | None = None,
     ) -> int:
         """Write the records of ``images`` at table rows ``image_start...`` (uncommitted until
         the segment is recorded); returns the number of files written."""
         return append_records(
-            self._group, images, inputs, rows, image_start, file_start, segment=segment
+            self._group,
+            images,
+            inputs,
+            rows,
+            image_start,
+            file_start,
+            segment=segment,
+            on_chunk=on_chunk,
         )
 
     def _row_array_names(self) -> list[str]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import itertools
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -291,10 +291,12 @@ def append_records(
     file_start: int,
     *,
     segment: int,
+    on_chunk: Callable[[int], Any] | None = None,
 ) -> int:
     """Write the records of ``images`` into the table of the store group ``root``, at table
     rows ``image_start...`` and file rows ``file_start...`` (uncommitted until the segment is
-    recorded); returns the number of files written.
+    recorded); returns the number of files written. ``on_chunk(n)`` follows each chunk of
+    ``n`` records written.
 
     The image columns are made (or grown) once to their new length, then written a table
     chunk of images at a time, each record asked of ``inputs`` once (it may be made when asked
@@ -319,6 +321,8 @@ def append_records(
             if dim == "file" and values:
                 arrays[name].resize((f,))
             _write_column(arrays[name], image_start + lo if dim == "image" else f_lo, values, dtype)
+        if on_chunk is not None:
+            on_chunk(hi - lo)
     return f - file_start
 
 
