@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 
 from ..errors import ConfigError, ImageInputError, InputError
+from ..progress import bar
 from ..sources import ImageSource
 from ..store import Store, pack_units
 from ..tiling import Plan
@@ -118,27 +119,16 @@ def _record_segment(
     """Save segment ``index``'s ``plan`` and append the segment: its units, and a record per
     image (its files' size and mtime from ``listing``, its source, its stretch limits), with
     a bar of the records written when ``progress``. Returns the new segment."""
-    import sys
-
-    from tqdm.auto import tqdm
-
     st.save_plan(index, plan)
     images = list(_ids(sources))
-    with tqdm(
-        total=len(images),
-        unit="image",
-        disable=not progress,
-        file=sys.stderr,
-        dynamic_ncols=True,
-        desc="record",
-    ) as bar:
+    with bar(len(images), desc="record", unit="image", enabled=progress) as shown:
         return st.append_segment(
             images=images,
             layout=pack_units(plan.tile_start, chunk_rows=st.chunk_rows),
             plan_digest=_plan_digest(plan),
             inputs=_Records(sources, listing, limits),
             plan=plan,
-            on_records=bar.update,
+            on_records=shown.update,
         )
 
 

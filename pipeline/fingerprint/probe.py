@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ElodinError, InputError
+from ..progress import bar
 from ..sources import ImageSource
 from .listing import InputListing
 from .worker import ProbedRef, _UnitFailed
@@ -208,8 +209,8 @@ def probe_images(
     futures = _submit(client, run, batches, f"elodin-probe-{token}")
     summaries = client.map(_summary, futures, key=[f"{f.key}-summary" for f in futures])
     try:
-        with _bar(len(items), progress) as bar:
-            found, killed = _results(summaries, on_done=lambda i: bar.update(len(batches[i])))
+        with bar(len(items), desc="open", unit="image", enabled=progress) as shown:
+            found, killed = _results(summaries, on_done=lambda i: shown.update(len(batches[i])))
     except BaseException:
         client.cancel(futures + summaries)
         raise
@@ -223,21 +224,6 @@ def probe_images(
 def _submit(client, run, batches, prefix: str) -> list:
     keys = [f"{prefix}-{i}" for i in range(len(batches))]
     return client.map(run, batches, key=keys, pure=False)
-
-
-def _bar(total: int, progress: bool):
-    import sys
-
-    from tqdm.auto import tqdm
-
-    return tqdm(
-        total=total,
-        unit="image",
-        disable=not progress,
-        file=sys.stderr,
-        dynamic_ncols=True,
-        desc="open",
-    )
 
 
 def _results(futures, on_done: Callable[[int], Any] = lambda i: None) -> tuple[list, list[int]]:

@@ -16,7 +16,6 @@ import logging
 import math
 import os
 import socket
-import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -330,19 +329,13 @@ def _run_jobs(client, units: UnitStream, *, gpu: bool, progress: bool) -> int:
     import dask.config
     from distributed import as_completed
     from distributed.scheduler import KilledWorker
-    from tqdm.auto import tqdm
+
+    from ..progress import bar as progress_bar
 
     if not units.todo:
         return 0
     resources = {"GPU": gpu_share()} if gpu else None
-    bar = tqdm(
-        total=units.todo_windows,
-        unit="cutout",
-        disable=not progress,
-        file=sys.stderr,
-        dynamic_ncols=True,
-        desc="fingerprint",
-    )
+    bar = progress_bar(units.todo_windows, desc="fingerprint", unit="cutout", enabled=progress)
     jobs = units.jobs(on_skip=bar.update)
     first = next(jobs, None)
     if first is None:  # every unit of the stream was done after all

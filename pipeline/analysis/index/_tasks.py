@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 
 from .. import _base
 
@@ -24,13 +23,6 @@ def _in_flight(run: _base.Runner) -> int:
 
 
 def _bar(total: int, desc: str, progress: bool):
-    from tqdm.auto import tqdm
+    from ...progress import bar
 
-    return tqdm(
-        total=total,
-        unit="row",
-        disable=not progress,
-        file=sys.stderr,
-        dynamic_ncols=True,
-        desc=desc,
-    )
+    return bar(total, desc=desc, unit="row", enabled=progress)
