@@ -26,7 +26,9 @@ from pipeline.report.thumbnails import (
     ThumbnailReader,
     downsample_factor,
     downsampled_image,
+    first_row_at_bottom,
     read_windows,
+    to_uint8,
     window_boxes,
 )
 from pipeline.sources import ImageSource
@@ -217,13 +219,14 @@ def test_overlay_is_the_downsampled_image_with_windows(report, table, mosaic):
     img = Image.open(report.index.parent / ov["file"])
     assert img.size == (-(-NX // f), -(-NY // f))
     assert ov["n_windows"] == int(table["valid"].sum())
-    # A window's top-left corner carries its cluster's colour (unless a later window's outline
-    # covers it, which only happens on shared edges; the first row and column are never covered).
+    # A window's first pixel carries its cluster's colour (unless a later window's outline
+    # covers it, which only happens on shared edges; the first row and column are never
+    # covered). A FITS image is drawn as ds9 draws it: its first row at the bottom.
     pix = np.asarray(img.convert("RGB"))
     palette = cluster_colours(range(K))
     boxes = window_boxes(table["x"], table["y"], table["width"], table["height"])
     first = np.flatnonzero(table["valid"] & (boxes[:, 0] == 0) & (boxes[:, 1] == 0))[0]
-    assert tuple(pix[0, 0]) == palette[int(table["cluster"][first])]
+    assert tuple(pix[-1, 0]) == palette[int(table["cluster"][first])]
 
 
 def test_overlay_of_a_large_factor(store, tmp_path):
@@ -324,6 +327,11 @@ def test_windows_of_varying_size_are_read_and_stretched_alike(store, mosaic):
         np.testing.assert_array_equal(g, want[0])
     thumbs = reader.thumbnails(["orion"] * len(boxes), boxes, size=40)
     assert thumbs.shape == (len(boxes), 40, 40, 3) and thumbs.dtype == np.uint8
+    # Drawn as ds9 draws a FITS image (first row at the bottom); a window already 40 px a
+    # side is its stretched pixels, flipped.
+    same = reader.thumbnails(["orion"], np.array([(5, 7, 40, 40)]), size=40)[0]
+    (rgb,) = reader.read(["orion"], np.array([(5, 7, 40, 40)]))
+    np.testing.assert_array_equal(same, to_uint8(rgb)[::-1])
 
 
 def test_a_moved_source_image_is_one_clear_error(store, tmp_path, mosaic):
@@ -649,3 +657,14 @@ def test_index_html_in_a_real_browser(report, tmp_path):
     assert Image.open(shot).size == (1300, 1000)
     shutil.copy(shot, "/tmp/elodin-report.png")
     shutil.copy(tmp_path / "report-full.png", "/tmp/elodin-report-full.png")
+
+
+@pytest.mark.parametrize(
+    ("kind", "wcs", "bottom"),
+    [("fits", None, True), ("zarr", "WCS", True), ("image", None, False), ("image", "WCS", True)],
+)
+def test_sky_images_are_drawn_first_row_at_the_bottom(kind, wcs, bottom):
+    """FITS pixel coordinates count rows up from the bottom (ds9 draws them so, and a field
+    with North along +y comes out North up); a picture without a WCS is drawn as stored."""
+    record = {"id": "a", "paths": ["a"], "kind": kind, "shape": [4, 4], "n_bands": 1}
+    assert first_row_at_bottom(ImageSource.from_record({**record, "wcs_header": wcs})) is bottom

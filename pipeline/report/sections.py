@@ -16,6 +16,7 @@ import numpy as np
 
 from . import figures
 from .select import take_rows
+from .thumbnails import first_row_at_bottom
 
 __all__: list[str] = []
 
@@ -173,7 +174,12 @@ class _Sections:
         overlays = []
         for k, (image, cv) in enumerate(self.canvases.items()):
             name = f"overlay-{k}-{_slug(image)}.png"
-            cv["canvas"].convert("RGB").save(self.out / name)
+            from PIL import Image
+
+            drawn = cv["canvas"].convert("RGB")
+            if first_row_at_bottom(self.reader.sources[image]):  # as its thumbnails are
+                drawn = drawn.transpose(Image.Transpose.FLIP_TOP_BOTTOM)
+            drawn.save(self.out / name)
             shape = list(self.reader.sources[image].shape)
             overlays.append({"image": image, "file": name, "factor": cv["factor"],
                              "size": list(cv["canvas"].size), "n_windows": cv["n"],

@@ -30,6 +30,7 @@ __all__ = [
     "ThumbnailReader",
     "downsample_factor",
     "downsampled_image",
+    "first_row_at_bottom",
     "plan_reads",
     "read_windows",
     "to_uint8",
@@ -37,6 +38,14 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+
+def first_row_at_bottom(source: ImageSource) -> bool:
+    """Whether ``source`` is drawn as ds9 draws a FITS image, its first row at the bottom: a
+    FITS image, or any image with a celestial WCS (FITS pixel coordinates count rows up from
+    the bottom, so a field with North along +y is drawn North up). Pictures (PNG, JPEG, TIFF
+    without a WCS) are drawn as stored, their first row at the top."""
+    return source.kind == "fits" or source.wcs_header is not None
 
 
 class ThumbnailReader(CutoutReader):
@@ -104,7 +113,8 @@ class ThumbnailReader(CutoutReader):
     def thumbnails(
         self, images: Sequence[str], windows: np.ndarray, *, size: int, chunk: int = 1024
     ) -> np.ndarray:
-        """Display thumbnails: uint8 ``(n, size, size, 3)``, each window resized to ``size``.
+        """Display thumbnails: uint8 ``(n, size, size, 3)``, each window resized to ``size``
+        and drawn the way up of its image (:func:`first_row_at_bottom`).
 
         Windows are handled ``chunk`` at a time in image and row order (reads stay grouped),
         so the float pixels in memory follow the chunk, not the number of thumbnails.
@@ -128,7 +138,8 @@ class ThumbnailReader(CutoutReader):
                         (size, size),
                         Image.Resampling.LANCZOS if big else Image.Resampling.NEAREST,
                     )
-                out[i] = np.asarray(img)
+                pixels = np.asarray(img)
+                out[i] = pixels[::-1] if first_row_at_bottom(self.source(images[i])) else pixels
         return out
 
 
