@@ -80,3 +80,15 @@ def test_cli_similar_radec_on_the_demo_store(demo, capsys):
     text = capsys.readouterr().out
     assert text.startswith(f"query: RA {ra} Dec {dec} (l2)")
     assert len([x for x in text.splitlines() if x.split() and x.split()[0] in "123"]) == 3
+
+
+def test_demo_blobs_store_fingerprints_every_detected_source(tmp_path, model_cache):
+    """The demo's blob run: windows sized to their sources, many sizes a work unit (a batch
+    filled across tiles once mixed sizes and failed here; the suite never ran blobs whole)."""
+    lines = list(run_demo(tmp_path, workers=1, methods=("blobs",), stages=()))
+    st = Store.open(tmp_path / "hdf-blobs.zarr")
+    assert any(line.startswith("blobs:") for line in lines)
+    valid = st.array("valid")[...]
+    assert valid.sum() > 100 and np.isfinite(st.array("fingerprint")[...][valid]).all()
+    sizes = st.array("width")[...][valid]
+    assert len(np.unique(sizes)) > 3  # windows of many sizes went through

@@ -56,3 +56,48 @@ def test_batches_are_filled_across_tiles(tmp_path):
     np.testing.assert_array_equal(
         np.concatenate([f for _, _, f in got]), np.concatenate([w[1] for w in want])
     )
+
+
+def test_a_batch_holds_one_cutout_size(tmp_path):
+    # Blob windows: a tile whose windows are all of one size is cut at that size, one of
+    # mixed sizes at the common side; a batch never mixes sizes (make demo's blob run did).
+    path = make_mosaic(tmp_path / "b.fits", ny=128, nx=128, seed=3)
+    src = open_listed(str(path), (str(path),))
+    pre = preprocess_settings({"scope": "image"})
+    limits = {i: np.asarray(v, np.float32) for i, v in _image_limits([src], pre).items()}
+    sizes = [[32, 32], [48], [20, 48], [32], [32, 32, 32]]
+    tiles = []
+    for k, row in enumerate(sizes):
+        wins = np.array([[4 + 20 * j, 10 * k, s, s] for j, s in enumerate(row)], np.int64)
+        tiles.append(TileJob(src, read_box(wins, src.shape), wins))
+    job = UnitJob(
+        store="unused.zarr",
+        unit=0,
+        row_start=0,
+        n_rows=9,
+        tiles=tuple(tiles),
+        model=ModelRef("m", "m.onnx", "0" * 64),
+        preprocess=pre,
+        image_limits=limits,
+        batch_size=4,
+        fill=0.0,
+        side=48,
+        dtype="float32",
+    )
+    got = list(_prepared_batches(job))
+    # 32 32 | 48 + (20, 48 resampled to 48) | 32 + 32 32 32 (4: full) ; sizes never mixed
+    assert [(len(rgb), rgb.shape[-1]) for _, rgb, _ in got] == [(2, 32), (3, 48), (4, 32)]
+    assert [t for t, _, _ in got] == [0, 2, 4]
+    reader = CutoutReader(preprocess=pre, fill=0.0, image_limits=limits)
+    want = [
+        reader.prepare(
+            reader.cut(t.source.read(*t.read_box), t.read_box, t.windows, side=48), t.source.id
+        )[0]
+        for t in tiles
+    ]
+    flat = [w[i] for w in want for i in range(len(w))]  # each cutout as its tile alone gave
+    k = 0
+    for _, rgb, _ in got:
+        np.testing.assert_array_equal(rgb, np.stack(flat[k : k + len(rgb)]))
+        k += len(rgb)
+    assert k == len(flat) == 9

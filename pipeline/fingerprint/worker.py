@@ -123,23 +123,30 @@ def _prepared_batches(job: UnitJob):
     A batch is filled across tiles: every batch holds ``batch_size`` cutouts but the unit's
     last. A survey of small patches has one window a tile, and a batch a tile ran the model
     576 times a unit on one cutout each (the batch's fixed cost, paid per patch); its cutouts
-    are stretched together too, each with its own image's limits."""
+    are stretched together too, each with its own image's limits. A batch holds cutouts of
+    one size: blob and catalog windows of another size start a new one."""
     from ..cutouts import CutoutReader
 
     reader = CutoutReader(preprocess=job.preprocess, fill=job.fill, image_limits=job.image_limits)
-    parts, n = [], 0  # the batch being filled: raw cutouts and their image
+    parts, n, last = [], 0, 0  # the batch being filled (raw cutouts, their image), its last tile
     for t, tile in enumerate(job.tiles):
         data = tile.source.read(*tile.read_box)
         b = 0
         while b < len(tile.windows):
             wins = tile.windows[b : b + job.batch_size - n]
-            parts.append((reader.cut(data, tile.read_box, wins, side=job.side), tile.source.id))
-            n, b = n + len(wins), b + len(wins)
+            cut = reader.cut(data, tile.read_box, wins, side=job.side)
+            if parts and cut.shape[2:] != parts[0][0].shape[2:]:
+                # A batch holds one cutout size: a tile of blob windows all of one other size
+                # is cut at that size (the model resizes), as when a batch was a tile.
+                yield last, *reader.prepare_many(parts)
+                parts, n = [], 0
+            parts.append((cut, tile.source.id))
+            n, b, last = n + len(wins), b + len(wins), t
             if n == job.batch_size:
                 yield t, *reader.prepare_many(parts)
                 parts, n = [], 0
     if n:
-        yield len(job.tiles) - 1, *reader.prepare_many(parts)
+        yield last, *reader.prepare_many(parts)
 
 
 def _prefetch(gen, depth: int = 1):
