@@ -13,6 +13,24 @@ from pipeline.sources import open_listed
 from pipeline.testing import make_mosaic
 
 
+def _job(tiles: list, pre: dict, limits: dict, *, side: int) -> UnitJob:
+    """A unit of ``tiles`` in batches of 4 (no store, no model: only its cutouts are made)."""
+    return UnitJob(
+        store="unused.zarr",
+        unit=0,
+        row_start=0,
+        n_rows=sum(len(t.windows) for t in tiles),
+        tiles=tuple(tiles),
+        model=ModelRef("m", "m.onnx", "0" * 64),
+        preprocess=pre,
+        image_limits=limits,
+        batch_size=4,
+        fill=0.0,
+        side=side,
+        dtype="float32",
+    )
+
+
 def test_batches_are_filled_across_tiles(tmp_path):
     # Small patches make tiles of one window each; a batch a tile ran the model on one cutout
     # at a time. Two images (their own stretch limits), tiles of 1-3 windows, batches of 4.
@@ -25,20 +43,7 @@ def test_batches_are_filled_across_tiles(tmp_path):
         src = sources[k % 2]
         wins = np.array([[8 * j, 4 * k, 32, 32] for j in range(n)], np.int64)
         tiles.append(TileJob(src, read_box(wins, src.shape), wins))
-    job = UnitJob(
-        store="unused.zarr",
-        unit=0,
-        row_start=0,
-        n_rows=12,
-        tiles=tuple(tiles),
-        model=ModelRef("m", "m.onnx", "0" * 64),
-        preprocess=pre,
-        image_limits={i: np.asarray(v, np.float32) for i, v in limits.items()},
-        batch_size=4,
-        fill=0.0,
-        side=32,
-        dtype="float32",
-    )
+    job = _job(tiles, pre, {i: np.asarray(v, np.float32) for i, v in limits.items()}, side=32)
     got = list(_prepared_batches(job))
     assert [len(rgb) for _, rgb, _ in got] == [4, 4, 4]
     assert [t for t, _, _ in got] == [1, 4, 6]  # the tile of each batch's last cutout
@@ -70,20 +75,7 @@ def test_a_batch_holds_one_cutout_size(tmp_path):
     for k, row in enumerate(sizes):
         wins = np.array([[4 + 20 * j, 10 * k, s, s] for j, s in enumerate(row)], np.int64)
         tiles.append(TileJob(src, read_box(wins, src.shape), wins))
-    job = UnitJob(
-        store="unused.zarr",
-        unit=0,
-        row_start=0,
-        n_rows=9,
-        tiles=tuple(tiles),
-        model=ModelRef("m", "m.onnx", "0" * 64),
-        preprocess=pre,
-        image_limits=limits,
-        batch_size=4,
-        fill=0.0,
-        side=48,
-        dtype="float32",
-    )
+    job = _job(tiles, pre, limits, side=48)
     got = list(_prepared_batches(job))
     # 32 32 | 48 + (20, 48 resampled to 48) | 32 + 32 32 32 (4: full) ; sizes never mixed
     assert [(len(rgb), rgb.shape[-1]) for _, rgb, _ in got] == [(2, 32), (3, 48), (4, 32)]
