@@ -21,6 +21,7 @@ Window geometry (centres, boxes) is :mod:`pipeline.geometry`'s.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -352,13 +353,8 @@ class CutoutReader:
 
         per_image = preprocess_settings(self.preprocess)["scope"] == "image"
         rgbs, fracs = [], []
-        start = 0
-        while start < len(parts):
-            stop = start + 1
-            bands = parts[start][0].shape[1]
-            while stop < len(parts) and parts[stop][0].shape[1] == bands:
-                stop += 1
-            run = parts[start:stop]
+        for _, group in itertools.groupby(parts, key=lambda part: part[0].shape[1]):
+            run = list(group)
             raw = run[0][0] if len(run) == 1 else np.concatenate([r for r, _ in run])
             limits = (
                 np.concatenate([self._each(img, len(r)) for r, img in run]) if per_image else None
@@ -368,7 +364,6 @@ class CutoutReader:
             )
             rgbs.append(rgb)
             fracs.append(frac)
-            start = stop
         if len(rgbs) == 1:
             return rgbs[0], fracs[0]
         return np.concatenate(rgbs), np.concatenate(fracs)

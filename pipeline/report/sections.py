@@ -171,11 +171,11 @@ class _Sections:
         self.manifest["pca"] = {"file": "pca-variance.png", "n_components": len(ratio)}
 
     def overlays(self) -> None:
+        from PIL import Image
+
         overlays = []
         for k, (image, cv) in enumerate(self.canvases.items()):
             name = f"overlay-{k}-{_slug(image)}.png"
-            from PIL import Image
-
             drawn = cv["canvas"].convert("RGB")
             if first_row_at_bottom(self.reader.sources[image]):  # as its thumbnails are
                 drawn = drawn.transpose(Image.Transpose.FLIP_TOP_BOTTOM)

@@ -258,12 +258,18 @@ def _celestial_header(header: Any, *, label: str, raw: bytes | None = None) -> s
     """Celestial WCS of a FITS header as a header string, or None (logged when unusable).
 
     ``raw``, the header's own block as read from the file, lets a plain 2-D RA/Dec WCS take
-    wcslib's path (:func:`_fast_celestial_header`), to the same text."""
+    wcslib's path (:func:`_fast_celestial_header`), to the same text; with ``raw``,
+    ``header`` may be None, and astropy's is then parsed from ``raw`` only when wcslib's path
+    does not take it."""
+    if raw is not None and (text := _fast_celestial_header(raw)) is not None:
+        return text  # wcslib wrote it: workers rebuild it the same way (tested)
     from astropy.wcs import WCS, FITSFixedWarning
     from astropy.wcs.utils import wcs_to_celestial_frame
 
-    if raw is not None and (text := _fast_celestial_header(raw)) is not None:
-        return text  # wcslib wrote it: workers rebuild it the same way (tested)
+    if header is None:
+        from astropy.io import fits
+
+        header = fits.Header.fromstring(raw.decode("ascii"))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FITSFixedWarning)

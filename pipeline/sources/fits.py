@@ -18,7 +18,6 @@ import numpy as np
 from ..errors import InputError
 from ._common import (
     _celestial_header,
-    _fast_celestial_header,
     _is_url,
     _label,
     _local_stat_key,
@@ -237,14 +236,8 @@ def _probe_primary(path: str) -> tuple[_Part, str | None] | None:
             if os.path.getsize(path) < len(raw) + abs(bitpix) // 8 * math.prod(shape):
                 return None
             y_axis, x_axis, band_axis = _squeeze_layout(shape, label=label)
-            # wcslib reads the WCS from the block itself; astropy's header is parsed only for
-            # what is not all wcslib's (SIP, another frame, no WCS).
-            wcs_header = _fast_celestial_header(raw)
-            if wcs_header is None:
-                from astropy.io import fits
-
-                header = fits.Header.fromstring(raw.decode("ascii"))
-                wcs_header = _celestial_header(header, label=label)
+            # astropy's header is parsed only for a WCS that is not all wcslib's.
+            wcs_header = _celestial_header(None, label=label, raw=raw)
         except Exception:  # whatever it is, the full probe words it
             return None
     if caught:  # a header astropy had something to say about: the full probe judges it
@@ -268,7 +261,9 @@ def _probe_primary(path: str) -> tuple[_Part, str | None] | None:
 
 # A primary header of more blocks than this is left to astropy (a patch's is one or two).
 _MAX_PRIMARY_BLOCKS = 64
+_BLOCK = 2880
 _END_CARD = b"END" + b" " * 77
+_PRINTABLE = re.compile(rb"[ -~]*")
 
 
 def _primary_block(f) -> bytes | None:
@@ -291,8 +286,6 @@ def _primary_block(f) -> bytes | None:
     return None
 
 
-_BLOCK = 2880
-_PRINTABLE = re.compile(rb"[ -~]*")
 # The cards that say where the pixels are and what they are: the keyword, "= ", a logical or a
 # plain number ending by column 30 (the standard's fixed format; a little freer here), then
 # blanks or a comment. A card of these keywords in any other form leaves the file to astropy.

@@ -256,15 +256,19 @@ class RecordedSources(RecordedColumn):
         return self._made[image]
 
 
-def _create_images_table(group, sizes: Mapping[str, int] | None = None):
-    """The ``images/`` group with every column, made once (of ``sizes[dim]`` records)."""
+def _images_columns(group, sizes: Mapping[str, int] | None = None) -> dict[str, Any]:
+    """Every column of the ``images/`` group, by name, each opened once (an open reads its
+    metadata) or made (of ``sizes[dim]`` records) when missing."""
     if IMAGES_GROUP in group:
         table = group[IMAGES_GROUP]
     else:
         table = group.create_group(IMAGES_GROUP, attributes={"about": _IMAGES_ABOUT})
+    columns = {}
     for name, (dim, dtype, fill) in _IMAGE_COLUMNS.items():
-        if name not in table:
-            table.create_array(
+        try:
+            columns[name] = table[name]
+        except KeyError:
+            columns[name] = table.create_array(
                 name,
                 shape=((sizes or {}).get(dim, 0),),
                 dtype=dtype,
@@ -272,7 +276,7 @@ def _create_images_table(group, sizes: Mapping[str, int] | None = None):
                 fill_value=fill,
                 dimension_names=(dim,),
             )
-    return table
+    return columns
 
 
 def _write_column(arr, at: int, values: list, dtype: Any) -> None:
@@ -303,9 +307,8 @@ def append_records(
     for): the client holds one chunk's JSON texts and encoded strings, never the whole
     segment's (at 10^4 images that was a 190 MB peak for 40 MB of records). The file columns
     grow with each chunk, by the files its records name."""
-    group = _create_images_table(root, {"image": image_start + len(images), "file": file_start})
-    # Each column opened once (an open reads its metadata): a resize updates the handle too.
-    arrays = {name: group[name] for name in _IMAGE_COLUMNS}
+    # A resize updates the column's handle too: each is opened once an append.
+    arrays = _images_columns(root, {"image": image_start + len(images), "file": file_start})
     for name, (dim, _, _) in _IMAGE_COLUMNS.items():
         stop = image_start + len(images) if dim == "image" else file_start
         if arrays[name].shape[0] != stop:
