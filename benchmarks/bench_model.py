@@ -1,9 +1,10 @@
 """Bare ONNX Runtime throughput of the built-in model: the ceiling every later stage is held to.
 
 Prints cutouts/s for EfficientNet-Lite0 fed 64x64 cutouts, resized to 224 inside the graph and at
-native 64x64, at batch sizes 1, 32 and 128.
+native 64x64, and for the default model (``efficientnet-lite0:native:rot8``: 8 views of each
+cutout at native 64), at batch sizes 1, 32 and 128.
 
-    .venv/bin/python benchmarks/bench_model.py [--seconds 5] [--threads N]
+    .venv/bin/python benchmarks/bench_model.py [--seconds 5] [--threads N] [--models NAME ...]
 """
 
 from __future__ import annotations
@@ -34,19 +35,29 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--threads", type=int, default=default_threads())
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 32, 128])
+    ap.add_argument(
+        "--models",
+        nargs="+",
+        default=[
+            "efficientnet-lite0",
+            "efficientnet-lite0:native",
+            "efficientnet-lite0:native:rot8",
+        ],
+    )
     args = ap.parse_args()
     print(
         f"# {platform.processor() or platform.machine()}, {args.threads} threads, onnxruntime {ort.__version__}"
     )
-    print(f"{'model':<28} {'input':>7} {'batch':>6} {'cutouts/s':>10}")
+    print(f"{'model':<34} {'input':>7} {'batch':>6} {'cutouts/s':>10}")
     rng = np.random.default_rng(0)
-    for name in ("efficientnet-lite0", "efficientnet-lite0:native"):
-        sess = get_session(ensure_onnx(resolve(name)), threads=args.threads)
+    for name in args.models:
+        card = resolve(name)
+        sess = get_session(ensure_onnx(card), threads=args.threads)
+        res = "64" if card.resolution == "native" else str(card.resolution)
         for bs in args.batches:
             batch = rng.random((bs, 3, 64, 64), dtype=np.float32)
             rate = throughput(sess, batch, args.seconds)
-            res = "224" if name.endswith("lite0") else "64"
-            print(f"{name:<28} {'64->' + res:>7} {bs:>6} {rate:>10.1f}", flush=True)
+            print(f"{name:<34} {'64->' + res:>7} {bs:>6} {rate:>10.1f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -58,6 +58,7 @@ def main() -> None:
     ap.add_argument("--base", default="efficientnet-lite0:native")
     ap.add_argument("--set", action="append", default=None, metavar="KEY=VALUE,...")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--classes", choices=sorted(bq.CLASS_SETS), default="issue")
     args = ap.parse_args()
 
     import torch
@@ -67,7 +68,7 @@ def main() -> None:
     from pipeline.models.export import pretrained_network
 
     torch.set_num_threads(args.threads)
-    raw, labels = bq.simulate(args.per_class)
+    raw, labels = bq.simulate(args.per_class, classes=bq.CLASS_SETS[args.classes])
     sample = raw.reshape(1, -1)[:, :: max(1, raw.size // 200_000)]
     rgb = np.ascontiguousarray(bq.stretched(raw[:, None], {}, sample), np.float32)
     data = torch.from_numpy(rgb)

@@ -93,6 +93,14 @@ def test_simulated_classes_look_like_their_class():
     assert np.abs(total[blank]).max() < 3 * 64 and total[~blank].min() > 2 * 64
     # Same seed, same stamps: the benchmark's figures are reproducible.
     np.testing.assert_array_equal(bench.simulate(4, seed=1)[0], stamps)
+    # The default set is the five; the hard one adds edge-on discs and mergers, and its
+    # stamps of the classes both sets share are those of the earlier seven-class benchmark.
+    assert bench.CLASSES == ("star", "disc", "spheroid", "clumpy", "blank")
+    hard = bench.CLASS_SETS["hard"]
+    hard_stamps, hard_labels = bench.simulate(2, seed=1, classes=hard)
+    assert np.bincount(hard_labels).tolist() == [2] * 7
+    star = bench.CLASSES.index("star")
+    np.testing.assert_array_equal(hard_stamps[hard_labels == 0], stamps[labels == star][:2])
 
 
 def test_scores_rank_separable_above_random(rng):
@@ -103,6 +111,11 @@ def test_scores_rank_separable_above_random(rng):
     bad = bench.scores(rng.normal(size=(90, 30)), labels)
     assert good[0] > 0.95 and good[1] > 0.9
     assert bad[0] < 0.6 and bad[1] < 0.2
+    # The supervised probe: near 1 where a linear boundary exists, near chance where none does.
+    assert (
+        bench.probe(separable, labels) > 0.95
+        and bench.probe(rng.normal(size=(90, 30)), labels) < 0.6
+    )
 
 
 def test_benchmark_runs_through_the_real_model(model_cache, capsys):

@@ -101,6 +101,9 @@ def test_refuses_another_model_and_non_stores(tmp_path):
     s = _store(tmp_path)
     with pytest.raises(StoreError, match="made with model_sha256"):
         s.check_compatible({"model": "m", "model_sha256": "other"})
+    # A store of another model (one made before the default changed, say) names the flag.
+    with pytest.raises(StoreError, match=r"made with model = \"m\".*or --model m$"):
+        s.check_compatible({"model": "efficientnet-lite0:native:rot8"})
     with pytest.raises(StoreError, match="no fingerprint store"):
         Store.open(tmp_path / "missing.zarr")
     import zarr

@@ -29,7 +29,9 @@ def _add_fingerprint(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--catalog", metavar="FILE", help="table of RA/Dec or x/y (method catalog)")
     p.add_argument(
-        "--model", metavar="NAME|PATH", help="built-in model name or ONNX file with its card"
+        "--model",
+        metavar="NAME|PATH",
+        help="built-in model name or ONNX file with its card (default: config model.name)",
     )
     p.add_argument("--batch-size", type=int)
     p.add_argument("--tile-size", type=int, help="tile side in pixels (unit of work and resume)")

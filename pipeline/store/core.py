@@ -319,9 +319,16 @@ class Store:
             "fingerprint_dtype",
         ):
             if key in attrs and mine.get(key) != _jsonable(attrs[key]):
+                # The default model changed once (2026-12-03): name the flag that appends.
+                same = "the same settings"
+                if key == "model":
+                    name, _, precision = str(mine.get(key)).partition("@")
+                    same = f"--model {name}" + (
+                        f" with model.precision {precision}" if precision else ""
+                    )
                 raise StoreError(
                     f"{self.path}: store was made with {key} = {json.dumps(mine.get(key), sort_keys=True)}, "
-                    f"this run uses {json.dumps(_jsonable(attrs[key]), sort_keys=True)}; use a new store (-o) or the same settings"
+                    f"this run uses {json.dumps(_jsonable(attrs[key]), sort_keys=True)}; use a new store (-o) or {same}"
                 )
 
     def append_segment(
