@@ -160,7 +160,13 @@ def test_adapt_trains_exports_and_fingerprints_like_a_builtin(field, tmp_path, c
     cache = tmp_path / "cache"
     with dask.config.set({"elodin.cutouts.stride": 16, "elodin.model.adapt.batch-size": 32}):
         card_path = adapt(
-            "efficientnet-lite0:native", [str(field)], "mine", epochs=1, cache=cache, progress=False
+            "efficientnet-lite0:native",
+            [str(field)],
+            "mine",
+            method="simsiam",
+            epochs=1,
+            cache=cache,
+            progress=False,
         )
     assert card_path == cache / "adapted" / "mine.yaml"
     assert torch.load(card_path.with_suffix(".ckpt"), weights_only=True)["epoch"] == 1
@@ -180,7 +186,13 @@ def test_adapt_trains_exports_and_fingerprints_like_a_builtin(field, tmp_path, c
     # Run again with more epochs: it resumes after the finished one.
     with dask.config.set({"elodin.cutouts.stride": 16, "elodin.model.adapt.batch-size": 32}):
         adapt(
-            "efficientnet-lite0:native", [str(field)], "mine", epochs=2, cache=cache, progress=False
+            "efficientnet-lite0:native",
+            [str(field)],
+            "mine",
+            method="simsiam",
+            epochs=2,
+            cache=cache,
+            progress=False,
         )
     assert torch.load(card_path.with_suffix(".ckpt"), weights_only=True)["epoch"] == 2
 
@@ -231,15 +243,106 @@ def test_adapt_refuses_a_checkpoint_made_with_other_settings(field, tmp_path):
     torch.save(ckpt, cache / "adapted" / "mine.ckpt")
     with dask.config.set({"elodin.cutouts.stride": 16}):
         with pytest.raises(ModelError, match="other model.adapt settings"):
-            adapt(name, [str(field)], "mine", epochs=1, cache=cache, progress=False)
+            adapt(
+                name, [str(field)], "mine", method="simsiam", epochs=1, cache=cache, progress=False
+            )
     assert not (cache / "adapted" / "mine.onnx").exists()
+    # Nor does the other method take over a name with a SimSiam checkpoint.
+    with pytest.raises(ModelError, match="made by the other adapt method"):
+        adapt(name, [str(field)], "mine", method="head", cache=cache, progress=False)
+    assert not (cache / "adapted" / "mine.head.npz").exists()
+
+
+def test_adapt_head_exports_a_model_that_fingerprints_like_a_builtin(
+    field, tmp_path, client, model_cache
+):
+    from pipeline.errors import ModelError
+    from pipeline.models import get_session, resolve
+    from pipeline.models.adapt import adapt
+    from pipeline.models.export import ensure_onnx
+    from pipeline.models.head import ViewStats
+    from pipeline.models.zoo import sha256_file
+
+    cache = tmp_path / "cache"
+    base = "efficientnet-lite0:native:rot4"  # a variant: the head keeps the encoder as it is
+    with dask.config.set({"elodin.cutouts.stride": 16, "elodin.model.adapt.head-dim": 16}):
+        card_path = adapt(base, [str(field)], "inv", epochs=2, cache=cache, progress=False)
+    checkpoint = card_path.with_suffix(".head.npz")
+    assert ViewStats.load(checkpoint)[0].views == 3  # as they are, then two augmented views
+    with dask.config.set({"elodin.cache-dir": str(cache)}):
+        card = resolve("inv")
+        assert (card.name, card.builtin, card.feature_dim) == ("inv", False, 16)
+        session = get_session(ensure_onnx(card))
+    # The wrapped file runs the base's graph, rotations included, then the head.
+    assert session.orientations == 4
+    rng = np.random.default_rng(0)
+    batch = rng.random((4, 3, 64, 64), dtype=np.float32)
+    feats = session.infer(batch).features
+    assert feats.shape == (4, 16) and np.isfinite(feats).all()
+    rotated = session.infer(np.rot90(batch, 1, axes=(2, 3)).copy()).features
+    np.testing.assert_allclose(rotated, feats, atol=1e-3 * np.abs(feats).max())
+    with pytest.raises(ModelError, match="square cutouts"):
+        session.infer(batch[:, :, :, :48])
+    top = get_session(ensure_onnx(resolve(base), cache=model_cache)).infer(batch)
+    np.testing.assert_array_equal(session.infer(batch).top_class, top.top_class)
+
+    # Again with more epochs: it resumes after the views it has; again as it is: the same
+    # model, byte for byte (the fit is deterministic).
+    with dask.config.set({"elodin.cutouts.stride": 16, "elodin.model.adapt.head-dim": 16}):
+        adapt(base, [str(field)], "inv", epochs=3, cache=cache, progress=False)
+        assert ViewStats.load(checkpoint)[0].views == 4
+        digest = sha256_file(card_path.with_suffix(".onnx"))
+        adapt(base, [str(field)], "inv", epochs=3, cache=cache, progress=False)
+        assert sha256_file(card_path.with_suffix(".onnx")) == digest
+        # Other cutouts under the same name: refused, the checkpoint kept.
+        with dask.config.set({"elodin.cutouts.stride": 24}):
+            with pytest.raises(ModelError, match="made from other cutouts or settings"):
+                adapt(base, [str(field)], "inv", epochs=3, cache=cache, progress=False)
+        assert ViewStats.load(checkpoint)[0].views == 4
+
+    # A store made with it records it and refuses appends with another model.
+    out = tmp_path / "inv.zarr"
+    with dask.config.set({"elodin.cache-dir": str(cache)}):
+        fingerprint([field], out, client=client, progress=False, **{**SETTINGS, "model": "inv"})
+        store = Store.open(out)
+        assert store.attrs["model"] == "inv"
+        assert store.dataset()["fingerprint"].shape[1] == 16
+        before = store_digest(out)
+        with pytest.raises(StoreError, match="made with model"):
+            fingerprint([field], out, client=client, progress=False, **SETTINGS)
+    assert store_digest(out) == before
+
+
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ({"ridge": 0}, "model.adapt.ridge: must be > 0"),
+        ({"head-dim": 0}, "model.adapt.head-dim: must be >= 1"),
+        ({"method": "byol"}, "'byol' is not one of head, simsiam"),
+    ],
+)
+def test_adapt_head_settings_are_checked_before_anything_is_written(
+    setting, message, field, tmp_path
+):
+    from pipeline.errors import ConfigError
+    from pipeline.models.adapt import adapt
+
+    cache = tmp_path / "cache"
+    with dask.config.set({f"elodin.model.adapt.{k}": v for k, v in setting.items()}):
+        with pytest.raises(ConfigError, match=message):
+            adapt("efficientnet-lite0:native", [str(field)], "x", cache=cache, progress=False)
+    assert not cache.exists()
 
 
 @pytest.mark.parametrize(
     "args, message",
     [
         (["no-such-model", "{field}", "--name", "x"], "unknown model 'no-such-model'"),
-        (["efficientnet-lite0:rot8", "{field}", "--name", "x"], "adapt a plain built-in"),
+        (
+            ["efficientnet-lite0:rot8", "{field}", "--name", "x", "--method", "simsiam"],
+            "method simsiam adapts a plain built-in",
+        ),
+        (["efficientnet-lite0", "{field}", "--name", "x", "--method", "byol"], "--method 'byol': use"),
         (["efficientnet-lite0", "{field}", "--name", "x", "--epochs", "0"], "--epochs must be"),
         (["efficientnet-lite0", "{field}", "--name", "a/b"], "--name 'a/b': use letters"),
         (

@@ -19,12 +19,23 @@ def _add_models(sub: argparse._SubParsersAction) -> None:
     i = msub.add_parser("info", help="describe a model (built-in name or ONNX path)")
     i.add_argument("name")
     a = msub.add_parser(
-        "adapt", help="fine-tune a built-in on your own cutouts, self-supervised (no labels)"
+        "adapt", help="adapt a built-in to your own cutouts, self-supervised (no labels)"
     )
     a.add_argument("base", help="built-in model to start from, e.g. efficientnet-lite0:native")
     a.add_argument("inputs", nargs="+", help="images, as for fingerprint")
     a.add_argument("--name", required=True, help="name of the new model (--model NAME)")
-    a.add_argument("--epochs", type=int, help="passes over the cutouts (model.adapt.epochs)")
+    a.add_argument(
+        "--method",
+        metavar="{head,simsiam}",
+        help="head: a linear head on the frozen encoder (default); simsiam: fine-tune it "
+        "(model.adapt.method)",
+    )
+    a.add_argument(
+        "--epochs",
+        type=int,
+        help="head: augmented views of each cutout; simsiam: passes over the cutouts "
+        "(model.adapt.epochs)",
+    )
     a.add_argument("--hdu", help="FITS HDU name or number")
     a.add_argument("--variable", help="variable of a Zarr/xarray mosaic")
     p.set_defaults(func=_cmd_models)
@@ -45,6 +56,7 @@ def _cmd_models(args: argparse.Namespace) -> int:
             args.base,
             args.inputs,
             args.name,
+            method=args.method,
             epochs=args.epochs,
             hdu=_hdu(args.hdu),
             variable=args.variable,

@@ -1,4 +1,12 @@
-"""``elodin models adapt``: fine-tune a built-in network on the user's own cutouts, no labels.
+"""``elodin models adapt``: adapt a built-in network to the user's own cutouts, no labels.
+
+Two methods (``model.adapt.method``, ``--method``):
+
+- ``head`` (the default): the encoder stays frozen and a linear head is fitted in closed form
+  on its features of the cutouts and of augmented views of them (:mod:`pipeline.models.head`).
+  Any built-in, variants included (``efficientnet-lite0:native:multi:rot8``); ``--epochs`` is
+  the number of augmented views of each cutout. Minutes on a CPU; no PyTorch.
+- ``simsiam``: fine-tune the network itself (below); plain built-ins only.
 
 SimSiam (Chen & He 2021): two augmented views of each cutout go through the network, a projector
 and a predictor; the loss pulls each view's prediction towards the other view's projection
@@ -21,6 +29,7 @@ again resumes after the last finished epoch (with more ``--epochs`` it trains on
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -36,16 +45,20 @@ from .zoo import ModelCard, resolve, sha256_file
 
 __all__ = [
     "ADAPTED_DIR",
+    "METHODS",
     "Trainer",
     "adapt",
     "adapted_card_path",
+    "head_settings",
     "train_settings",
     "training_cutouts",
+    "training_sample",
 ]
 
 logger = logging.getLogger(__name__)
 
 ADAPTED_DIR = "adapted"
+METHODS = ("head", "simsiam")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
@@ -67,14 +80,14 @@ def _check_name(name: str) -> str:
     return str(name)
 
 
-def _base_card(base: str) -> ModelCard:
+def _base_card(base: str, method: str) -> ModelCard:
     card = resolve(base)
     if not card.builtin:
         raise ModelError(f"adapt: base {base!r} is not a built-in model (elodin models list)")
-    if card.multi or card.orientations > 1:
+    if method == "simsiam" and (card.multi or card.orientations > 1):
         raise ModelError(
-            f"adapt: base {base!r}: adapt a plain built-in (with a resolution if you like); "
-            ":multi and :rot variants are not adapted"
+            f"adapt: base {base!r}: method simsiam adapts a plain built-in (with a resolution "
+            "if you like); :multi and :rot variants are adapted by method head"
         )
     return card
 
@@ -93,6 +106,25 @@ def training_cutouts(
 
     Memory: the sample, plus one tile's read box at a time.
     """
+    reader, parts = training_sample(
+        inputs, max_cutouts=max_cutouts, seed=seed, hdu=hdu, variable=variable
+    )
+    if not parts:
+        return np.zeros((0, 3, 1, 1), np.float32)
+    return reader.prepare_many(parts)[0]
+
+
+def training_sample(
+    inputs: Sequence[str],
+    *,
+    max_cutouts: int,
+    seed: int = 0,
+    hdu=None,
+    variable: str | None = None,
+):
+    """``(reader, parts)``: the sample of :func:`training_cutouts` before the stretch, as
+    ``(raw (n, bands, h, w), image id)`` parts, and the :class:`~pipeline.cutouts.CutoutReader`
+    whose ``prepare_many(parts)`` stretches them as fingerprinting does."""
     # The fingerprint stage's own settings, planning and cutting: the same windows it makes.
     from ..cutouts import CutoutReader
     from ..fingerprint import fingerprint_settings, image_limits, plan_sources
@@ -128,11 +160,8 @@ def training_cutouts(
         box = (int(tile["ry0"]), int(tile["ry1"]), int(tile["rx0"]), int(tile["rx1"]))
         first = int(plan.tile_start[t])
         wins = plan.tile_windows(int(t))[chosen[owner == t] - first]
-        cut = reader.cut(source.read(*box), box, wins)
-        parts.append(reader.prepare(cut, source.id)[0])
-    if not parts:
-        return np.zeros((0, 3, 1, 1), np.float32)
-    return np.concatenate(parts)
+        parts.append((reader.cut(source.read(*box), box, wins), source.id))
+    return reader, parts
 
 
 # ----------------------------------------------------------------------------- training
@@ -335,11 +364,26 @@ class Trainer:
         self.optimiser.load_state_dict(ckpt["optimiser"])
 
 
+def head_settings(**overrides) -> dict:
+    """``{"head-dim", "ridge"}`` from ``model.adapt``, overridden by ``overrides`` (keys with
+    ``_`` for ``-``)."""
+    out = {
+        "head-dim": config.get_int(
+            "model.adapt.head-dim", override=overrides.get("head_dim"), minimum=1
+        ),
+        "ridge": config.get_float("model.adapt.ridge", override=overrides.get("ridge")),
+    }
+    if out["ridge"] <= 0:
+        raise ConfigError(f"config elodin.model.adapt.ridge: must be > 0, got {out['ridge']}")
+    return out
+
+
 def adapt(
     base: str,
     inputs: Sequence[str],
     name: str,
     *,
+    method: str | None = None,
     epochs: int | None = None,
     batch_size: int | None = None,
     max_cutouts: int | None = None,
@@ -349,26 +393,164 @@ def adapt(
     progress: bool = True,
     seed: int = 0,
 ) -> Path:
-    """Fine-tune ``base`` self-supervised on cutouts of ``inputs``; returns the card's path.
+    """Adapt ``base`` to cutouts of ``inputs`` without labels; returns the new card's path.
 
-    Settings not given come from ``elodin.model.adapt`` (epochs, batch-size, max-cutouts,
-    min-cutouts, learning-rate, backbone-lr-factor, tune-blocks, freeze-bn). Everything is
-    checked before anything is written.
+    ``method`` (``model.adapt.method``): ``head``, an invariant linear head on the frozen
+    encoder (``epochs`` augmented views of each cutout), or ``simsiam``, fine-tuning the
+    network (``epochs`` passes). Settings not given come from ``elodin.model.adapt``.
+    Everything is checked before anything is written.
     """
-    import yaml
-
     name = _check_name(name)
     if epochs is not None and (isinstance(epochs, bool) or int(epochs) != epochs or epochs < 1):
         raise ConfigError(f"adapt: --epochs must be an integer >= 1, got {epochs!r}")
+    if method is not None and method not in METHODS:
+        raise ConfigError(f"adapt: --method {method!r}: use one of {', '.join(METHODS)}")
+    method = config.get_choice("model.adapt.method", METHODS, override=method)
     epochs = config.get_int("model.adapt.epochs", override=epochs, minimum=1)
     batch_size = config.get_int("model.adapt.batch-size", override=batch_size, minimum=2)
     max_cutouts = config.get_int("model.adapt.max-cutouts", override=max_cutouts, minimum=2)
     min_cutouts = config.get_int("model.adapt.min-cutouts", minimum=2)
-    settings = train_settings()
-    card = _base_card(base)
+    settings = head_settings() if method == "head" else train_settings()
+    card = _base_card(base, method)
     card_path = adapted_card_path(name, cache)
-    ckpt_path = card_path.with_suffix(".ckpt")
+    other = card_path.with_suffix(".ckpt" if method == "head" else ".head.npz")
+    if other.is_file():
+        raise ModelError(
+            f"{other}: a checkpoint of {name!r} made by the other adapt method exists; use "
+            "another --name, or remove it"
+        )
+    sample = dict(max_cutouts=max_cutouts, seed=seed, hdu=hdu, variable=variable)
+    run = _adapt_head if method == "head" else _adapt_simsiam
+    return run(
+        card,
+        inputs,
+        name,
+        card_path,
+        settings=settings,
+        epochs=epochs,
+        batch_size=batch_size,
+        min_cutouts=min_cutouts,
+        sample=sample,
+        progress=progress,
+        seed=seed,
+    )
+
+
+def _too_few(inputs: Sequence[str], n: int, min_cutouts: int) -> None:
+    if n < min_cutouts:
+        raise InputError(
+            f"adapt: {', '.join(map(str, inputs))}: {n} cutout(s) with these cutout "
+            f"settings; adapting needs at least {min_cutouts} (model.adapt.min-cutouts)"
+        )
+
+
+def _chunks(parts: list, size: int):
+    """Consecutive runs of ``parts`` holding at least ``size`` cutouts each (the last fewer)."""
+    run, count = [], 0
+    for part in parts:
+        run.append(part)
+        count += len(part[0])
+        if count >= size:
+            yield run
+            run, count = [], 0
+    if run:
+        yield run
+
+
+def _adapt_head(
+    card: ModelCard,
+    inputs: Sequence[str],
+    name: str,
+    card_path: Path,
+    *,
+    settings: dict,
+    epochs: int,
+    batch_size: int,
+    min_cutouts: int,
+    sample: dict,
+    progress: bool,
+    seed: int,
+) -> Path:
+    """Method ``head``: the base's features of the cutouts and of ``epochs`` augmented views
+    of each, summed view by view (a checkpoint after each), then the closed-form fit."""
+    from ..progress import bar
+    from . import head
+    from .export import ensure_onnx
+    from .runtime import get_session
+
+    reader, parts = training_sample(inputs, **sample)
+    n = sum(len(raw) for raw, _ in parts)
+    _too_few(inputs, n, min_cutouts)
+    ckpt_path = card_path.with_suffix(".head.npz")
+    meta = {
+        "base": card.name,
+        "sample": head.sample_digest(parts),
+        "seed": seed,
+        "augment": {"shift": head.SHIFT, "blur": head.BLUR, "flux": head.FLUX, "noise": head.NOISE},
+    }
+    meta = json.loads(json.dumps(meta))  # tuples as lists, as a loaded checkpoint has them
+    stats = None
+    if ckpt_path.is_file():
+        stats, saved = head.ViewStats.load(ckpt_path)
+        if saved != meta:
+            raise ModelError(
+                f"{ckpt_path}: a checkpoint of {name!r} made from other cutouts or settings "
+                f"(base {saved.get('base')!r}) exists; use another --name, or remove it"
+            )
+    base_onnx = ensure_onnx(card)
+    session = get_session(base_onnx)
+    views = 1 + epochs  # the cutouts as they are, then one augmented view per epoch
+    done = stats.views if stats is not None else 0
+    card_path.parent.mkdir(parents=True, exist_ok=True)
+    with bar(max(views - done, 0) * n, desc=f"adapt {name}", unit="cutout", enabled=progress) as b:
+        for view in range(done, views):
+            rng = np.random.default_rng([seed, view])
+            features = []
+            for chunk in _chunks(parts, 8 * batch_size):
+                if view:
+                    chunk = [(head.augment(raw, rng), image) for raw, image in chunk]
+                rgb = reader.prepare_many(chunk)[0]
+                for i in range(0, len(rgb), batch_size):
+                    features.append(session.infer(rgb[i : i + batch_size], logits=False).features)
+                    b.update(len(features[-1]))
+            features = np.concatenate(features)
+            if stats is None:
+                stats = head.ViewStats(n, features.shape[1])
+            stats.add(features)
+            stats.save(ckpt_path, meta)
+            logger.info("adapt %s: view %d/%d of %d cutouts", name, view + 1, views, n)
+    mean, projection = head.fit_head(stats, dim=settings["head-dim"], ridge=settings["ridge"])
     onnx_path = card_path.with_suffix(".onnx")
+    head.append_head(base_onnx, mean, projection, onnx_path)
+    # The base's graph already resizes and normalises: the card asks for neither again.
+    return _write_card(
+        card_path,
+        onnx_path,
+        resolution="native",
+        mean=(0.0, 0.0, 0.0),
+        std=(1.0, 1.0, 1.0),
+        feature_dim=int(projection.shape[1]),
+        comment=f"Adapted from {card.name} by `elodin models adapt --method head` on {n} "
+        f"cutouts, {stats.views - 1} augmented view(s) each",
+    )
+
+
+def _adapt_simsiam(
+    card: ModelCard,
+    inputs: Sequence[str],
+    name: str,
+    card_path: Path,
+    *,
+    settings: dict,
+    epochs: int,
+    batch_size: int,
+    min_cutouts: int,
+    sample: dict,
+    progress: bool,
+    seed: int,
+) -> Path:
+    """Method ``simsiam``: fine-tune the network, a checkpoint after each epoch."""
+    ckpt_path = card_path.with_suffix(".ckpt")
     ckpt = None
     if ckpt_path.is_file():
         import torch
@@ -379,20 +561,13 @@ def adapt(
                 f"{ckpt_path}: a checkpoint of {name!r} adapted from {ckpt.get('base')!r} "
                 f"exists; use another --name, or remove it to adapt {card.name} afresh"
             )
-    images = training_cutouts(
-        inputs, max_cutouts=max_cutouts, seed=seed, hdu=hdu, variable=variable
-    )
-    if len(images) < min_cutouts:
-        raise InputError(
-            f"adapt: {', '.join(map(str, inputs))}: {len(images)} cutout(s) with these cutout "
-            f"settings; adapting needs at least {min_cutouts} (model.adapt.min-cutouts)"
-        )
-    if len(images) < batch_size:
-        batch_size = len(images)
+    images = training_cutouts(inputs, **sample)
+    _too_few(inputs, len(images), min_cutouts)
+    batch_size = min(batch_size, len(images))
 
     import torch
-    from tqdm import tqdm
 
+    from ..progress import bar
     from .export import pretrained_network
 
     torch.manual_seed(seed)
@@ -406,41 +581,60 @@ def adapt(
     data = torch.from_numpy(images)
     steps = len(images) // batch_size
     gen = torch.Generator().manual_seed(seed + start)
-    bar = tqdm(
-        total=(epochs - start) * steps if epochs > start else 0,
-        desc=f"adapt {name}",
-        unit="step",
-        disable=not progress,
-    )
-    for epoch in range(start, epochs):
-        stats = trainer.epoch(data, epoch, epochs, batch_size, gen, bar)
-        logger.info(
-            "adapt %s: epoch %d/%d, loss %.4f, projection std %.4f",
-            name,
-            epoch + 1,
-            epochs,
-            stats["loss"],
-            stats["z_std"],
-        )
-        _atomic_save({"base": card.name, "epoch": epoch + 1, **trainer.state()}, ckpt_path)
-    bar.close()
+    with bar(
+        max(epochs - start, 0) * steps, desc=f"adapt {name}", unit="step", enabled=progress
+    ) as b:
+        for epoch in range(start, epochs):
+            stats = trainer.epoch(data, epoch, epochs, batch_size, gen, b)
+            logger.info(
+                "adapt %s: epoch %d/%d, loss %.4f, projection std %.4f",
+                name,
+                epoch + 1,
+                epochs,
+                stats["loss"],
+                stats["z_std"],
+            )
+            _atomic_save({"base": card.name, "epoch": epoch + 1, **trainer.state()}, ckpt_path)
     net.eval()
+    onnx_path = card_path.with_suffix(".onnx")
     _export_bare(net, card, onnx_path)
+    return _write_card(
+        card_path,
+        onnx_path,
+        resolution=card.resolution,
+        mean=card.mean,
+        std=card.std,
+        feature_dim=card.feature_dim,
+        comment=f"Adapted from {card.name} by `elodin models adapt --method simsiam` on "
+        f"{len(images)} cutouts, {epochs} epoch(s)",
+    )
+
+
+def _write_card(
+    card_path: Path,
+    onnx_path: Path,
+    *,
+    resolution,
+    mean,
+    std,
+    feature_dim: int,
+    comment: str,
+) -> Path:
+    """The adapted model's card beside its ONNX file, written atomically."""
+    import yaml
+
     meta = {
-        "name": name,
+        "name": card_path.stem,
         "path": onnx_path.name,
         "sha256": sha256_file(onnx_path),
         "input": "input",
-        "resolution": card.resolution,
-        "mean": list(card.mean),
-        "std": list(card.std),
+        "resolution": resolution,
+        "mean": [float(v) for v in mean],
+        "std": [float(v) for v in std],
         "outputs": {"features": "features", "logits": "logits"},
-        "feature_dim": card.feature_dim,
+        "feature_dim": int(feature_dim),
     }
     tmp = card_path.with_suffix(".yaml.tmp")
-    tmp.write_text(
-        f"# Adapted from {card.name} by `elodin models adapt` on {len(images)} cutouts, "
-        f"{epochs} epoch(s)\n" + yaml.safe_dump(meta, sort_keys=False)
-    )
+    tmp.write_text(f"# {comment}\n" + yaml.safe_dump(meta, sort_keys=False))
     os.replace(tmp, card_path)
     return card_path
