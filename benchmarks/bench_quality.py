@@ -434,7 +434,12 @@ def main() -> None:
         help="also adapt a base on the unlabelled stamps for EPOCHS and score it",
     )
     ap.add_argument("--adapt-method", choices=sorted(ADAPT_BASES), default="head")
-    ap.add_argument("--adapt-base", default=None, help="default: by method, ADAPT_BASES")
+    ap.add_argument(
+        "--adapt-base",
+        nargs="+",
+        default=None,
+        help="bases to adapt, a row each (default: by method, ADAPT_BASES)",
+    )
     args = ap.parse_args()
     per_class = args.per_class or (40 if args.quick else 150)
     hdf_per_class = args.hdf_per_class or (60 if args.quick else 150)
@@ -459,7 +464,7 @@ def main() -> None:
     )
     start = time.perf_counter()
     rows = run(recipes, per_class, hdf_per_class, threads, classes) if recipes != ["none"] else []
-    if args.adapt:
+    for base in (args.adapt_base or [ADAPT_BASES[args.adapt_method]]) if args.adapt else []:
         rows.append(
             adapted_row(
                 args.adapt,
@@ -468,7 +473,7 @@ def main() -> None:
                 threads,
                 classes,
                 method=args.adapt_method,
-                base=args.adapt_base,
+                base=base,
             )
         )
         print(_row(rows[-1]), flush=True)

@@ -130,6 +130,18 @@ def test_benchmark_runs_through_the_real_model(model_cache, capsys):
     assert rows[1]["rate"] > 0
 
 
+def test_benchmark_adapted_head_groups_better_than_its_base(model_cache):
+    # The benchmark's --adapt path on a small set: the stamps as a FITS mosaic, `models adapt`
+    # (method head), the exported model through the user-model path. The head is fitted on the
+    # same unlabelled stamps; its k-NN balanced accuracy must beat the frozen base's.
+    bench = _bench()
+    base = "efficientnet-lite0:native"
+    plain = bench.run([base], per_class=30, hdf_per_class=10, threads=2)[0]
+    adapted = bench.adapted_row(3, 30, 10, 2, base=base)
+    assert adapted["dim"] == 64 and adapted["recipe"].startswith("adapted lite0:native, head 3")
+    assert adapted["bacc"] > plain["bacc"] + 0.02, (adapted, plain)
+
+
 # ------------------------------------------------------------------------ elodin models adapt
 def _cli(*args: str, cache: Path):
     import os
