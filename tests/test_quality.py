@@ -354,7 +354,10 @@ def test_adapt_head_settings_are_checked_before_anything_is_written(
             ["efficientnet-lite0:rot8", "{field}", "--name", "x", "--method", "simsiam"],
             "method simsiam adapts a plain built-in",
         ),
-        (["efficientnet-lite0", "{field}", "--name", "x", "--method", "byol"], "--method 'byol': use"),
+        (
+            ["efficientnet-lite0", "{field}", "--name", "x", "--method", "byol"],
+            "--method 'byol': use",
+        ),
         (["efficientnet-lite0", "{field}", "--name", "x", "--epochs", "0"], "--epochs must be"),
         (["efficientnet-lite0", "{field}", "--name", "a/b"], "--name 'a/b': use letters"),
         (
