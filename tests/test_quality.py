@@ -170,16 +170,20 @@ def test_adapt_trains_exports_and_fingerprints_like_a_builtin(field, tmp_path, c
     from pipeline.models.export import ensure_onnx
 
     cache = tmp_path / "cache"
-    with dask.config.set({"elodin.cutouts.stride": 16, "elodin.model.adapt.batch-size": 32}):
-        card_path = adapt(
-            "efficientnet-lite0:native",
-            [str(field)],
-            "mine",
-            method="simsiam",
-            epochs=1,
-            cache=cache,
-            progress=False,
-        )
+
+    def simsiam(epochs: int) -> Path:
+        with dask.config.set({"elodin.cutouts.stride": 16, "elodin.model.adapt.batch-size": 32}):
+            return adapt(
+                "efficientnet-lite0:native",
+                [str(field)],
+                "mine",
+                method="simsiam",
+                epochs=epochs,
+                cache=cache,
+                progress=False,
+            )
+
+    card_path = simsiam(1)
     assert card_path == cache / "adapted" / "mine.yaml"
     assert torch.load(card_path.with_suffix(".ckpt"), weights_only=True)["epoch"] == 1
     with dask.config.set({"elodin.cache-dir": str(cache)}):
@@ -196,16 +200,7 @@ def test_adapt_trains_exports_and_fingerprints_like_a_builtin(field, tmp_path, c
     assert np.abs(feats - base.infer(batch).features).max() > 1e-3  # the weights were trained
 
     # Run again with more epochs: it resumes after the finished one.
-    with dask.config.set({"elodin.cutouts.stride": 16, "elodin.model.adapt.batch-size": 32}):
-        adapt(
-            "efficientnet-lite0:native",
-            [str(field)],
-            "mine",
-            method="simsiam",
-            epochs=2,
-            cache=cache,
-            progress=False,
-        )
+    simsiam(2)
     assert torch.load(card_path.with_suffix(".ckpt"), weights_only=True)["epoch"] == 2
 
     # A store made with it records it and refuses appends with another model.

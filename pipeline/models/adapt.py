@@ -29,6 +29,7 @@ again resumes after the last finished epoch (with more ``--epochs`` it trains on
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -419,21 +420,37 @@ def adapt(
             f"{other}: a checkpoint of {name!r} made by the other adapt method exists; use "
             "another --name, or remove it"
         )
-    sample = dict(max_cutouts=max_cutouts, seed=seed, hdu=hdu, variable=variable)
-    run = _adapt_head if method == "head" else _adapt_simsiam
-    return run(
-        card,
-        inputs,
-        name,
-        card_path,
+    job = _Job(
+        card=card,
+        inputs=tuple(map(str, inputs)),
+        name=name,
+        card_path=card_path,
         settings=settings,
         epochs=epochs,
         batch_size=batch_size,
         min_cutouts=min_cutouts,
-        sample=sample,
+        sample={"max_cutouts": max_cutouts, "seed": seed, "hdu": hdu, "variable": variable},
         progress=progress,
         seed=seed,
     )
+    return _adapt_head(job) if method == "head" else _adapt_simsiam(job)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Job:
+    """One ``adapt`` call with its settings resolved and checked: what either method needs."""
+
+    card: ModelCard
+    inputs: tuple[str, ...]
+    name: str
+    card_path: Path
+    settings: dict
+    epochs: int
+    batch_size: int
+    min_cutouts: int
+    sample: dict  # training_sample's keywords
+    progress: bool
+    seed: int
 
 
 def _too_few(inputs: Sequence[str], n: int, min_cutouts: int) -> None:
@@ -457,20 +474,7 @@ def _chunks(parts: list, size: int):
         yield run
 
 
-def _adapt_head(
-    card: ModelCard,
-    inputs: Sequence[str],
-    name: str,
-    card_path: Path,
-    *,
-    settings: dict,
-    epochs: int,
-    batch_size: int,
-    min_cutouts: int,
-    sample: dict,
-    progress: bool,
-    seed: int,
-) -> Path:
+def _adapt_head(job: _Job) -> Path:
     """Method ``head``: the base's features of the cutouts and of ``epochs`` augmented views
     of each, summed view by view (a checkpoint after each), then the closed-form fit."""
     from ..progress import bar
@@ -478,14 +482,14 @@ def _adapt_head(
     from .export import ensure_onnx
     from .runtime import get_session
 
-    reader, parts = training_sample(inputs, **sample)
+    reader, parts = training_sample(job.inputs, **job.sample)
     n = sum(len(raw) for raw, _ in parts)
-    _too_few(inputs, n, min_cutouts)
-    ckpt_path = card_path.with_suffix(".head.npz")
+    _too_few(job.inputs, n, job.min_cutouts)
+    ckpt_path = job.card_path.with_suffix(".head.npz")
     meta = {
-        "base": card.name,
+        "base": job.card.name,
         "sample": head.sample_digest(parts),
-        "seed": seed,
+        "seed": job.seed,
         "augment": {"shift": head.SHIFT, "blur": head.BLUR, "flux": head.FLUX, "noise": head.NOISE},
     }
     meta = json.loads(json.dumps(meta))  # tuples as lists, as a loaded checkpoint has them
@@ -494,119 +498,115 @@ def _adapt_head(
         stats, saved = head.ViewStats.load(ckpt_path)
         if saved != meta:
             raise ModelError(
-                f"{ckpt_path}: a checkpoint of {name!r} made from other cutouts or settings "
+                f"{ckpt_path}: a checkpoint of {job.name!r} made from other cutouts or settings "
                 f"(base {saved.get('base')!r}) exists; use another --name, or remove it"
             )
-    base_onnx = ensure_onnx(card)
+    base_onnx = ensure_onnx(job.card)
     session = get_session(base_onnx)
-    views = 1 + epochs  # the cutouts as they are, then one augmented view per epoch
+    views = 1 + job.epochs  # the cutouts as they are, then one augmented view per epoch
     done = stats.views if stats is not None else 0
-    card_path.parent.mkdir(parents=True, exist_ok=True)
-    with bar(max(views - done, 0) * n, desc=f"adapt {name}", unit="cutout", enabled=progress) as b:
+    job.card_path.parent.mkdir(parents=True, exist_ok=True)
+    with bar(
+        max(views - done, 0) * n, desc=f"adapt {job.name}", unit="cutout", enabled=job.progress
+    ) as b:
         for view in range(done, views):
-            rng = np.random.default_rng([seed, view])
+            rng = np.random.default_rng([job.seed, view])
             features = []
-            for chunk in _chunks(parts, 8 * batch_size):
+            for chunk in _chunks(parts, 8 * job.batch_size):
                 if view:
                     chunk = [(head.augment(raw, rng), image) for raw, image in chunk]
                 rgb = reader.prepare_many(chunk)[0]
-                for i in range(0, len(rgb), batch_size):
-                    features.append(session.infer(rgb[i : i + batch_size], logits=False).features)
+                for i in range(0, len(rgb), job.batch_size):
+                    features.append(
+                        session.infer(rgb[i : i + job.batch_size], logits=False).features
+                    )
                     b.update(len(features[-1]))
             features = np.concatenate(features)
             if stats is None:
                 stats = head.ViewStats(n, features.shape[1])
             stats.add(features)
             stats.save(ckpt_path, meta)
-            logger.info("adapt %s: view %d/%d of %d cutouts", name, view + 1, views, n)
-    mean, projection = head.fit_head(stats, dim=settings["head-dim"], ridge=settings["ridge"])
-    onnx_path = card_path.with_suffix(".onnx")
+            logger.info("adapt %s: view %d/%d of %d cutouts", job.name, view + 1, views, n)
+    mean, projection = head.fit_head(
+        stats, dim=job.settings["head-dim"], ridge=job.settings["ridge"]
+    )
+    onnx_path = job.card_path.with_suffix(".onnx")
     head.append_head(base_onnx, mean, projection, onnx_path)
     # The base's graph already resizes and normalises: the card asks for neither again.
     return _write_card(
-        card_path,
+        job.card_path,
         onnx_path,
         resolution="native",
         mean=(0.0, 0.0, 0.0),
         std=(1.0, 1.0, 1.0),
         feature_dim=int(projection.shape[1]),
-        comment=f"Adapted from {card.name} by `elodin models adapt --method head` on {n} "
+        comment=f"Adapted from {job.card.name} by `elodin models adapt --method head` on {n} "
         f"cutouts, {stats.views - 1} augmented view(s) each",
     )
 
 
-def _adapt_simsiam(
-    card: ModelCard,
-    inputs: Sequence[str],
-    name: str,
-    card_path: Path,
-    *,
-    settings: dict,
-    epochs: int,
-    batch_size: int,
-    min_cutouts: int,
-    sample: dict,
-    progress: bool,
-    seed: int,
-) -> Path:
+def _adapt_simsiam(job: _Job) -> Path:
     """Method ``simsiam``: fine-tune the network, a checkpoint after each epoch."""
-    ckpt_path = card_path.with_suffix(".ckpt")
+    ckpt_path = job.card_path.with_suffix(".ckpt")
     ckpt = None
     if ckpt_path.is_file():
         import torch
 
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        if ckpt.get("base") != card.name:
+        if ckpt.get("base") != job.card.name:
             raise ModelError(
-                f"{ckpt_path}: a checkpoint of {name!r} adapted from {ckpt.get('base')!r} "
-                f"exists; use another --name, or remove it to adapt {card.name} afresh"
+                f"{ckpt_path}: a checkpoint of {job.name!r} adapted from {ckpt.get('base')!r} "
+                f"exists; use another --name, or remove it to adapt {job.card.name} afresh"
             )
-    images = training_cutouts(inputs, **sample)
-    _too_few(inputs, len(images), min_cutouts)
-    batch_size = min(batch_size, len(images))
+    images = training_cutouts(job.inputs, **job.sample)
+    _too_few(job.inputs, len(images), job.min_cutouts)
+    batch_size = min(job.batch_size, len(images))
 
     import torch
 
     from ..progress import bar
     from .export import pretrained_network
 
-    torch.manual_seed(seed)
-    net = pretrained_network(card)
-    trainer = Trainer(card, net, settings)
+    torch.manual_seed(job.seed)
+    net = pretrained_network(job.card)
+    trainer = Trainer(job.card, net, job.settings)
     start = 0
     if ckpt is not None:
         trainer.load(ckpt, ckpt_path)
         start = int(ckpt["epoch"])
-    card_path.parent.mkdir(parents=True, exist_ok=True)
+    job.card_path.parent.mkdir(parents=True, exist_ok=True)
     data = torch.from_numpy(images)
     steps = len(images) // batch_size
-    gen = torch.Generator().manual_seed(seed + start)
+    gen = torch.Generator().manual_seed(job.seed + start)
     with bar(
-        max(epochs - start, 0) * steps, desc=f"adapt {name}", unit="step", enabled=progress
+        max(job.epochs - start, 0) * steps,
+        desc=f"adapt {job.name}",
+        unit="step",
+        enabled=job.progress,
     ) as b:
-        for epoch in range(start, epochs):
-            stats = trainer.epoch(data, epoch, epochs, batch_size, gen, b)
+        for epoch in range(start, job.epochs):
+            stats = trainer.epoch(data, epoch, job.epochs, batch_size, gen, b)
             logger.info(
                 "adapt %s: epoch %d/%d, loss %.4f, projection std %.4f",
-                name,
+                job.name,
                 epoch + 1,
-                epochs,
+                job.epochs,
                 stats["loss"],
                 stats["z_std"],
             )
-            _atomic_save({"base": card.name, "epoch": epoch + 1, **trainer.state()}, ckpt_path)
+            _atomic_save({"base": job.card.name, "epoch": epoch + 1, **trainer.state()}, ckpt_path)
     net.eval()
-    onnx_path = card_path.with_suffix(".onnx")
-    _export_bare(net, card, onnx_path)
+    onnx_path = job.card_path.with_suffix(".onnx")
+    _export_bare(net, job.card, onnx_path)
     return _write_card(
-        card_path,
+        job.card_path,
         onnx_path,
-        resolution=card.resolution,
-        mean=card.mean,
-        std=card.std,
-        feature_dim=card.feature_dim,
-        comment=f"Adapted from {card.name} by `elodin models adapt --method simsiam` on "
-        f"{len(images)} cutouts, {epochs} epoch(s)",
+        resolution=job.card.resolution,
+        mean=job.card.mean,
+        std=job.card.std,
+        feature_dim=job.card.feature_dim,
+        comment=f"Adapted from {job.card.name} by `elodin models adapt --method simsiam` on "
+        f"{len(images)} cutouts, {job.epochs} epoch(s)",
     )
 
 
