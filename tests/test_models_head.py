@@ -3,6 +3,8 @@ ONNX graph, each against a direct computation."""
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -53,11 +55,14 @@ def test_view_stats_resume_from_a_checkpoint(rng, tmp_path):
         again.add(f)
     for a, b in zip(whole.covariances(), again.covariances(), strict=True):
         np.testing.assert_allclose(a, b)
-    (tmp_path / "bad.npz").write_bytes(b"not a checkpoint")
     from pipeline.errors import ModelError
 
-    with pytest.raises(ModelError, match="not a readable adapt checkpoint"):
-        head.ViewStats.load(tmp_path / "bad.npz")
+    # Not a checkpoint, or one cut short (a disk filling up): one line naming it.
+    whole_bytes = (tmp_path / "c.npz").read_bytes()
+    for i, text in enumerate([b"not a checkpoint", whole_bytes[: len(whole_bytes) // 2]]):
+        (tmp_path / f"bad{i}.npz").write_bytes(text)
+        with pytest.raises(ModelError, match=f"bad{i}.npz: not a readable adapt checkpoint"):
+            head.ViewStats.load(tmp_path / f"bad{i}.npz")
 
 
 def test_the_head_keeps_what_views_agree_on(rng):
@@ -103,8 +108,13 @@ def test_augment_moves_scales_and_adds_noise_about_the_sky(rng):
     # Fresh noise of about the cutout's own level on top: the sky's spread grows.
     sky = views[:, :, :8, 20:]
     assert 1.2 < np.nanstd(sky) < 2.0 * head.NOISE + 0.5
-    # The masked pixel stays masked, moved with its cutout.
+    # The masked pixel stays masked, moved with its cutout; a band masked whole stays so.
     assert np.isnan(views[0]).sum() == 2 and not np.isnan(views[1:]).any()
+    raw[1, 1] = np.nan
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        masked = head.augment(raw[:2], np.random.default_rng(2))
+    assert np.isnan(masked[1, 1]).all() and np.isfinite(masked[1, 0]).all()
 
 
 def test_append_head_projects_the_features_and_keeps_the_rest(tmp_path, model_cache, rng):

@@ -30,6 +30,8 @@ import io
 import json
 import logging
 import os
+import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -64,7 +66,8 @@ def augment(raw: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     raw = np.asarray(raw, np.float32)
     n, bands = raw.shape[:2]
     flat = raw.reshape(n, bands, -1)
-    with np.errstate(all="ignore"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a band masked whole: sky 0, noise 0
         sky = np.nanmedian(flat, axis=2)
         noise = 1.4826 * np.nanmedian(np.abs(flat - sky[..., None]), axis=2)
     sky = np.nan_to_num(sky)[..., None, None]
@@ -144,7 +147,7 @@ class ViewStats:
                 stats.sums[:] = data["sums"]
                 stats.gram[:] = data["gram"]
                 meta = json.loads(str(data["meta"]))
-        except (OSError, ValueError, KeyError) as e:
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
             raise ModelError(f"{path}: not a readable adapt checkpoint ({e}); remove it") from None
         return stats, meta
 
