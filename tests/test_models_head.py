@@ -88,6 +88,24 @@ def test_the_head_keeps_what_views_agree_on(rng):
     np.testing.assert_array_equal(head.fit_head(stats, dim=3, ridge=1e-3)[1], projection)
 
 
+def test_the_head_keeps_no_more_directions_than_cutouts_spread_in(rng):
+    from pipeline.errors import InputError
+
+    views, _ = _views(rng, n=5)
+    stats = head.ViewStats(5, views.shape[2])
+    for f in views:
+        stats.add(f)
+    origin, projection = head.fit_head(stats, dim=64, ridge=0.1)
+    assert projection.shape == (8, 4)  # 5 cutouts spread in 4 directions at most
+    np.testing.assert_allclose(origin, views[0].mean(axis=0))  # centred on the cutouts as they are
+    # Views that never differ from their cutout leave nothing to fit: one line, no traceback.
+    same = head.ViewStats(5, 8)
+    for _ in range(3):
+        same.add(views[0])
+    with pytest.raises(InputError, match="views of the cutouts do not differ"):
+        head.fit_head(same, dim=4, ridge=0.1)
+
+
 def test_augment_moves_scales_and_adds_noise_about_the_sky(rng):
     raw = rng.normal(10.0, 1.0, size=(64, 2, 32, 32)).astype(np.float32)
     raw[:, :, 16, 16] += 500.0  # a point source in the middle, in both bands

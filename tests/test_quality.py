@@ -254,6 +254,14 @@ def test_adapt_refuses_a_checkpoint_made_with_other_settings(field, tmp_path):
                 name, [str(field)], "mine", method="simsiam", epochs=1, cache=cache, progress=False
             )
     assert not (cache / "adapted" / "mine.onnx").exists()
+    # A checkpoint that is not one: one line, left as it is.
+    (cache / "adapted" / "mine.ckpt").write_bytes(b"half a checkpoint")
+    with dask.config.set({"elodin.cutouts.stride": 16}):
+        with pytest.raises(ModelError, match="mine.ckpt: not a readable adapt checkpoint"):
+            adapt(
+                name, [str(field)], "mine", method="simsiam", epochs=1, cache=cache, progress=False
+            )
+    assert (cache / "adapted" / "mine.ckpt").read_bytes() == b"half a checkpoint"
     # Nor does the other method take over a name with a SimSiam checkpoint.
     with pytest.raises(ModelError, match="made by the other adapt method"):
         adapt(name, [str(field)], "mine", method="head", cache=cache, progress=False)
@@ -280,7 +288,11 @@ def test_adapt_head_exports_a_model_that_fingerprints_like_a_builtin(
         card = resolve("inv")
         assert (card.name, card.builtin, card.feature_dim) == ("inv", False, 16)
         session = get_session(ensure_onnx(card))
-    # The wrapped file runs the base's graph, rotations included, then the head.
+    # The wrapped file is valid ONNX (one top-k key, not the base's and the wrapper's) and runs
+    # the base's graph, rotations included, then the head.
+    import onnx
+
+    onnx.checker.check_model(onnx.load(str(ensure_onnx(card, cache=model_cache))))
     assert session.orientations == 4
     rng = np.random.default_rng(0)
     batch = rng.random((4, 3, 64, 64), dtype=np.float32)
@@ -301,11 +313,23 @@ def test_adapt_head_exports_a_model_that_fingerprints_like_a_builtin(
         digest = sha256_file(card_path.with_suffix(".onnx"))
         adapt(base, [str(field)], "inv", epochs=3, cache=cache, progress=False)
         assert sha256_file(card_path.with_suffix(".onnx")) == digest
-        # Other cutouts under the same name: refused, the checkpoint kept.
-        with dask.config.set({"elodin.cutouts.stride": 24}):
-            with pytest.raises(ModelError, match="made from other cutouts or settings"):
-                adapt(base, [str(field)], "inv", epochs=3, cache=cache, progress=False)
+        # Other cutouts, or the same ones stretched otherwise, under the same name: refused,
+        # the checkpoint kept (its views are never mixed with other ones).
+        for other in ({"elodin.cutouts.stride": 24}, {"elodin.preprocess.asinh-a": 0.5}):
+            with dask.config.set(other):
+                with pytest.raises(ModelError, match="made from other cutouts or settings"):
+                    adapt(base, [str(field)], "inv", epochs=3, cache=cache, progress=False)
         assert ViewStats.load(checkpoint)[0].views == 4
+        # Nor does SimSiam take over the name.
+        with pytest.raises(ModelError, match="made by the other adapt method"):
+            adapt(
+                "efficientnet-lite0:native",
+                [str(field)],
+                "inv",
+                method="simsiam",
+                cache=cache,
+                progress=False,
+            )
 
     # A store made with it records it and refuses appends with another model.
     out = tmp_path / "inv.zarr"
@@ -326,6 +350,7 @@ def test_adapt_head_exports_a_model_that_fingerprints_like_a_builtin(
         ({"ridge": 0}, "model.adapt.ridge: must be > 0"),
         ({"head-dim": 0}, "model.adapt.head-dim: must be >= 1"),
         ({"method": "byol"}, "'byol' is not one of head, simsiam"),
+        ({"max-cutouts": 10}, r"max-cutouts \(10\) is below min-cutouts \(64\)"),
     ],
 )
 def test_adapt_head_settings_are_checked_before_anything_is_written(

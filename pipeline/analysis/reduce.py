@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 from sklearn.base import BaseEstimator, TransformerMixin
+from sklearn.utils.extmath import svd_flip
 
 from .. import config
 from ..errors import ConfigError, StoreError
@@ -205,9 +206,7 @@ class ExactPCA(TransformerMixin, BaseEstimator):
         k = self._n_kept(ratio, n, len(w))
         comps = v[:, :k].T.copy()
         # sklearn's sign convention (svd_flip on Vt): the largest |loading| of each component > 0.
-        signs = np.sign(comps[np.arange(k), np.argmax(np.abs(comps), axis=1)])
-        signs[signs == 0] = 1
-        comps *= signs[:, None]
+        _, comps = svd_flip(None, comps, u_based_decision=False)
         self.mean_ = self.shift_ + m
         self.components_ = comps
         self.explained_variance_ = w[:k].copy()

@@ -5,7 +5,7 @@ Two methods (``model.adapt.method``, ``--method``):
 - ``head`` (the default): the encoder stays frozen and a linear head is fitted in closed form
   on its features of the cutouts and of augmented views of them (:mod:`pipeline.models.head`).
   Any built-in, variants included (``efficientnet-lite0:native:multi:rot8``); ``--epochs`` is
-  the number of augmented views of each cutout. Minutes on a CPU; no PyTorch.
+  the number of augmented views of each cutout. Minutes on a CPU.
 - ``simsiam``: fine-tune the network itself (below); plain built-ins only.
 
 SimSiam (Chen & He 2021): two augmented views of each cutout go through the network, a projector
@@ -17,14 +17,16 @@ would make of the same inputs (the ``cutouts``, ``tiling`` and ``preprocess`` se
 full windows), a random sample of at most ``model.adapt.max-cutouts`` of them, stretched as
 fingerprinting stretches them.
 
-The adapted network is exported bare (input ``input`` at the base's resolution, already
-normalised; outputs ``features`` and ``logits``) with a model card beside it into
-``<model cache>/adapted/NAME.onnx`` + ``NAME.yaml``; :func:`pipeline.models.zoo.resolve` finds it
-by its name, and it runs through the user-model path (wrapped once with the resize and the
-ImageNet normalisation), so ``--model NAME`` works like a built-in name and stores record it.
+Either way the model goes with a card beside it into ``<model cache>/adapted/NAME.onnx`` +
+``NAME.yaml``; :func:`pipeline.models.zoo.resolve` finds it by its name, and it runs through the
+user-model path, so ``--model NAME`` works like a built-in name and stores record it. A
+SimSiam network is exported bare (input at the base's resolution, already normalised; the
+wrapper adds the resize and the ImageNet normalisation); a head model is the base's whole graph
+with the head appended (its card asks for no resize and mean 0 / std 1).
 
-A checkpoint (``NAME.ckpt``) is written after every epoch, atomically: the same command run
-again resumes after the last finished epoch (with more ``--epochs`` it trains on).
+A checkpoint is written atomically after every epoch (SimSiam: ``NAME.ckpt``) or view (head:
+``NAME.head.npz``): the same command run again resumes after the last one finished (with more
+``--epochs`` it goes on).
 """
 
 from __future__ import annotations
@@ -411,6 +413,11 @@ def adapt(
     batch_size = config.get_int("model.adapt.batch-size", override=batch_size, minimum=2)
     max_cutouts = config.get_int("model.adapt.max-cutouts", override=max_cutouts, minimum=2)
     min_cutouts = config.get_int("model.adapt.min-cutouts", minimum=2)
+    if max_cutouts < min_cutouts:
+        raise ConfigError(
+            f"config elodin.model.adapt: max-cutouts ({max_cutouts}) is below min-cutouts "
+            f"({min_cutouts}): no sample could be enough"
+        )
     settings = head_settings() if method == "head" else train_settings()
     card = _base_card(base, method)
     card_path = adapted_card_path(name, cache)
@@ -477,6 +484,7 @@ def _chunks(parts: list, size: int):
 def _adapt_head(job: _Job) -> Path:
     """Method ``head``: the base's features of the cutouts and of ``epochs`` augmented views
     of each, summed view by view (a checkpoint after each), then the closed-form fit."""
+    from ..fingerprint import fingerprint_settings
     from ..progress import bar
     from . import head
     from .export import ensure_onnx
@@ -486,13 +494,18 @@ def _adapt_head(job: _Job) -> Path:
     n = sum(len(raw) for raw, _ in parts)
     _too_few(job.inputs, n, job.min_cutouts)
     ckpt_path = job.card_path.with_suffix(".head.npz")
+    base_onnx = ensure_onnx(job.card)
+    # Everything a view's features depend on: the same views, or a refusal (never a mix).
     meta = {
         "base": job.card.name,
+        "base_sha256": sha256_file(base_onnx),
         "sample": head.sample_digest(parts),
+        "preprocess": fingerprint_settings()["preprocess"],
         "seed": job.seed,
         "augment": {"shift": head.SHIFT, "blur": head.BLUR, "flux": head.FLUX, "noise": head.NOISE},
     }
-    meta = json.loads(json.dumps(meta))  # tuples as lists, as a loaded checkpoint has them
+    # Tuples as lists, as a loaded checkpoint has them.
+    meta = json.loads(json.dumps(meta, sort_keys=True, default=str))
     stats = None
     if ckpt_path.is_file():
         stats, saved = head.ViewStats.load(ckpt_path)
@@ -501,10 +514,17 @@ def _adapt_head(job: _Job) -> Path:
                 f"{ckpt_path}: a checkpoint of {job.name!r} made from other cutouts or settings "
                 f"(base {saved.get('base')!r}) exists; use another --name, or remove it"
             )
-    base_onnx = ensure_onnx(job.card)
     session = get_session(base_onnx)
     views = 1 + job.epochs  # the cutouts as they are, then one augmented view per epoch
     done = stats.views if stats is not None else 0
+    if done > views:
+        logger.warning(
+            "adapt %s: the checkpoint holds %d augmented views, more than --epochs %d; "
+            "fitting on all of them",
+            job.name,
+            done - 1,
+            job.epochs,
+        )
     job.card_path.parent.mkdir(parents=True, exist_ok=True)
     with bar(
         max(views - done, 0) * n, desc=f"adapt {job.name}", unit="cutout", enabled=job.progress
@@ -552,10 +572,16 @@ def _adapt_simsiam(job: _Job) -> Path:
     if ckpt_path.is_file():
         import torch
 
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        if ckpt.get("base") != job.card.name:
+        try:
+            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        except Exception as e:  # torch raises pickle, zip and runtime errors for a bad file
             raise ModelError(
-                f"{ckpt_path}: a checkpoint of {job.name!r} adapted from {ckpt.get('base')!r} "
+                f"{ckpt_path}: not a readable adapt checkpoint ({type(e).__name__}); remove it"
+            ) from None
+        if not isinstance(ckpt, dict) or ckpt.get("base") != job.card.name:
+            raise ModelError(
+                f"{ckpt_path}: a checkpoint of {job.name!r} adapted from "
+                f"{ckpt.get('base') if isinstance(ckpt, dict) else None!r} "
                 f"exists; use another --name, or remove it to adapt {job.card.name} afresh"
             )
     images = training_cutouts(job.inputs, **job.sample)

@@ -304,6 +304,10 @@ def _add_topk(model) -> None:
             helper.make_tensor_value_info("top_class", TensorProto.INT32, ["batch", "topk"]),
         ]
     )
+    # Set, not added: a graph that already ranks (a built-in with an adapted head) keeps one key.
+    kept = [p for p in model.metadata_props if p.key != TOPK_METADATA]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
     entry = model.metadata_props.add()
     entry.key, entry.value = TOPK_METADATA, str(GRAPH_TOPK)
 

@@ -19,7 +19,8 @@ directions are kept, scaled so that the views' (ridge-regularised) spread is 1 a
 
 Only the encoder's forward passes cost time (``1 + epochs`` passes over the sample, through
 the same ONNX Runtime session ``fingerprint`` uses); the fit is one ``d x d`` eigenproblem.
-PyTorch is not needed. The exported model is the base's ONNX graph with ``(features - mean) @
+PyTorch is needed only where the base's ONNX file is not in the model cache yet (its export, as
+for ``fingerprint``). The exported model is the base's ONNX graph with ``(features - mean) @
 projection`` appended to its ``features`` output; logits and top-k are the base's.
 """
 
@@ -60,7 +61,8 @@ NOISE = 1.0  # added noise, in units of the cutout's own noise
 
 def augment(raw: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """One augmented view of each raw ``(n, bands, h, w)`` cutout (NaN where masked stays NaN,
-    moved with the shift)."""
+    moved with the shift). The shift rolls the cutout: what leaves one edge comes in at the
+    other (sky, for a cutout centred on its source)."""
     from scipy.ndimage import gaussian_filter
 
     raw = np.asarray(raw, np.float32)
@@ -75,7 +77,7 @@ def augment(raw: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     shifts = rng.integers(-SHIFT, SHIFT + 1, (n, 2))
     blurred = rng.random(n) < 0.5
     sigma = rng.uniform(*BLUR, n)
-    scale = np.exp(rng.uniform(np.log(FLUX[0]), np.log(FLUX[1]), n))
+    scale = np.exp(rng.uniform(np.log(FLUX[0]), np.log(FLUX[1]), n)).astype(np.float32)
     out = np.empty_like(raw)
     for i in range(n):
         v = np.roll(raw[i], tuple(shifts[i]), axis=(1, 2))
@@ -103,11 +105,16 @@ class ViewStats:
         self.views = 0
         self.sums = np.zeros((n, dim))  # per cutout, over views
         self.gram = np.zeros((dim, dim))  # over cutouts and views
+        # The mean of the first view: the cutouts as they are, what the head centres on (the
+        # augmented views' added noise shifts the features' mean).
+        self.origin = np.zeros(dim)
 
     def add(self, features: np.ndarray) -> None:
         f = np.asarray(features, np.float64)
         if f.shape != self.sums.shape:
             raise ValueError(f"features of shape {f.shape}, expected {self.sums.shape}")
+        if self.views == 0:
+            self.origin = f.mean(axis=0)
         self.sums += f
         self.gram += f.T @ f
         self.views += 1
@@ -132,6 +139,7 @@ class ViewStats:
             views=self.views,
             sums=self.sums,
             gram=self.gram,
+            origin=self.origin,
             meta=json.dumps(meta, sort_keys=True),
         )
         tmp = path.with_name(path.name + ".tmp")
@@ -146,6 +154,7 @@ class ViewStats:
                 stats.views = int(data["views"])
                 stats.sums[:] = data["sums"]
                 stats.gram[:] = data["gram"]
+                stats.origin = np.array(data["origin"], np.float64)
                 meta = json.loads(str(data["meta"]))
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
             raise ModelError(f"{path}: not a readable adapt checkpoint ({e}); remove it") from None
@@ -153,20 +162,36 @@ class ViewStats:
 
 
 def fit_head(stats: ViewStats, *, dim: int, ridge: float) -> tuple[np.ndarray, np.ndarray]:
-    """``(mean (d,), projection (d, dim))``: the ``dim`` directions of largest between- over
-    within-cutout variance, each scaled to unit within-cutout variance (ridge included)."""
-    from scipy.linalg import eigh
+    """``(origin (d,), projection (d, k))``: the ``k = min(dim, d, n - 1)`` directions of
+    largest between- over within-cutout variance, each scaled to unit within-cutout variance
+    (ridge included), and the mean of the cutouts as they are (the first view), to centre on.
+
+    Beyond ``n - 1`` directions the cutouts do not spread at all: such a direction would be
+    view noise scaled up to the weight of a real one. Views that do not differ (every cutout
+    blank and noiseless) leave nothing to fit: :class:`~pipeline.errors.InputError`.
+    """
+    from scipy.linalg import LinAlgError, eigh
+    from sklearn.utils.extmath import svd_flip
+
+    from ..errors import InputError
 
     mean, between, within = stats.covariances()
-    d = len(mean)
-    within = within + ridge * np.trace(within) / d * np.eye(d)
-    values, vectors = eigh(between, within)
-    keep = np.argsort(values)[::-1][: min(dim, d)]
-    projection = vectors[:, keep]
-    # An eigenvector's sign is arbitrary: fix it, so the same data give the same head.
-    signs = np.sign(projection[np.abs(projection).argmax(axis=0), np.arange(projection.shape[1])])
-    projection = projection * np.where(signs == 0, 1.0, signs)
-    return mean, projection
+    d, n = len(mean), len(stats.sums)
+    spread = float(np.trace(within)) / d
+    if not spread > 1e-12 * max(float(np.trace(between)) / d, 1e-300):
+        raise InputError(
+            "adapt: the augmented views of the cutouts do not differ from the cutouts (blank, "
+            "noiseless images?): nothing to fit a head on"
+        )
+    try:
+        values, vectors = eigh(between, within + ridge * spread * np.eye(d))
+    except LinAlgError as e:
+        raise ModelError(f"adapt: the head's eigenproblem did not solve ({e})") from None
+    keep = np.argsort(values)[::-1][: max(1, min(dim, d, n - 1))]
+    # An eigenvector's sign is arbitrary: sklearn's rule (largest |loading| > 0), so the same
+    # data give the same head.
+    projection, _ = svd_flip(vectors[:, keep].copy(), None)
+    return stats.origin.copy(), projection
 
 
 def append_head(base: Path, mean: np.ndarray, projection: np.ndarray, out: Path) -> None:
