@@ -43,6 +43,12 @@ windows centred on detected sources from windows of blank sky (photutils segment
     .venv/bin/python benchmarks/bench_quality.py --quick          # ~2 min on an idle 2-core box
     .venv/bin/python benchmarks/bench_quality.py                  # every recipe, 150 per class
     .venv/bin/python benchmarks/bench_quality.py --recipes pixels efficientnet-lite0:native:rot8
+    .venv/bin/python benchmarks/bench_quality.py --recipes pixels --adapt 5   # + `models adapt`
+
+``--adapt EPOCHS`` adds a row per adapted encoder: the stamps laid out as one FITS mosaic,
+``elodin models adapt``'s code on it (``--adapt-method head`` by default, from
+:data:`ADAPT_BASES` or ``--adapt-base NAME ...``), the exported model through the user-model
+path, scored like every recipe.
 """
 
 from __future__ import annotations

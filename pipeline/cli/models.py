@@ -21,7 +21,11 @@ def _add_models(sub: argparse._SubParsersAction) -> None:
     a = msub.add_parser(
         "adapt", help="adapt a built-in to your own cutouts, self-supervised (no labels)"
     )
-    a.add_argument("base", help="built-in model to start from, e.g. efficientnet-lite0:native")
+    a.add_argument(
+        "base",
+        help="built-in model to start from, e.g. efficientnet-lite0:native:multi:rot8 "
+        "(simsiam: a plain one, e.g. efficientnet-lite0:native)",
+    )
     a.add_argument("inputs", nargs="+", help="images, as for fingerprint")
     a.add_argument("--name", required=True, help="name of the new model (--model NAME)")
     a.add_argument(
