@@ -436,7 +436,9 @@ def adapt(
         epochs=epochs,
         batch_size=batch_size,
         min_cutouts=min_cutouts,
-        sample={"max_cutouts": max_cutouts, "seed": seed, "hdu": hdu, "variable": variable},
+        max_cutouts=max_cutouts,
+        hdu=hdu,
+        variable=variable,
         progress=progress,
         seed=seed,
     )
@@ -455,9 +457,21 @@ class _Job:
     epochs: int
     batch_size: int
     min_cutouts: int
-    sample: dict  # training_sample's keywords
+    max_cutouts: int
+    hdu: object
+    variable: str | None
     progress: bool
     seed: int
+
+    @property
+    def sample(self) -> dict:
+        """:func:`training_sample`'s keywords."""
+        return {
+            "max_cutouts": self.max_cutouts,
+            "seed": self.seed,
+            "hdu": self.hdu,
+            "variable": self.variable,
+        }
 
 
 def _too_few(inputs: Sequence[str], n: int, min_cutouts: int) -> None:
