@@ -320,6 +320,14 @@ def test_adapt_head_exports_a_model_that_fingerprints_like_a_builtin(
                 with pytest.raises(ModelError, match="made from other cutouts or settings"):
                     adapt(base, [str(field)], "inv", epochs=3, cache=cache, progress=False)
         assert ViewStats.load(checkpoint)[0].views == 4
+        # Without its checkpoint, the name is not adapted again into another model (stores
+        # made with it record its sha256): refused, the model's files as they were.
+        kept = checkpoint.with_suffix(".kept")
+        checkpoint.rename(kept)
+        with pytest.raises(ModelError, match="exists and its checkpoint .* is gone"):
+            adapt(base, [str(field)], "inv", epochs=3, cache=cache, progress=False)
+        assert sha256_file(card_path.with_suffix(".onnx")) == digest
+        kept.rename(checkpoint)
         # Nor does SimSiam take over the name.
         with pytest.raises(ModelError, match="made by the other adapt method"):
             adapt(

@@ -427,6 +427,14 @@ def adapt(
             f"{other}: a checkpoint of {name!r} made by the other adapt method exists; use "
             "another --name, or remove it"
         )
+    own = card_path.with_suffix(".head.npz" if method == "head" else ".ckpt")
+    if card_path.is_file() and not own.is_file():
+        # Without its checkpoint this would be a new model under an old name: the stores made
+        # with the old one (they record its sha256) would refuse it.
+        raise ModelError(
+            f"{card_path}: an adapted model {name!r} exists and its checkpoint ({own.name}) is "
+            "gone; use another --name, or remove the model's files to adapt it afresh"
+        )
     job = _Job(
         card=card,
         inputs=tuple(map(str, inputs)),
