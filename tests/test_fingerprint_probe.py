@@ -204,6 +204,37 @@ def test_units_name_new_sources_by_place_and_the_client_never_brings_them(
         )
 
 
+def test_a_batch_is_let_go_once_every_image_of_it_is_in_a_unit(client, files):
+    """The client holds a probe batch until each of its images has been handed to a unit;
+    then only those units hold it, and the workers drop it when they are done."""
+    import gc
+
+    listing = InputListing.of([str(f) for f in files[:5]])
+    got = probe.probe_images(
+        client, listing, range(5), hdu=None, variable=None, preprocess=_preprocess(), batch=2
+    )
+    src = got.sources
+    key = src._batches[0].key
+    first = src.ref(0)
+    assert client.refcount[key] >= 1 and src._batches[0] is first[0]
+    again = src.ref(0)  # the same image again (a unit made again): still held
+    second = src.ref(1)
+    assert second[0].key == key and second[1].index == 1
+    # Every image of batch 0 handed out: the jobs' references are the only ones left.
+    assert client.refcount[key] >= 1 and src._batches[0] is not first[0]
+    assert src.ref(1)[0].key == key  # found through the jobs still alive
+    del first, again, second
+    gc.collect()
+    assert client.refcount.get(key, 0) == 0
+    with pytest.raises(RuntimeError, match="let go while still needed"):
+        src.ref(0)
+    # Batch 1, half handed out, is still held by the client.
+    third = src.ref(2)
+    del third
+    gc.collect()
+    assert client.refcount[src._batches[1].key] >= 1
+
+
 def test_opening_shows_progress_by_image(client, files, capsys):
     """10^6 new files are minutes of opening: a bar counts the images as batches come back."""
     listing = InputListing.of([str(f) for f in files[:5]])

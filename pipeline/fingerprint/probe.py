@@ -15,6 +15,7 @@ import bisect
 import dataclasses
 import functools
 import os
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -114,7 +115,12 @@ class ProbedSources(Sequence):
     round trip), and those are all that is kept: a walk in order (the records, then the
     units) brings each batch once, and the client never holds every
     source of 10^5 new images (1.7 kB each). Batches probed again one image at a time (their
-    workers died) are held here as they are."""
+    workers died) are held here as they are.
+
+    Once :meth:`ref` has handed out every image of a batch, this object lets go of the batch's
+    future: the unit jobs given it hold it while they run, and the workers drop the batch when
+    the last of them is done, so the workers do not hold every new image's source until the
+    run ends either."""
 
     def __init__(self, client, batches: Sequence, found: Sequence[Probed]):
         self._client = client
@@ -123,6 +129,9 @@ class ProbedSources(Sequence):
         self.shapes = tuple(sh for p in found for sh in p.shapes)
         self._ends = np.cumsum([len(p.ids) for p in found]).tolist()
         self._held: dict[int, tuple[ImageSource, ...]] = {}
+        # Images of each batch not handed out by ref() yet; a batch at 0 is let go.
+        self._left = [len(p.ids) for p in found]
+        self._handed = bytearray(len(self.ids))
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -137,7 +146,7 @@ class ProbedSources(Sequence):
         b = bisect.bisect_right(self._ends, k)
         if b not in self._held:
             # The batches from b on come together: one round trip for a table chunk's worth.
-            ahead = self._batches[b : b + _GATHER]
+            ahead = [self._batch(n) for n in range(b, min(b + _GATHER, len(self._batches)))]
             got = self._client.gather([f for f in ahead if not isinstance(f, Probed)])
             at = iter(got)
             self._held = {
@@ -146,14 +155,29 @@ class ProbedSources(Sequence):
             }
         return self._held[b][k - (self._ends[b - 1] if b else 0)]
 
+    def _batch(self, b: int):
+        batch = self._batches[b]
+        if isinstance(batch, weakref.ref):
+            batch = batch()
+            if batch is None:  # a bug, not a user's problem: fail loudly
+                raise RuntimeError(f"probe batch {b} was let go while still needed")
+        return batch
+
     def ref(self, k: int) -> ImageSource | tuple[Any, ProbedRef]:
         """Where source ``k`` is, without bringing it over: the source itself when its batch
         is on the client, else its batch's future and a :class:`~.worker.ProbedRef` to it (a
         unit task given that future finds the source in the batch)."""
         b = bisect.bisect_right(self._ends, k)
-        batch, at = self._batches[b], k - (self._ends[b - 1] if b else 0)
+        batch, at = self._batch(b), k - (self._ends[b - 1] if b else 0)
         if isinstance(batch, Probed):
             return batch.sources[at]
+        if not self._handed[k]:
+            self._handed[k] = 1
+            self._left[b] -= 1
+            if not self._left[b]:
+                # The jobs made from here on hold the future; a job made again for the same
+                # image (after a lost worker) still finds it while one of them is alive.
+                self._batches[b] = weakref.ref(batch)
         return batch, ProbedRef(self.ids[k], self.shapes[k], at)
 
     def by_id(self) -> ProbedById:
