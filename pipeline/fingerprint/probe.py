@@ -146,7 +146,12 @@ class ProbedSources(Sequence):
         b = bisect.bisect_right(self._ends, k)
         if b not in self._held:
             # The batches from b on come together: one round trip for a table chunk's worth.
-            ahead = [self._batch(n) for n in range(b, min(b + _GATHER, len(self._batches)))]
+            # (Up to the first batch let go: every image of it is in a unit already.)
+            ahead = [self._batch(b)]
+            for n in range(b + 1, min(b + _GATHER, len(self._batches))):
+                if (f := self._batch(n, needed=False)) is None:
+                    break
+                ahead.append(f)
             got = self._client.gather([f for f in ahead if not isinstance(f, Probed)])
             at = iter(got)
             self._held = {
@@ -155,11 +160,11 @@ class ProbedSources(Sequence):
             }
         return self._held[b][k - (self._ends[b - 1] if b else 0)]
 
-    def _batch(self, b: int):
+    def _batch(self, b: int, *, needed: bool = True):
         batch = self._batches[b]
         if isinstance(batch, weakref.ref):
             batch = batch()
-            if batch is None:  # a bug, not a user's problem: fail loudly
+            if batch is None and needed:  # a bug, not a user's problem: fail loudly
                 raise RuntimeError(f"probe batch {b} was let go while still needed")
         return batch
 
