@@ -233,6 +233,45 @@ def test_a_batch_is_let_go_once_every_image_of_it_is_in_a_unit(client, files):
     del third
     gc.collect()
     assert client.refcount[src._batches[1].key] >= 1
+    # Batch 2 (one image) handed out and done with: a source of batch 1 still comes over,
+    # its look-ahead stopping before the batch let go.
+    src.ref(4)
+    gc.collect()
+    src._held = {}
+    assert src[3].id == listing.ids[3] and list(src._held) == [1]
+
+
+def test_the_client_does_not_hold_the_new_plan_while_units_run(
+    client, files, tmp_path, monkeypatch
+):
+    """A catalog or blob plan is data per window: once recorded in the store (the units read
+    it back a segment at a time) the run does not keep its own copy while the units run."""
+    import gc
+    import weakref
+
+    from pipeline.fingerprint import api
+
+    made, alive = [], []
+    real_plan, real_run = api._plan_sources, api._run_jobs
+
+    def plan_sources(*a, **k):
+        plan = real_plan(*a, **k)
+        made.append(weakref.ref(plan))
+        return plan
+
+    def run_jobs(*a, **k):
+        gc.collect()
+        alive.extend(ref() is not None for ref in made)
+        return real_run(*a, **k)
+
+    monkeypatch.setattr(api, "_plan_sources", plan_sources)
+    monkeypatch.setattr(api, "_run_jobs", run_jobs)
+    out = tmp_path / "plan.zarr"
+    inputs = [str(f) for f in files[:3]]
+    result = api.fingerprint(
+        inputs, out, client=client, progress=False, model="efficientnet-lite0:native"
+    )
+    assert result.units_run >= 1 and made and alive == [False] * len(made)
 
 
 def test_opening_shows_progress_by_image(client, files, capsys):

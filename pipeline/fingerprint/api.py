@@ -173,6 +173,9 @@ def fingerprint(
             st, touched = _grow_store(
                 existing, store_path, plan, new, limits, found, settings, attrs, client, progress
             )
+            # Recorded in the store, which the units read back a segment at a time: a catalog
+            # or blob plan is data per window, and is not held here while they run.
+            del plan, limits
             units = _units(st, touched, new, settings, resolved, client)
             _run_jobs(client, units, gpu=settings.gpu, progress=progress)
     return FingerprintResult(
