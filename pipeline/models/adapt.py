@@ -71,6 +71,11 @@ def adapted_card_path(name: str, cache: Path | None = None) -> Path:
     return cache / ADAPTED_DIR / f"{name}.yaml"
 
 
+def _checkpoint_path(card_path: Path, method: str) -> Path:
+    """Where ``method`` keeps its checkpoint of the adapted model whose card is ``card_path``."""
+    return card_path.with_suffix({"head": ".head.npz", "simsiam": ".ckpt"}[method])
+
+
 def _check_name(name: str) -> str:
     from .zoo import _BUILTINS
 
@@ -421,13 +426,13 @@ def adapt(
     settings = head_settings() if method == "head" else train_settings()
     card = _base_card(base, method)
     card_path = adapted_card_path(name, cache)
-    other = card_path.with_suffix(".ckpt" if method == "head" else ".head.npz")
+    (other,) = (_checkpoint_path(card_path, m) for m in METHODS if m != method)
     if other.is_file():
         raise ModelError(
             f"{other}: a checkpoint of {name!r} made by the other adapt method exists; use "
             "another --name, or remove it"
         )
-    own = card_path.with_suffix(".head.npz" if method == "head" else ".ckpt")
+    own = _checkpoint_path(card_path, method)
     if card_path.is_file() and not own.is_file():
         # Without its checkpoint this would be a new model under an old name: the stores made
         # with the old one (they record its sha256) would refuse it.
@@ -515,7 +520,7 @@ def _adapt_head(job: _Job) -> Path:
     reader, parts = training_sample(job.inputs, **job.sample)
     n = sum(len(raw) for raw, _ in parts)
     _too_few(job.inputs, n, job.min_cutouts)
-    ckpt_path = job.card_path.with_suffix(".head.npz")
+    ckpt_path = _checkpoint_path(job.card_path, "head")
     base_onnx = ensure_onnx(job.card)
     # Everything a view's features depend on: the same views, or a refusal (never a mix).
     meta = {
@@ -589,7 +594,7 @@ def _adapt_head(job: _Job) -> Path:
 
 def _adapt_simsiam(job: _Job) -> Path:
     """Method ``simsiam``: fine-tune the network, a checkpoint after each epoch."""
-    ckpt_path = job.card_path.with_suffix(".ckpt")
+    ckpt_path = _checkpoint_path(job.card_path, "simsiam")
     ckpt = None
     if ckpt_path.is_file():
         import torch
