@@ -42,7 +42,8 @@ windows centred on detected sources from windows of blank sky (photutils segment
 
     .venv/bin/python benchmarks/bench_quality.py --quick          # ~2 min on an idle 2-core box
     .venv/bin/python benchmarks/bench_quality.py                  # every recipe, 150 per class
-    .venv/bin/python benchmarks/bench_quality.py --recipes pixels efficientnet-lite0:native:rot8
+    .venv/bin/python benchmarks/bench_quality.py --recipes pixels efficientnet-lite0:native:multi:zoom3:rot4
+    .venv/bin/python benchmarks/bench_quality.py --seed 1 ...    # another draw of the stamps
     .venv/bin/python benchmarks/bench_quality.py --recipes pixels --adapt 5   # + `models adapt`
 
 ``--adapt EPOCHS`` adds a row per adapted encoder: the stamps laid out as one FITS mosaic,
@@ -77,7 +78,7 @@ KNN_K = 10
 # What `--adapt` adapts with each method: the head keeps the encoder, so it can start from the
 # best ImageNet features; SimSiam fine-tunes a plain network.
 ADAPT_BASES = {
-    "head": "efficientnet-lite0:native:multi:rot8",
+    "head": "efficientnet-lite0:native:multi:zoom3:rot4",
     "simsiam": "efficientnet-lite0:native",
 }
 QUICK_RECIPES = (
@@ -88,6 +89,7 @@ QUICK_RECIPES = (
     "efficientnet-lite0:native:rot8",
     "efficientnet-lite0:native:multi",
     "efficientnet-lite0:native:multi:rot8",
+    "efficientnet-lite0:native:multi:zoom3:rot4",
     "efficientnet-lite0:native|scope=cutout",
     "efficientnet-lite0:native|asinh-a=1.0",
 )
@@ -105,6 +107,9 @@ FULL_RECIPES = (
     "efficientnet-lite0:native:multi",
     "efficientnet-lite0:native:multi:rot8",
     "efficientnet-lite0:multi:rot8",
+    "efficientnet-lite0:native:zoom3:rot8",
+    "efficientnet-lite0:native:multi:zoom3:rot4",
+    "efficientnet-lite0:native:multi:zoom3:rot8",
     "efficientnet-lite0:native:rot8|scope=cutout",
     "efficientnet-lite0:native:rot8|asinh-a=0.02",
     "efficientnet-lite0:native:rot8|asinh-a=1.0",
@@ -309,12 +314,14 @@ def run(
     hdf_per_class: int,
     threads: int,
     classes: Sequence[str] = CLASSES,
+    *,
+    seed: int = 0,
 ) -> list[dict]:
     """Every recipe on the simulated classes and the HDF, one row each."""
     from tqdm import tqdm
 
     start = time.perf_counter()
-    raw, labels = simulate(per_class, classes=classes)
+    raw, labels = simulate(per_class, seed, classes=classes)
     print(f"# simulated {len(raw)} stamps in {time.perf_counter() - start:.1f} s", flush=True)
     sim = raw[:, None]
     # The stamps are one survey image: its limits are measured on a sample of all its pixels.
@@ -352,6 +359,7 @@ def adapted_row(
     *,
     method: str = "head",
     base: str | None = None,
+    seed: int = 0,
 ) -> dict:
     """Adapt ``base`` (default: :data:`ADAPT_BASES` of ``method``) on the benchmark's own
     unlabelled stamps with ``elodin models adapt``'s code, then score it like a recipe.
@@ -369,7 +377,7 @@ def adapted_row(
     from pipeline.models.export import ensure_onnx
 
     base = base or ADAPT_BASES[method]
-    raw, labels = simulate(per_class, classes=classes)
+    raw, labels = simulate(per_class, seed, classes=classes)
     cols = int(np.ceil(np.sqrt(len(raw))))
     rows = int(np.ceil(len(raw) / cols))
     mosaic = np.zeros((rows * SIDE, cols * SIDE), np.float32)
@@ -431,6 +439,12 @@ def main() -> None:
         help="issue: the five classes of the issue (default); hard: seven, with edge-on discs "
         "and mergers",
     )
+    ap.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="another draw of the stamps (0: the one whose figures are in the docs)",
+    )
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument(
         "--adapt",
@@ -460,7 +474,7 @@ def main() -> None:
         f"{threads} threads, load average {load:.1f} on {os.cpu_count()} cores"
     )
     print(
-        f"# {args.classes}: {', '.join(classes)} x {per_class} stamps; k-NN (k={KNN_K}) "
+        f"# {args.classes}: {', '.join(classes)} x {per_class} stamps (seed {args.seed}); k-NN (k={KNN_K}) "
         f"balanced accuracy, 5-fold CV, and k-means ARI on {PCA_COMPONENTS} PCA components; "
         "probe: a supervised linear classifier's balanced accuracy; HDF source vs blank"
     )
@@ -469,7 +483,11 @@ def main() -> None:
         f"{'cutouts/s':>9}"
     )
     start = time.perf_counter()
-    rows = run(recipes, per_class, hdf_per_class, threads, classes) if recipes != ["none"] else []
+    rows = (
+        run(recipes, per_class, hdf_per_class, threads, classes, seed=args.seed)
+        if recipes != ["none"]
+        else []
+    )
     for base in (args.adapt_base or [ADAPT_BASES[args.adapt_method]]) if args.adapt else []:
         rows.append(
             adapted_row(
@@ -480,6 +498,7 @@ def main() -> None:
                 classes,
                 method=args.adapt_method,
                 base=base,
+                seed=args.seed,
             )
         )
         print(_row(rows[-1]), flush=True)

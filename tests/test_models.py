@@ -402,6 +402,8 @@ def _dihedral(x: np.ndarray) -> list[np.ndarray]:
         ("efficientnet-lite0:multi:128", "efficientnet-lite0:128:multi", 2048, 1),
         ("efficientnet-lite0:rot4:multi:native", "efficientnet-lite0:native:multi:rot4", 2048, 4),
         ("efficientnet-lite2:multi", "efficientnet-lite2:multi", 2120, 1),
+        ("efficientnet-lite0:rot4:zoom3:native", "efficientnet-lite0:native:zoom3:rot4", 3840, 4),
+        ("efficientnet-lite0:zoom2:multi", "efficientnet-lite0:multi:zoom2", 4096, 1),
     ],
 )
 def test_variant_names_are_canonical(name, canonical, dim, views):
@@ -417,6 +419,8 @@ def test_variant_names_are_canonical(name, canonical, dim, views):
         ("efficientnet-lite0:rot3", r"'rot3' is not a resolution .* or a variant"),
         ("efficientnet-lite0:rot4:rot8", "given twice"),
         ("efficientnet-lite0:multi:multi", "given twice"),
+        ("efficientnet-lite0:zoom2:zoom3", "'zoom3' given twice or with another zoom"),
+        ("efficientnet-lite0:zoom4", r"'zoom4' is not a resolution .* or a variant"),
         ("efficientnet-lite0:native:128", "'128' is not a resolution"),
     ],
 )
@@ -492,3 +496,46 @@ def test_multi_scale_features_have_the_documented_length(model_cache, lite0_nati
     np.testing.assert_allclose(feats[:, -1280:], plain.features, atol=1e-4)
     np.testing.assert_allclose(logits, plain.logits, atol=1e-4)
     assert top.shape == (1, GRAPH_TOPK)
+
+
+def test_zoom_features_are_the_cutout_then_its_centre_seen_closer(model_cache, lite0_native_onnx):
+    import torch
+
+    card = resolve("efficientnet-lite0:native:zoom3")
+    sess = get_session(ensure_onnx(card, cache=model_cache))
+    plain = get_session(lite0_native_onnx)
+    cat = _chelsea(64)
+    out = sess.infer(cat)
+    # Documented (docs/fingerprints.md): three times the plain length, the cutout's first.
+    assert out.features.shape == (1, 3 * 1280) == (1, card.feature_dim)
+    whole = plain.infer(cat)
+    np.testing.assert_allclose(out.features[:, :1280], whole.features, atol=1e-4)
+    np.testing.assert_allclose(out.logits, whole.logits, atol=1e-4)  # the cutout's classes
+    for z, (lo, hi) in enumerate([(16, 48), (24, 40)], start=1):
+        closer = torch.nn.functional.interpolate(
+            torch.from_numpy(cat[:, :, lo:hi, lo:hi].copy()),
+            size=(64, 64),
+            mode="bilinear",
+            align_corners=True,
+        ).numpy()
+        np.testing.assert_allclose(
+            out.features[:, z * 1280 : (z + 1) * 1280], plain.infer(closer).features, atol=1e-4
+        )
+    # Any side >= 32, odd or not square: the centre is cut from the cutout's own size.
+    for shape in [(2, 3, 45, 45), (2, 3, 64, 80)]:
+        assert sess.infer(np.random.default_rng(0).random(shape, np.float32)).features.shape == (
+            2,
+            3840,
+        )
+
+
+def test_zoom_with_rot8_is_still_invariant(model_cache):
+    sess = get_session(
+        ensure_onnx(resolve("efficientnet-lite0:native:zoom2:rot8"), cache=model_cache)
+    )
+    cat = _chelsea(64)
+    views = _dihedral(np.concatenate([cat, cat[:, ::-1].copy()]))
+    base = sess.infer(views[0]).features
+    assert base.shape == (2, 2560)
+    for v in views[1:]:
+        np.testing.assert_allclose(sess.infer(v).features, base, atol=1e-4, rtol=0)

