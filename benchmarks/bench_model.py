@@ -1,8 +1,9 @@
 """Bare ONNX Runtime throughput of the built-in model: the ceiling every later stage is held to.
 
 Prints cutouts/s for EfficientNet-Lite0 fed 64x64 cutouts, resized to 224 inside the graph and at
-native 64x64, and for the default model (``efficientnet-lite0:native:rot8``: 8 views of each
-cutout at native 64), at batch sizes 1, 32 and 128.
+native 64x64, for the default before 2026-12-06 (``efficientnet-lite0:native:rot8``: 8 views of
+each cutout at native 64) and for the configured default model (``default``; see
+docs/fingerprints.md), at batch sizes 1, 32 and 128.
 
     .venv/bin/python benchmarks/bench_model.py [--seconds 5] [--threads N] [--models NAME ...]
 """
@@ -42,13 +43,17 @@ def main() -> None:
             "efficientnet-lite0",
             "efficientnet-lite0:native",
             "efficientnet-lite0:native:rot8",
+            "default",
         ],
     )
     args = ap.parse_args()
+    from pipeline import config
+
+    args.models = [config.get("model.name") if m == "default" else m for m in args.models]
     print(
         f"# {platform.processor() or platform.machine()}, {args.threads} threads, onnxruntime {ort.__version__}"
     )
-    print(f"{'model':<34} {'input':>7} {'batch':>6} {'cutouts/s':>10}")
+    print(f"{'model':<42} {'input':>7} {'batch':>6} {'cutouts/s':>10}")
     rng = np.random.default_rng(0)
     for name in args.models:
         card = resolve(name)
@@ -57,7 +62,7 @@ def main() -> None:
         for bs in args.batches:
             batch = rng.random((bs, 3, 64, 64), dtype=np.float32)
             rate = throughput(sess, batch, args.seconds)
-            print(f"{name:<34} {'64->' + res:>7} {bs:>6} {rate:>10.1f}", flush=True)
+            print(f"{name:<42} {'64->' + res:>7} {bs:>6} {rate:>10.1f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -319,7 +319,8 @@ class Store:
             "fingerprint_dtype",
         ):
             if key in attrs and mine.get(key) != _jsonable(attrs[key]):
-                # The default model changed once (2026-12-03): name the flag that appends.
+                # The default model has changed (2026-12-03, 2026-12-06): name the flag that
+                # appends.
                 same = "the same settings"
                 if key == "model":
                     name, _, precision = str(mine.get(key)).partition("@")
