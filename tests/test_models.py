@@ -404,6 +404,13 @@ def _dihedral(x: np.ndarray) -> list[np.ndarray]:
         ("efficientnet-lite2:multi", "efficientnet-lite2:multi", 2120, 1),
         ("efficientnet-lite0:rot4:zoom3:native", "efficientnet-lite0:native:zoom3:rot4", 3840, 4),
         ("efficientnet-lite0:zoom2:multi", "efficientnet-lite0:multi:zoom2", 4096, 1),
+        (
+            "efficientnet-lite0:rot4:zoom3:stages:native",
+            "efficientnet-lite0:native:stages:zoom3:rot4",
+            2304,
+            4,
+        ),
+        ("efficientnet-lite2:stages", "efficientnet-lite2:stages", 840, 1),
     ],
 )
 def test_variant_names_are_canonical(name, canonical, dim, views):
@@ -421,6 +428,7 @@ def test_variant_names_are_canonical(name, canonical, dim, views):
         ("efficientnet-lite0:multi:multi", "given twice"),
         ("efficientnet-lite0:zoom2:zoom3", "'zoom3' given twice or with another zoom"),
         ("efficientnet-lite0:zoom4", r"'zoom4' is not a resolution .* or a variant"),
+        ("efficientnet-lite0:multi:stages", "'stages' given twice or with another multi or stages"),
         ("efficientnet-lite0:native:128", "'128' is not a resolution"),
     ],
 )
@@ -496,6 +504,18 @@ def test_multi_scale_features_have_the_documented_length(model_cache, lite0_nati
     np.testing.assert_allclose(feats[:, -1280:], plain.features, atol=1e-4)
     np.testing.assert_allclose(logits, plain.logits, atol=1e-4)
     assert top.shape == (1, GRAPH_TOPK)
+
+
+def test_stages_are_the_multi_scale_features_without_the_head(model_cache):
+    cat = _chelsea(64)
+    multi = get_session(ensure_onnx(resolve("efficientnet-lite0:native:multi"), cache=model_cache))
+    card = resolve("efficientnet-lite0:native:stages")
+    stages = get_session(ensure_onnx(card, cache=model_cache)).infer(cat)
+    # Documented (docs/fingerprints.md): 24 + 40 + 80 + 112 + 192 + 320 = 768.
+    assert stages.features.shape == (1, 768) == (1, card.feature_dim)
+    whole = multi.infer(cat)
+    np.testing.assert_allclose(stages.features, whole.features[:, :768], atol=1e-4)
+    np.testing.assert_allclose(stages.logits, whole.logits, atol=1e-4)  # still the head's
 
 
 def test_zoom_features_are_the_cutout_then_its_centre_seen_closer(model_cache, lite0_native_onnx):

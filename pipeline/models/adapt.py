@@ -4,7 +4,7 @@ Two methods (``model.adapt.method``, ``--method``):
 
 - ``head`` (the default): the encoder stays frozen and a linear head is fitted in closed form
   on its features of the cutouts and of augmented views of them (:mod:`pipeline.models.head`).
-  Any built-in, variants included (``efficientnet-lite0:native:multi:zoom3:rot4``); ``--epochs`` is
+  Any built-in, variants included (``efficientnet-lite0:native:stages:zoom3:rot4``); ``--epochs`` is
   the number of augmented views of each cutout. Minutes on a CPU.
 - ``simsiam``: fine-tune the network itself (below); plain built-ins only.
 
@@ -92,10 +92,12 @@ def _base_card(base: str, method: str) -> ModelCard:
     card = resolve(base)
     if not card.builtin:
         raise ModelError(f"adapt: base {base!r} is not a built-in model (elodin models list)")
-    if method == "simsiam" and (card.multi or card.orientations > 1 or card.zooms > 1):
+    if method == "simsiam" and (
+        card.multi or card.stages or card.orientations > 1 or card.zooms > 1
+    ):
         raise ModelError(
             f"adapt: base {base!r}: method simsiam adapts a plain built-in (with a resolution "
-            "if you like); :multi, :zoom and :rot variants are adapted by method head"
+            "if you like); :multi, :stages, :zoom and :rot variants are adapted by method head"
         )
     return card
 

@@ -13,7 +13,8 @@ has the same contract:
 ``input`` is the only input: the file runs as it is in any ONNX runtime.
 
 Built-in variants change what ``features`` holds (docs/fingerprints.md): ``:multi`` concatenates
-the globally pooled outputs of the network's stages 2-7 with the pooled head; ``:rot4`` /
+the globally pooled outputs of the network's stages 2-7 with the pooled head, ``:stages`` the
+stages alone (the logits still come from the head); ``:rot4`` /
 ``:rot8`` expand the batch in the graph to the 4 rotations (and their 4 mirror images) of each
 cutout and return the mean features and logits of each cutout's views, so the fingerprint does
 not depend on the orientation and the accelerator runs the views as one batch. The number of
@@ -204,8 +205,9 @@ def torch_module(card: ModelCard, net=None):
         return torch.cat(out, dim=0)
 
     def pooled(x):
-        """(features, head features): the head alone, or every stage then the head."""
-        if not card.multi:
+        """(features, head features): the head alone, every stage then the head (multi), or
+        every stage alone (stages)."""
+        if not (card.multi or card.stages):
             # The plain graph exactly as before the variants (stores record its sha256).
             head = net.extract_features(x).mean(dim=(2, 3))
             return head, head
@@ -216,7 +218,7 @@ def torch_module(card: ModelCard, net=None):
             if i in stage_ends:
                 parts.append(x.mean(dim=(2, 3)))
         head = net._swish(net._bn1(net._conv_head(x))).mean(dim=(2, 3))
-        return torch.cat([*parts, head], dim=1), head
+        return torch.cat(parts if card.stages else [*parts, head], dim=1), head
 
     class Wrapped(torch.nn.Module):
         def __init__(self) -> None:

@@ -13,6 +13,7 @@ Model names may carry a resolution: ``efficientnet-lite0`` (its native training 
 - ``:multi``: multi-scale features, the globally pooled output of every stage of the network
   from the second on, then the pooled head (lite0: 24 + 40 + 80 + 112 + 192 + 320 + 1280 =
   2048 values);
+- ``:stages``: the same pooled stages without the head's 1280 values (lite0: 768 values);
 - ``:zoom2`` / ``:zoom3``: the features of the cutout, then of its central half (and quarter,
   ``zoom3``) seen closer, resized to the cutout's size: 2 or 3 times the length, concatenated;
   the centre is where a catalog or blob window puts its source, and a small galaxy fills only
@@ -21,7 +22,7 @@ Model names may carry a resolution: ``efficientnet-lite0`` (its native training 
   rotations by 90 degrees (``rot4``) or those and their mirror images (``rot8``) of each cutout,
   computed inside the graph as one batch (needs square inputs).
 
-Variants compose in any order (``efficientnet-lite0:native:multi:zoom3:rot4``); the recorded
+Variants compose in any order (``efficientnet-lite0:native:stages:zoom3:rot4``); the recorded
 name puts them in that canonical order.
 """
 
@@ -92,6 +93,8 @@ class ModelCard:
         A built-in's training resolution (its ``resolution`` when the name gives none).
     multi : bool
         ``:multi``: the pooled output of every stage, then the head.
+    stages : bool
+        ``:stages``: the pooled output of every stage, without the head.
     orientations : int
         ``:rot4`` / ``:rot8``: views averaged per cutout (1: none).
     zooms : int
@@ -116,11 +119,12 @@ class ModelCard:
     multi: bool = False
     orientations: int = 1
     zooms: int = 1
+    stages: bool = False
 
     @property
     def cache_stem(self) -> str:
         """File stem of the exported/wrapped ONNX in the cache."""
-        multi = "-multi" if self.multi else ""
+        multi = "-multi" if self.multi else "-stages" if self.stages else ""
         zoom = f"-zoom{self.zooms}" if self.zooms > 1 else ""
         rot = f"-rot{self.orientations}" if self.orientations > 1 else ""
         return f"{self.arch or self.name}-{self.resolution}{multi}{zoom}{rot}"
@@ -186,15 +190,17 @@ def builtin_cards() -> list[ModelCard]:
 
 def _builtin(arch: str, variants: str | None) -> ModelCard:
     native, package, _, _ = _BUILTINS[arch]
-    resolution, multi, orientations, zooms = None, False, 1, 1
+    resolution, pooled, orientations, zooms = None, None, 1, 1
     where = f"model {arch}:{variants}"
     for token in (variants or "").split(":") if variants else []:
-        if token in ("multi", "rot4", "rot8", "zoom2", "zoom3"):
+        if token in ("multi", "stages", "rot4", "rot8", "zoom2", "zoom3"):
             kind = token.rstrip("0123456789")
-            if {"multi": multi, "rot": orientations > 1, "zoom": zooms > 1}[kind]:
+            kind = "multi or stages" if kind in ("multi", "stages") else kind
+            taken = {"multi or stages": pooled, "rot": orientations > 1, "zoom": zooms > 1}
+            if taken[kind]:
                 raise ModelError(f"{where}: variant {token!r} given twice or with another {kind}")
-            if token == "multi":
-                multi = True
+            if token in ("multi", "stages"):
+                pooled = token
             elif token.startswith("rot"):
                 orientations = int(token[3:])
             else:
@@ -204,7 +210,7 @@ def _builtin(arch: str, variants: str | None) -> ModelCard:
         else:
             raise ModelError(
                 f"{where}: {token!r} is not a resolution ('native' or an integer >= {MIN_SIDE}) "
-                "or a variant (multi, zoom2, zoom3, rot4, rot8)"
+                "or a variant (multi, stages, zoom2, zoom3, rot4, rot8)"
             )
     res = (
         native
@@ -215,14 +221,15 @@ def _builtin(arch: str, variants: str | None) -> ModelCard:
         f":{t}"
         for t in (
             resolution,
-            "multi" if multi else None,
+            pooled,
             f"zoom{zooms}" if zooms > 1 else None,
             f"rot{orientations}" if orientations > 1 else None,
         )
         if t
     )
     # The Lite family keeps the 1280-wide head at every width multiplier (fix_head_stem).
-    dim = (sum(_STAGE_WIDTHS[arch]) if multi else 1280) * zooms
+    widths = _STAGE_WIDTHS[arch]
+    dim = {None: 1280, "multi": sum(widths), "stages": sum(widths[:-1])}[pooled] * zooms
     return ModelCard(
         name=name,
         resolution=res,
@@ -231,9 +238,10 @@ def _builtin(arch: str, variants: str | None) -> ModelCard:
         arch=arch,
         source=f"PyPI {package}",
         native_resolution=native,
-        multi=multi,
+        multi=pooled == "multi",
         orientations=orientations,
         zooms=zooms,
+        stages=pooled == "stages",
     )
 
 
@@ -357,8 +365,8 @@ def _card_beside(onnx_path: Path) -> Path | None:
 
 
 def resolve(name: str | Path) -> ModelCard:
-    """A card from a built-in name (``NAME[:RESOLUTION][:multi][:zoom2|:zoom3][:rot4|:rot8]``), an ONNX path
-    or a card path."""
+    """A card from a built-in name (``NAME[:RES][:multi|:stages][:zoom2|:zoom3][:rot4|:rot8]``), an
+    ONNX path or a card path."""
     text = str(name)
     arch, _, res = text.partition(":")
     if arch in _BUILTINS:
@@ -401,6 +409,7 @@ def describe(card: ModelCard, onnx_path: Path | None) -> dict[str, Any]:
         "feature_dim": card.feature_dim,
         "orientations": card.orientations,
         "multi_scale": card.multi,
+        "stages": card.stages,
         "zooms": card.zooms,
         "input": card.input_name,
         "outputs": ", ".join(o for o in (card.features_output, card.logits_output) if o),
