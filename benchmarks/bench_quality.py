@@ -42,7 +42,7 @@ windows centred on detected sources from windows of blank sky (photutils segment
 
     .venv/bin/python benchmarks/bench_quality.py --quick          # ~2 min on an idle 2-core box
     .venv/bin/python benchmarks/bench_quality.py                  # every recipe, 150 per class
-    .venv/bin/python benchmarks/bench_quality.py --recipes pixels efficientnet-lite0:native:multi:zoom3:rot4
+    .venv/bin/python benchmarks/bench_quality.py --recipes pixels efficientnet-lite0:native:stages:zoom3:rot4
     .venv/bin/python benchmarks/bench_quality.py --seed 1 ...    # another draw of the stamps
     .venv/bin/python benchmarks/bench_quality.py --recipes pixels --adapt 5   # + `models adapt`
 
@@ -78,7 +78,7 @@ KNN_K = 10
 # What `--adapt` adapts with each method: the head keeps the encoder, so it can start from the
 # best ImageNet features; SimSiam fine-tunes a plain network.
 ADAPT_BASES = {
-    "head": "efficientnet-lite0:native:multi:zoom3:rot4",
+    "head": "efficientnet-lite0:native:stages:zoom3:rot4",
     "simsiam": "efficientnet-lite0:native",
 }
 QUICK_RECIPES = (
@@ -89,7 +89,7 @@ QUICK_RECIPES = (
     "efficientnet-lite0:native:rot8",
     "efficientnet-lite0:native:multi",
     "efficientnet-lite0:native:multi:rot8",
-    "efficientnet-lite0:native:multi:zoom3:rot4",
+    "efficientnet-lite0:native:stages:zoom3:rot4",
     "efficientnet-lite0:native|scope=cutout",
     "efficientnet-lite0:native|asinh-a=1.0",
 )
@@ -110,6 +110,8 @@ FULL_RECIPES = (
     "efficientnet-lite0:native:zoom3:rot8",
     "efficientnet-lite0:native:multi:zoom3:rot4",
     "efficientnet-lite0:native:multi:zoom3:rot8",
+    "efficientnet-lite0:native:stages:zoom3:rot4",
+    "efficientnet-lite0:native:stages:zoom3:rot8",
     "efficientnet-lite0:native:rot8|scope=cutout",
     "efficientnet-lite0:native:rot8|asinh-a=0.02",
     "efficientnet-lite0:native:rot8|asinh-a=1.0",

@@ -17,7 +17,7 @@ from pipeline.errors import ConfigError
 
 
 def test_defaults_are_registered_under_elodin():
-    assert dask.config.get("elodin.model.name") == "efficientnet-lite0:native:multi:zoom3:rot4"
+    assert dask.config.get("elodin.model.name") == "efficientnet-lite0:native:stages:zoom3:rot4"
     assert config.get("fingerprint.batch-size") == 64
     assert config.get("fingerprint.batch_size") == 64  # dask normalises - and _
 

@@ -23,7 +23,7 @@ def _add_models(sub: argparse._SubParsersAction) -> None:
     )
     a.add_argument(
         "base",
-        help="built-in model to start from, e.g. efficientnet-lite0:native:multi:zoom3:rot4 "
+        help="built-in model to start from, e.g. efficientnet-lite0:native:stages:zoom3:rot4 "
         "(simsiam: a plain one, e.g. efficientnet-lite0:native)",
     )
     a.add_argument("inputs", nargs="+", help="images, as for fingerprint")
