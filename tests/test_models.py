@@ -549,6 +549,19 @@ def test_zoom_features_are_the_cutout_then_its_centre_seen_closer(model_cache, l
         )
 
 
+@pytest.mark.parametrize("side", [45, 50])
+def test_zoom_centre_is_centred_so_rotations_stay_exact(model_cache, side):
+    # 45 - 45 // 2 and 50 - 50 // 4 are odd: a centre cut at // 2 offsets would sit half a
+    # pixel off, and rotating the cutout would not rotate it.
+    sess = get_session(
+        ensure_onnx(resolve("efficientnet-lite0:native:zoom3:rot4"), cache=model_cache)
+    )
+    cat = _chelsea(side)
+    base = sess.infer(cat).features
+    for v in _dihedral(cat)[1:4]:
+        np.testing.assert_allclose(sess.infer(v).features, base, atol=1e-4, rtol=0)
+
+
 def test_zoom_with_rot8_is_still_invariant(model_cache):
     sess = get_session(
         ensure_onnx(resolve("efficientnet-lite0:native:zoom2:rot8"), cache=model_cache)
