@@ -116,6 +116,18 @@ def test_model_is_exported_at_build_and_torch_stays_out_of_the_runtime(path):
     assert "HOME=/tmp" in env and "MPLCONFIGDIR=/tmp/" in env
 
 
+@pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
+def test_images_bake_the_default_model(path):
+    # The runtime image has no PyTorch: a model it was not built with cannot be exported there.
+    default = yaml.safe_load((REPO / "pipeline" / "elodin.yaml").read_text())["elodin"]["model"][
+        "name"
+    ]
+    args = [a for ins, a in _instructions(path) if ins == "ARG" and a.startswith("MODEL=")]
+    assert args == [f"MODEL={default}"]
+    configmap = (REPO / "deploy" / "kubernetes" / "configmap.yaml").read_text()
+    assert f"name: {default}" in configmap
+
+
 def test_gpu_image_uses_cuda_13_and_onnxruntime_gpu():
     path = DOCKER / "Dockerfile.gpu"
     assert re.match(r"nvidia/cuda:13\.\d+\.\d+-cudnn-runtime-", _args(path)["CUDA_IMAGE"])
