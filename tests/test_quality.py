@@ -387,6 +387,10 @@ def test_adapt_head_settings_are_checked_before_anything_is_written(
             "method simsiam adapts a plain built-in",
         ),
         (
+            ["efficientnet-lite0:native:stages", "{field}", "--name", "x", "--method", "simsiam"],
+            "method simsiam adapts a plain built-in",
+        ),
+        (
             ["efficientnet-lite0", "{field}", "--name", "x", "--method", "byol"],
             "--method 'byol': use",
         ),
