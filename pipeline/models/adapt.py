@@ -92,9 +92,7 @@ def _base_card(base: str, method: str) -> ModelCard:
     card = resolve(base)
     if not card.builtin:
         raise ModelError(f"adapt: base {base!r} is not a built-in model (elodin models list)")
-    if method == "simsiam" and (
-        card.multi or card.stages or card.orientations > 1 or card.zooms > 1
-    ):
+    if method == "simsiam" and not card.plain:
         raise ModelError(
             f"adapt: base {base!r}: method simsiam adapts a plain built-in (with a resolution "
             "if you like); :multi, :stages, :zoom and :rot variants are adapted by method head"

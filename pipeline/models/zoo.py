@@ -122,6 +122,11 @@ class ModelCard:
     stages: bool = False
 
     @property
+    def plain(self) -> bool:
+        """No variant that changes the graph: the network's pooled head on one view."""
+        return not (self.multi or self.stages) and self.orientations == 1 and self.zooms == 1
+
+    @property
     def cache_stem(self) -> str:
         """File stem of the exported/wrapped ONNX in the cache."""
         multi = "-multi" if self.multi else "-stages" if self.stages else ""
