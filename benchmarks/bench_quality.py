@@ -27,8 +27,10 @@ Every stamp goes through Elodin's own path: :func:`pipeline.preprocess.stretch_c
 image: the benchmark's stamps are one survey image, sampled with
 :func:`pipeline.preprocess.image_limits_for`; or per cutout) and the ONNX Runtime session of
 :mod:`pipeline.models.runtime` on the exported graph of each recipe. Each recipe's features, like
-the baseline (the asinh-stretched pixels themselves), are reduced to their first 20 PCA components;
-on those the benchmark reports
+the baseline (the asinh-stretched pixels themselves), are reduced to their first 20 PCA components
+as ``elodin reduce`` would: standardised first where its ``analysis.reduce.scale`` (``auto`` by
+default: :func:`pipeline.analysis.reduce.scales_features`) says so, the ``std`` column; a recipe's
+``|pca-scale=true`` or ``|pca-scale=false`` overrides it. On those the benchmark reports
 
 - k-NN (k = 10) balanced accuracy, 5-fold stratified cross-validated;
 - k-means (k = number of classes) adjusted Rand index against the classes;
@@ -111,7 +113,10 @@ FULL_RECIPES = (
     "efficientnet-lite0:native:multi:zoom3:rot4",
     "efficientnet-lite0:native:multi:zoom3:rot8",
     "efficientnet-lite0:native:stages:zoom3:rot4",
+    "efficientnet-lite0:native:stages:zoom3:rot4|pca-scale=false",
     "efficientnet-lite0:native:stages:zoom3:rot8",
+    "efficientnet-lite0:native:rot8|pca-scale=true",
+    "pixels|pca-scale=true",
     "efficientnet-lite0:native:rot8|scope=cutout",
     "efficientnet-lite0:native:rot8|asinh-a=0.02",
     "efficientnet-lite0:native:rot8|asinh-a=1.0",
@@ -229,6 +234,22 @@ def hdf_windows(per_class: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 
 # ------------------------------------------------------------------------------ fingerprints
+def pca_scale(recipe: str) -> bool:
+    """Whether ``elodin reduce`` would standardise this recipe's features (``|pca-scale=`` or
+    the ``analysis.reduce.scale`` setting)."""
+    from pipeline import config
+    from pipeline.analysis.reduce import scales_features
+
+    name, overrides = _parse(recipe)
+    setting = overrides.get("pca-scale", config.get("analysis.reduce.scale"))
+    setting = {"true": True, "false": False}.get(setting, setting)
+    return scales_features(
+        setting,
+        features="pixels" if name == "pixels" else "fingerprint",
+        model=None if name == "pixels" else name,
+    )
+
+
 def _parse(recipe: str) -> tuple[str, dict]:
     name, _, rest = recipe.partition("|")
     overrides = {}
@@ -259,6 +280,7 @@ def features(
     from pipeline.models.export import ensure_onnx
 
     name, overrides = _parse(recipe)
+    overrides.pop("pca-scale", None)
     rgb = stretched(raw, overrides, image_sample)
     if name == "pixels":
         # One channel is enough: one band was replicated to RGB (three for the HDF).
@@ -270,17 +292,23 @@ def features(
     return out.features, len(rgb) / (time.perf_counter() - start)
 
 
-def scores(feats: np.ndarray, labels: np.ndarray, *, seed: int = 0) -> tuple[float, float]:
-    """``(k-NN balanced accuracy, k-means ARI)`` on the first PCA_COMPONENTS components."""
+def scores(
+    feats: np.ndarray, labels: np.ndarray, *, seed: int = 0, scale: bool = False
+) -> tuple[float, float]:
+    """``(k-NN balanced accuracy, k-means ARI)`` on the first PCA_COMPONENTS components (of the
+    standardised features with ``scale``, as ``elodin reduce`` standardises: ``ddof=1``,
+    features that do not vary left as they are)."""
     from sklearn.cluster import KMeans
     from sklearn.decomposition import PCA
     from sklearn.metrics import adjusted_rand_score, balanced_accuracy_score
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
     from sklearn.neighbors import KNeighborsClassifier
 
-    x = PCA(min(PCA_COMPONENTS, *feats.shape), random_state=seed).fit_transform(
-        np.asarray(feats, np.float64)
-    )
+    x = np.asarray(feats, np.float64)
+    if scale:
+        sd = x.std(axis=0, ddof=1)
+        x = (x - x.mean(axis=0)) / np.where(sd > 1e-6 * sd.max(), sd, 1.0)
+    x = PCA(min(PCA_COMPONENTS, *feats.shape), random_state=seed).fit_transform(x)
     folds = StratifiedKFold(5, shuffle=True, random_state=seed)
     knn = KNeighborsClassifier(min(KNN_K, len(x) * 4 // 5 - 1))
     predicted = cross_val_predict(knn, x, labels, cv=folds)
@@ -334,13 +362,15 @@ def run(
     rows = []
     for recipe in tqdm(recipes, desc="recipes", unit="recipe"):
         feats, rate = features(recipe, sim, sim_sample, threads=threads)
-        bacc, ari = scores(feats, labels)
+        scale = pca_scale(recipe)
+        bacc, ari = scores(feats, labels, scale=scale)
         hdf_feats, _ = features(recipe, windows, hdf_sample, threads=threads)
-        hdf_bacc, _ = scores(hdf_feats, hdf_labels)
+        hdf_bacc, _ = scores(hdf_feats, hdf_labels, scale=scale)
         rows.append(
             {
                 "recipe": recipe,
                 "dim": feats.shape[1],
+                "scale": scale,
                 "bacc": bacc,
                 "ari": ari,
                 "probe": probe(feats, labels),
@@ -402,16 +432,18 @@ def adapted_row(
             recipe = "bench-adapted"
             sim_sample = raw.reshape(1, -1)[:, :: max(1, raw.size // 200_000)]
             feats, rate = features(recipe, raw[:, None], sim_sample, threads=threads)
-            bacc, ari = scores(feats, labels)
+            scale = pca_scale(recipe)  # a user model: as `reduce` would on its store
+            bacc, ari = scores(feats, labels, scale=scale)
             linear = probe(feats, labels)
             windows, hdf_labels, hdf = hdf_windows(hdf_per_class)
             hdf_feats, _ = features(recipe, windows, hdf.reshape(3, -1)[:, ::7], threads=threads)
-            hdf_bacc, _ = scores(hdf_feats, hdf_labels)
+            hdf_bacc, _ = scores(hdf_feats, hdf_labels, scale=scale)
     short = base.replace("efficientnet-", "")
     name = f"adapted {short}, {method} {epochs} ep ({took / 60:.1f} min)"
     return {
         "recipe": name,
         "dim": feats.shape[1],
+        "scale": scale,
         "bacc": bacc,
         "ari": ari,
         "probe": linear,
@@ -423,7 +455,7 @@ def adapted_row(
 def _row(r: dict) -> str:
     rate = "-" if np.isnan(r["rate"]) else f"{r['rate']:.0f}"
     return (
-        f"{r['recipe']:<48} {r['dim']:>5} {r['bacc']:>6.3f} {r['ari']:>6.3f} "
+        f"{r['recipe']:<48} {r['dim']:>5} {'yes' if r['scale'] else 'no':>4} {r['bacc']:>6.3f} {r['ari']:>6.3f} "
         f"{r['probe']:>6.3f} {r['hdf']:>6.3f} {rate:>9}"
     )
 
@@ -477,11 +509,12 @@ def main() -> None:
     )
     print(
         f"# {args.classes}: {', '.join(classes)} x {per_class} stamps (seed {args.seed}); k-NN (k={KNN_K}) "
-        f"balanced accuracy, 5-fold CV, and k-means ARI on {PCA_COMPONENTS} PCA components; "
-        "probe: a supervised linear classifier's balanced accuracy; HDF source vs blank"
+        f"balanced accuracy, 5-fold CV, and k-means ARI on {PCA_COMPONENTS} PCA components "
+        "(std: of the standardised features, as `elodin reduce` would); probe: a supervised "
+        "linear classifier's balanced accuracy; HDF source vs blank"
     )
     print(
-        f"{'recipe':<48} {'dim':>5} {'b-acc':>6} {'ARI':>6} {'probe':>6} {'HDF':>6} "
+        f"{'recipe':<48} {'dim':>5} {'std':>4} {'b-acc':>6} {'ARI':>6} {'probe':>6} {'HDF':>6} "
         f"{'cutouts/s':>9}"
     )
     start = time.perf_counter()

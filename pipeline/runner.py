@@ -117,6 +117,10 @@ def run(
         from .fingerprint import fingerprint_settings
 
         fingerprint_settings()  # a bad setting is one line before the lock, workers or store
+    if "reduce" in stages:
+        from .analysis import reduce_settings
+
+        reduce_settings()
     lines: list[str] = []
     # Every stage writes to the store: the whole run holds its writer lock (fingerprint() takes
     # it again inside, which a holder may), so a second run cannot refit models under this one.

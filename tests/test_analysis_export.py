@@ -230,8 +230,11 @@ def test_command_line_runs_every_stage(tmp_path, capsys):
     rng = np.random.default_rng(3)
     st, rows = build_store(tmp_path / "cli.zarr", rng.normal(size=(200, 6)), chunk_rows=32)
     path = st.path
-    assert main(["reduce", path, "--components", "3"]) == 0
-    assert "3 components" in capsys.readouterr().out
+    assert main(["reduce", path, "--components", "3", "--scale"]) == 0
+    assert "(standardised) on 200 rows" in capsys.readouterr().out
+    assert main(["reduce", path, "--components", "3", "--no-scale"]) == 0
+    out = capsys.readouterr().out
+    assert "3 components" in out and "standardised" not in out
     assert main(["cluster", path, "--algorithm", "agglomerative", "--n-clusters", "4"]) == 0
     assert "4 clusters" in capsys.readouterr().out
     assert main(["embed", path, "--method", "tsne", "--sample-size", "80"]) == 0

@@ -87,6 +87,94 @@ def test_update_with_appended_rows_equals_fit_on_all(tmp_path, rng):
     )
 
 
+def _standardised(X: np.ndarray) -> np.ndarray:
+    sd = X.std(axis=0, ddof=1)
+    return (X - X.mean(axis=0)) / np.where(sd > 0, sd, 1.0)
+
+
+def test_scaled_pca_is_sklearn_on_standardised_rows_and_stays_updatable(tmp_path, rng):
+    # Blocks whose spreads differ ten thousandfold, as the pooled stages of `:stages:zoom3`
+    # do tenfold, and one feature that never varies.
+    spread = np.repeat(np.geomspace(0.01, 100.0, 4), 12).astype(np.float32)
+    X1, X2 = structured(rng, 500) * spread, structured(np.random.default_rng(7), 300) * spread
+    X1[:, 5] = X2[:, 5] = 3.0
+    st, rows = build_store(tmp_path / "s.zarr", X1, chunk_rows=32)
+    analysis.reduce(st.path, components=8, block_rows=128, scale=True)
+    new = append_rows(st, X2, image="img1")
+    updated = analysis.reduce(st.path, components=8, block_rows=128, scale=True)
+    assert updated.segments_reused == 1 and "(standardised)" in str(updated)
+
+    X = np.concatenate([X1, X2]).astype(np.float64)
+    ref = PCA(8).fit(_standardised(X))
+    ds = Store.open(st.path).dataset()
+    np.testing.assert_allclose(
+        ds.pca_explained_variance_ratio.values, ref.explained_variance_ratio_, atol=1e-5
+    )
+    pca = ds.pca.values[np.concatenate([rows, new])]
+    want = ref.transform(_standardised(X))
+    np.testing.assert_allclose(pca, want, atol=2e-3 * np.abs(want).max())
+    sd = X.std(axis=0, ddof=1)
+    sd[5] = 1.0  # a feature that does not vary is left as it is
+    np.testing.assert_allclose(ds.pca_scale.values, sd, rtol=1e-4)
+    assert Store.open(st.path).attrs["pca"]["scale"] is True
+    restored = analysis.load_pca(Store.open(st.path))
+    np.testing.assert_allclose(restored.transform(X2), ds.pca.values[new], atol=1e-4)
+
+    # Without it the PCA sees little but the widest block: another basis, scale ones.
+    plain = analysis.reduce(st.path, components=8, block_rows=128, scale=False)
+    ds = Store.open(st.path).dataset()
+    assert "(standardised)" not in str(plain) and (ds.pca_scale.values == 1).all()
+    assert Store.open(st.path).attrs["pca"]["scale"] is False
+    np.testing.assert_allclose(
+        ds.pca_explained_variance_ratio.values, PCA(8).fit(X).explained_variance_ratio_, atol=1e-5
+    )
+
+    def share_of_widest(components: np.ndarray) -> float:
+        return float((components[:, 36:] ** 2).sum() / (components**2).sum())
+
+    assert share_of_widest(ds.pca_components.values) > 0.99
+    assert share_of_widest(ref.components_) < 0.5
+
+
+@pytest.mark.parametrize(
+    ("setting", "features", "model", "scaled"),
+    [
+        ("auto", "fingerprint", "efficientnet-lite0:native:stages:zoom3:rot4", True),
+        ("auto", "fingerprint", "efficientnet-lite0:native:stages:zoom3:rot4@fp16", True),
+        ("auto", "fingerprint", "efficientnet-lite0:native:multi:rot8", True),
+        ("auto", "fingerprint", "efficientnet-lite2:native:zoom2", True),
+        ("auto", "fingerprint", "efficientnet-lite0:native:rot8", False),
+        ("auto", "fingerprint", "efficientnet-lite0", False),
+        ("auto", "pixels", "efficientnet-lite0:native:stages:zoom3:rot4", False),
+        ("auto", "fingerprint", "synthetic", False),  # a user model this machine has no card of
+        ("auto", "fingerprint", None, False),
+        (True, "pixels", "synthetic", True),
+        (False, "fingerprint", "efficientnet-lite0:native:stages:zoom3:rot4", False),
+    ],
+)
+def test_auto_scale_standardises_features_of_several_blocks(setting, features, model, scaled):
+    from pipeline.analysis.reduce import scales_features
+
+    assert scales_features(setting, features=features, model=model) is scaled
+
+
+def test_reduce_standardises_the_default_models_fingerprints_by_default(tmp_path, rng):
+    from analysis_store import ATTRS
+
+    from pipeline import config
+
+    assert config.get("analysis.reduce.scale") == "auto"
+    model = config.get("model.name")
+    attrs = {**ATTRS, "model": model}
+    X = structured(rng, 200) * np.repeat([0.1, 10.0], 24).astype(np.float32)
+    st, _ = build_store(tmp_path / "default.zarr", X, chunk_rows=32, attrs=attrs)
+    assert "(standardised)" in str(analysis.reduce(st.path, components=4))
+    assert Store.open(st.path).attrs["pca"]["scale"] is True
+    plain = {**ATTRS, "model": "efficientnet-lite0:native:rot8"}
+    st, _ = build_store(tmp_path / "rot8.zarr", X, chunk_rows=32, attrs=plain)
+    assert "(standardised)" not in str(analysis.reduce(st.path, components=4))
+
+
 def test_unfinished_segment_is_counted_but_not_saved(tmp_path, rng):
     X1, X2 = structured(rng, 300), structured(np.random.default_rng(8), 200)
     st, _ = build_store(tmp_path / "s.zarr", X1, chunk_rows=32)
@@ -113,6 +201,7 @@ def test_new_pca_drops_results_of_the_old_one(tmp_path, rng):
         ({"components": 3, "variance": 0.9}, ConfigError, "not both"),
         ({"variance": 1.5}, ConfigError, "(0, 1]"),
         ({"features": "pixel"}, ConfigError, "unknown PCA features 'pixel'"),
+        ({"scale": "often"}, ConfigError, "reduce.scale: expected auto, true or false"),
     ],
 )
 def test_bad_input_one_line_and_store_unchanged(tmp_path, rng, kwargs, error, words):

@@ -197,6 +197,20 @@ def test_run_with_a_bad_setting_writes_nothing(tmp_path):
     assert store_digest(store) == before
 
 
+def test_run_refuses_a_bad_reduce_setting_before_it_writes(tmp_path):
+    """A bad ``analysis.reduce.scale`` is refused before the fingerprint stage writes a store."""
+    images = tmp_path / "images"
+    images.mkdir()
+    make_mosaic(images / "field0.fits", ny=128, nx=128, seed=10)
+    cfg = _config(tmp_path, stages=("fingerprint", "reduce"))
+    cfg.write_text(cfg.read_text().replace("components: 8", "components: 8\n      scale: often"))
+    result = _elodin_run(cfg)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("elodin: error:")]
+    assert len(lines) == 1 and "analysis.reduce.scale" in lines[0], result.stderr
+    assert not (tmp_path / "survey.zarr").exists()
+
+
 def test_absorption_uses_the_settings_the_stages_recorded(tmp_path):
     """`elodin outliers -k 20` (and embed / cluster / reduce) then an incremental absorption:
     the new rows are placed by the models restored from the store with the recorded k,
@@ -211,8 +225,9 @@ def test_absorption_uses_the_settings_the_stages_recorded(tmp_path):
 
     rng = np.random.default_rng(4)
     X = rng.normal(size=(240, 10)).astype(np.float32)
+    X[:, 3] *= 40.0  # one wide feature: the standardised basis differs from the plain one
     st, _ = build_store(tmp_path / "s.zarr", X, chunk_rows=16)
-    analysis.reduce(st.path, components=5)
+    analysis.reduce(st.path, components=5, scale=True)
     analysis.cluster(st.path, n_clusters=3)
     analysis.embed(st.path, method="tsne", sample_size=120, n_neighbors=7, seed=2)
     analysis.outliers(st.path, k=20, reference_size=100, seed=3)
@@ -225,6 +240,7 @@ def test_absorption_uses_the_settings_the_stages_recorded(tmp_path):
         "elodin.analysis.outliers.reference-size": 50,
         "elodin.analysis.seed": 99,
         "elodin.analysis.embed.n-neighbors": 3,
+        "elodin.analysis.reduce.scale": False,
     }
     with dask.config.set(other):
         assert absorb_rows(st, start, st.n_rows) == 40
@@ -235,6 +251,14 @@ def test_absorption_uses_the_settings_the_stages_recorded(tmp_path):
     ds = Store.open(st.path).dataset()
     pca = ds.pca.values.astype(np.float64)
     np.testing.assert_allclose(pca[new], analysis.load_pca(st).transform(X_new), atol=1e-5)
+    # Projected in the recorded, standardised basis (each feature over its spread), not the
+    # plain one the absorbing run's configuration names.
+    saved = Store.open(st.path).dataset()
+    standardised = (X_new - saved.pca_mean.values) / saved.pca_scale.values
+    np.testing.assert_allclose(
+        pca[new], standardised @ saved.pca_components.values.T, rtol=1e-4, atol=1e-4
+    )
+    assert np.ptp(saved.pca_scale.values) > 10
     centres = ds.cluster_centers.values
     d2 = ((pca[new, None, :] - centres[None]) ** 2).sum(axis=2)
     np.testing.assert_array_equal(ds.cluster.values[new], d2.argmin(axis=1))

@@ -25,7 +25,15 @@ from .export import ExportResult, export
 from .hats import export_hats
 from .index import NeighborIndex, build_index, neighbors
 from .outliers import KNNOutlier, load_outliers, outliers
-from .reduce import ExactPCA, PCAResult, PixelFeatures, load_pca, reduce
+from .reduce import (
+    ExactPCA,
+    PCAResult,
+    PixelFeatures,
+    ReduceSettings,
+    load_pca,
+    reduce,
+    reduce_settings,
+)
 from .similar import fingerprint_image, nearest_cutout, similar
 
 __all__ = [
@@ -37,6 +45,7 @@ __all__ = [
     "NeighborIndex",
     "PCAResult",
     "PixelFeatures",
+    "ReduceSettings",
     "SampleClusterer",
     "SampleEmbedding",
     "StoredEmbedding",
@@ -58,5 +67,6 @@ __all__ = [
     "neighbors",
     "outliers",
     "reduce",
+    "reduce_settings",
     "similar",
 ]

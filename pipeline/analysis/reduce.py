@@ -45,7 +45,16 @@ from ..store import Store
 from . import _base
 from .pixels import PixelFeatures
 
-__all__ = ["ExactPCA", "PCAResult", "PixelFeatures", "load_pca", "reduce"]
+__all__ = [
+    "ExactPCA",
+    "PCAResult",
+    "PixelFeatures",
+    "ReduceSettings",
+    "load_pca",
+    "reduce",
+    "reduce_settings",
+    "scales_features",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +107,11 @@ class ExactPCA(TransformerMixin, BaseEstimator):
     variance : float, optional
         Keep the fewest components whose explained variance ratios sum past this fraction
         (``0 < variance <= 1``), as ``sklearn.decomposition.PCA(n_components=0.99)`` does.
+    scale : bool
+        Standardise each feature (divide by its standard deviation, ``ddof=1``) before the
+        PCA: the components of the correlation matrix instead of the covariance, as R's
+        ``prcomp(scale. = TRUE)``. Solved from the same accumulators, so it stays exact and
+        updatable. Features that do not vary are left unscaled.
     sub_rows : int
         Rows per float32 cross product inside a block (bounds its temporaries).
 
@@ -105,7 +119,9 @@ class ExactPCA(TransformerMixin, BaseEstimator):
     ----------
     n_samples_seen_, mean_, components_, explained_variance_, explained_variance_ratio_,
     singular_values_, n_components_, n_features_in_
-        As in :class:`sklearn.decomposition.PCA`.
+        As in :class:`sklearn.decomposition.PCA` (of the standardised features when ``scale``).
+    scale_
+        What each feature is divided by after the mean is taken away (ones without ``scale``).
     shift_, sum_, cross_
         The accumulators: rows are summed as ``x - shift_``; ``sum_`` is their sum and
         ``cross_`` their ``X^T X``. Save them to update the fit later with new rows.
@@ -122,15 +138,18 @@ class ExactPCA(TransformerMixin, BaseEstimator):
         n_components: int | None = None,
         *,
         variance: float | None = None,
+        scale: bool = False,
         sub_rows: int = 8192,
     ):
         self.n_components = n_components
         self.variance = variance
+        self.scale = scale
         self.sub_rows = sub_rows
 
     # -- accumulation ---------------------------------------------------------------------
     def _reset(self) -> None:
-        for name in ("shift_", "sum_", "cross_", "n_samples_seen_", "components_", "mean_"):
+        fitted = ("shift_", "sum_", "cross_", "n_samples_seen_", "components_", "mean_", "scale_")
+        for name in fitted:
             self.__dict__.pop(name, None)
 
     def accumulate(self, X) -> ExactPCA:
@@ -198,6 +217,13 @@ class ExactPCA(TransformerMixin, BaseEstimator):
         m = self.sum_ / n
         cov = (self.cross_ - n * np.outer(m, m)) / (n - 1)
         cov = (cov + cov.T) / 2
+        scale = np.ones(len(cov))
+        if self.scale:
+            sd = np.sqrt(np.clip(np.diag(cov), 0.0, None))
+            # Below this a feature's spread is float32 rounding, not signal: left as it is.
+            varies = sd > 1e-6 * sd.max() if sd.max() > 0 else np.zeros(len(sd), bool)
+            scale[varies] = sd[varies]
+            cov = cov / np.outer(scale, scale)
         w, v = np.linalg.eigh(cov)
         w = np.clip(w[::-1], 0.0, None)
         v = v[:, ::-1]
@@ -208,6 +234,7 @@ class ExactPCA(TransformerMixin, BaseEstimator):
         # sklearn's sign convention (svd_flip on Vt): the largest |loading| of each component > 0.
         _, comps = svd_flip(None, comps, u_based_decision=False)
         self.mean_ = self.shift_ + m
+        self.scale_ = scale
         self.components_ = comps
         self.explained_variance_ = w[:k].copy()
         self.explained_variance_ratio_ = ratio[:k].copy()
@@ -246,7 +273,10 @@ class ExactPCA(TransformerMixin, BaseEstimator):
         import dask.array as da
 
         mean = self.mean_.astype(np.float32)
-        comps_t = self.components_.T.astype(np.float32)
+        # Dividing a feature by its scale is dividing its row of the projection.
+        scale = getattr(self, "scale_", None)
+        comps_t = self.components_.T / (1.0 if scale is None else np.asarray(scale)[:, None])
+        comps_t = comps_t.astype(np.float32)
         if isinstance(X, da.Array):
             return X.map_blocks(
                 _project, mean, comps_t, chunks=(X.chunks[0], (comps_t.shape[1],)), dtype=np.float32
@@ -259,6 +289,90 @@ def _project(block: np.ndarray, mean: np.ndarray, comps_t: np.ndarray) -> np.nda
 
 
 # ------------------------------------------------------------------------------ store level
+@dataclasses.dataclass(frozen=True)
+class ReduceSettings:
+    """The ``analysis.reduce`` settings with the flags applied, checked.
+
+    Attributes
+    ----------
+    features : {"fingerprint", "pixels"}
+    components : int or None
+        None when ``variance`` decides.
+    variance : float or None
+    explicit : bool
+        ``components`` was given, not configured (more than the store has is then an error).
+    scale : bool or "auto"
+        Resolved against a store's model by :func:`scales_features`.
+    """
+
+    features: str
+    components: int | None
+    variance: float | None
+    explicit: bool
+    scale: bool | str
+
+
+def reduce_settings(
+    *,
+    components: int | None = None,
+    variance: float | None = None,
+    features: str | None = None,
+    scale: bool | str | None = None,
+) -> ReduceSettings:
+    """The settings :func:`reduce` runs with; a bad one is a one-line :class:`ConfigError`
+    (``elodin run`` checks them before it writes anything)."""
+    kind = _base.choice(
+        config.get("analysis.reduce.features", override=features), "PCA features", FEATURES
+    )
+    if components is not None and variance is not None:
+        raise ConfigError("give --components or --variance, not both")
+    explicit = components is not None
+    if components is None and variance is None:
+        variance = config.get("analysis.reduce.variance")
+        if variance is None:
+            components = config.get_int("analysis.reduce.components", minimum=1)
+    if variance is not None:
+        variance = config.get_float("analysis.reduce.variance", override=variance)
+        if not 0 < variance <= 1:
+            raise ConfigError(f"--variance must be in (0, 1], got {variance}")
+        components = None
+    elif int(components) < 1:
+        raise ConfigError(f"--components must be >= 1, got {components}")
+    setting = config.get("analysis.reduce.scale", override=scale)
+    scales_features(setting, features="pixels", model=None)  # checks the value
+    return ReduceSettings(kind, components, variance, explicit, setting)
+
+
+def scales_features(setting: Any, *, features: str, model: str | None) -> bool:
+    """Whether :func:`reduce` standardises the features before its PCA.
+
+    ``setting`` is ``analysis.reduce.scale``: true, false or ``auto``. ``auto`` standardises
+    the fingerprints of a model whose features lay several pooled blocks side by side
+    (:attr:`pipeline.models.ModelCard.blocks` > 1: ``:multi``, ``:stages``, ``:zoomN``, the
+    default model among them), whose spreads differ tenfold, so that a plain PCA would see little
+    but the widest block; and nothing else: the head's features share one scale, and
+    standardising the pixel baseline lifts the sky noise of its corners to the centre's weight
+    (both score lower standardised on ``benchmarks/bench_quality.py``; figures in
+    docs/fingerprints.md).
+    """
+    if isinstance(setting, bool):
+        return setting
+    if setting != "auto":
+        raise ConfigError(
+            f"config elodin.analysis.reduce.scale: expected auto, true or false, got {setting!r}"
+        )
+    if features != "fingerprint" or not model:
+        return False
+    from ..errors import ModelError
+    from ..models import resolve
+    from ..models.recorded import parse_record
+
+    try:
+        return resolve(parse_record(model)[0]).blocks > 1
+    except ModelError:  # a user model this machine has no card of: one block, as every user model
+        return False
+
+
 @dataclasses.dataclass
 class PCAResult:
     """What :func:`reduce` did."""
@@ -271,6 +385,7 @@ class PCAResult:
     explained_variance_ratio: np.ndarray
     rows_read: int
     segments_reused: int
+    scaled: bool = False
 
     def __str__(self) -> str:
         total = float(np.sum(self.explained_variance_ratio))
@@ -279,8 +394,9 @@ class PCAResult:
             if self.segments_reused
             else ""
         )
+        scaled = " (standardised)" if self.scaled else ""
         return (
-            f"{self.store}: PCA of {self.features} on {self.n_rows} rows -> {self.variable}: "
+            f"{self.store}: PCA of {self.features}{scaled} on {self.n_rows} rows -> {self.variable}: "
             f"{self.n_components} components explain {100 * total:.2f} % of the variance "
             f"(first: {', '.join(f'{100 * r:.1f}' for r in self.explained_variance_ratio[:5])} %){reuse}"
         )
@@ -341,6 +457,7 @@ def reduce(
     pixel_side: int | None = None,
     block_rows: int | None = None,
     refit: bool = False,
+    scale: bool | str | None = None,
     client=None,
     scheduler: str | None = None,
     workers: int | None = None,
@@ -363,6 +480,9 @@ def reduce(
         Rows per task (whole store chunks).
     refit : bool
         Ignore the saved sums and read every row again.
+    scale : bool or "auto", optional
+        Standardise each feature before the PCA (default ``analysis.reduce.scale``; ``auto``:
+        see :func:`scales_features`). The saved sums serve either way.
     client, scheduler, workers
         Where the block tasks run (see :func:`pipeline.analysis._base.runner`).
 
@@ -373,29 +493,19 @@ def reduce(
     Notes
     -----
     Writes ``pca(cutout, component)`` float32 (NaN in empty slots), ``pca_mean(feature)``,
-    ``pca_components(component, feature)``, ``pca_explained_variance(component)``,
+    ``pca_scale(feature)`` (ones when not standardised), ``pca_components(component, feature)``, ``pca_explained_variance(component)``,
     ``pca_explained_variance_ratio(component)`` and the accumulators (``pca_accum_*``) of the
     store segments that were complete; the pixel baseline writes the same under ``pca_pixels``
     with dims ``pixel`` and ``pixel_component``. A new ``pca`` removes the variables computed
     from the old one (``cluster``, ``embedding``, ``outlier_score`` ...).
     """
     st = _base.open_store(store, mode="r+")
-    kind = _base.choice(
-        config.get("analysis.reduce.features", override=features), "PCA features", FEATURES
+    settings = reduce_settings(
+        components=components, variance=variance, features=features, scale=scale
     )
-    if components is not None and variance is not None:
-        raise ConfigError("give --components or --variance, not both")
-    explicit = components is not None
-    if components is None and variance is None:
-        variance = config.get("analysis.reduce.variance")
-        if variance is None:
-            components = config.get_int("analysis.reduce.components", minimum=1)
-    if variance is not None:
-        variance = config.get_float("analysis.reduce.variance", override=variance)
-        if not 0 < variance <= 1:
-            raise ConfigError(f"--variance must be in (0, 1], got {variance}")
-    elif int(components) < 1:
-        raise ConfigError(f"--components must be >= 1, got {components}")
+    kind, components, variance = settings.features, settings.components, settings.variance
+    explicit = settings.explicit
+    standardise = scales_features(settings.scale, features=kind, model=st.attrs.get("model"))
     n_valid = _base.valid_count(st, stage="reduce")
     block = _base.block_rows(st, block_rows)
     space = SPACES[kind]
@@ -416,7 +526,9 @@ def reduce(
                 "preprocess": st.attrs.get("preprocess"),
             }
         signature = _jsonable(signature)
-        pca = ExactPCA(None if variance is not None else int(components), variance=variance)
+        pca = ExactPCA(
+            None if variance is not None else int(components), variance=variance, scale=standardise
+        )
         saved, covered = (None, []) if refit else _saved(st, prefix, signature)
         if saved is not None:
             pca.set_accumulators(**saved)
@@ -480,6 +592,7 @@ def reduce(
                 )
             st.create_row_array(prefix, tail=(k,), dims=(comp_dim,), dtype="float32", fill=np.nan)
             st.write_array(f"{prefix}_mean", pca.mean_, dims=(feat_dim,))
+            st.write_array(f"{prefix}_scale", pca.scale_, dims=(feat_dim,))
             st.write_array(f"{prefix}_components", pca.components_, dims=(comp_dim, feat_dim))
             st.write_array(
                 f"{prefix}_explained_variance", pca.explained_variance_, dims=(comp_dim,)
@@ -494,6 +607,7 @@ def reduce(
         "features": kind,
         "n_components": int(k),
         "variance": variance,
+        "scale": bool(standardise),
         "n_rows": int(pca.n_samples_seen_),
         "explained_variance_ratio_sum": float(np.sum(pca.explained_variance_ratio_)),
         **(
@@ -512,6 +626,7 @@ def reduce(
         pca.explained_variance_ratio_,
         rows_read,
         len(covered),
+        bool(standardise),
     )
     logger.info("%s", result)
     return result
@@ -524,7 +639,8 @@ def _jsonable(value: Any) -> Any:
 
 
 def load_pca(store: Store, *, features: str = "fingerprint") -> ExactPCA:
-    """The fitted PCA saved in a store (mean and components), ready to ``transform`` new rows."""
+    """The fitted PCA saved in a store (mean, scale and components), ready to ``transform`` new
+    rows."""
 
     prefix = SPACES[features]["out"]
     _base.require(
@@ -535,6 +651,10 @@ def load_pca(store: Store, *, features: str = "fingerprint") -> ExactPCA:
     group = Store.zarr(store.path)
     pca = ExactPCA(n_components=int(group[f"{prefix}_components"].shape[0]))
     pca.mean_ = group[f"{prefix}_mean"][...]
+    # Stores reduced before 2026-12-06 have no scale: they were not standardised.
+    has_scale = f"{prefix}_scale" in _base.names(store)
+    pca.scale_ = group[f"{prefix}_scale"][...] if has_scale else np.ones(len(pca.mean_))
+    pca.scale = bool((store.attrs.get(prefix) or {}).get("scale", False))
     pca.components_ = group[f"{prefix}_components"][...]
     pca.explained_variance_ = group[f"{prefix}_explained_variance"][...]
     pca.explained_variance_ratio_ = group[f"{prefix}_explained_variance_ratio"][...]

@@ -41,6 +41,13 @@ def _add_reduce(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--refit", action="store_true", help="ignore the saved sums and read every row again"
     )
+    p.add_argument(
+        "--scale",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="standardise each feature before the PCA (default: analysis.reduce.scale, auto: "
+        "yes for fingerprints made of several pooled blocks, as the default model's)",
+    )
     _add_block_rows(p)
     _add_compute_flags(p)
     p.set_defaults(func=_cmd_reduce)
@@ -56,6 +63,7 @@ def _cmd_reduce(args: argparse.Namespace) -> int:
             variance=args.variance,
             features=args.features,
             refit=args.refit,
+            scale=args.scale,
             block_rows=args.block_rows,
             **_compute(args),
         )

@@ -43,10 +43,16 @@ def data_state(store: Store, space: str = "pca") -> dict[str, Any]:
         if not {"pca_mean", "pca_components"} <= names:
             basis = None
         else:
-            basis = _digest(
-                np.ascontiguousarray(store.array("pca_mean")[...], np.float64).tobytes(),
-                np.ascontiguousarray(store.array("pca_components")[...], np.float64).tobytes(),
-            )
+            parts = [
+                np.ascontiguousarray(store.array(name)[...], np.float64).tobytes()
+                for name in ("pca_mean", "pca_components")
+            ]
+            scale = store.array("pca_scale")[...] if "pca_scale" in names else None
+            if scale is not None and np.any(scale != 1):
+                # Only a standardised basis adds its scale: an unscaled one keeps the digest
+                # its indexes were built with before stores recorded a scale.
+                parts.append(np.ascontiguousarray(scale, np.float64).tobytes())
+            basis = _digest(*parts)
     else:
         basis = _digest(
             str(attrs.get("model_sha256")).encode(), str(attrs.get("fingerprint_dtype")).encode()
