@@ -194,6 +194,21 @@ def test_stale_index_is_detected_and_not_used(store, caplog):
     assert status == "stale" and "retired" in why
 
 
+def test_basis_digest_covers_a_standardised_scale(tmp_path):
+    """An index knows a basis by its mean and components, and by its scale once standardised;
+    an unscaled basis keeps the digest it had before stores recorded a scale."""
+    from pipeline.analysis.index.status import data_state
+
+    st, _ = build_store(tmp_path / "s.zarr", blobs(300, 16, seed=5), chunk_rows=32)
+    analysis.reduce(st.path, components=D, scale=False)
+    st = Store.open(st.path, mode="r+")
+    plain = data_state(st)["basis"]
+    del Store.zarr(st.path, mode="r+")["pca_scale"]  # as a store reduced before scales
+    assert data_state(st)["basis"] == plain
+    st.write_array("pca_scale", np.full(16, 2.0), dims=("feature",))  # same components
+    assert data_state(st)["basis"] != plain
+
+
 def test_graph_equals_brute_force_and_feeds_outliers(store):
     st, rows = store
     nn.build_index(st.path, kind="flat", progress=False)
