@@ -242,7 +242,6 @@ def pca_scale(recipe: str) -> bool:
 
     name, overrides = _parse(recipe)
     setting = overrides.get("pca-scale", config.get("analysis.reduce.scale"))
-    setting = {"true": True, "false": False}.get(setting, setting)
     return scales_features(
         setting,
         features="pixels" if name == "pixels" else "fingerprint",
@@ -296,18 +295,18 @@ def scores(
     feats: np.ndarray, labels: np.ndarray, *, seed: int = 0, scale: bool = False
 ) -> tuple[float, float]:
     """``(k-NN balanced accuracy, k-means ARI)`` on the first PCA_COMPONENTS components (of the
-    standardised features with ``scale``, as ``elodin reduce`` standardises: ``ddof=1``,
-    features that do not vary left as they are)."""
+    standardised features with ``scale``, as ``elodin reduce`` standardises)."""
     from sklearn.cluster import KMeans
     from sklearn.decomposition import PCA
     from sklearn.metrics import adjusted_rand_score, balanced_accuracy_score
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
     from sklearn.neighbors import KNeighborsClassifier
 
+    from pipeline.analysis.reduce import feature_scale
+
     x = np.asarray(feats, np.float64)
     if scale:
-        sd = x.std(axis=0, ddof=1)
-        x = (x - x.mean(axis=0)) / np.where(sd > 1e-6 * sd.max(), sd, 1.0)
+        x = (x - x.mean(axis=0)) / feature_scale(x.var(axis=0, ddof=1))
     x = PCA(min(PCA_COMPONENTS, *feats.shape), random_state=seed).fit_transform(x)
     folds = StratifiedKFold(5, shuffle=True, random_state=seed)
     knn = KNeighborsClassifier(min(KNN_K, len(x) * 4 // 5 - 1))

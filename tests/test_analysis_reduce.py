@@ -149,6 +149,8 @@ def test_scaled_pca_is_sklearn_on_standardised_rows_and_stays_updatable(tmp_path
         ("auto", "fingerprint", "synthetic", False),  # a user model this machine has no card of
         ("auto", "fingerprint", None, False),
         (True, "pixels", "synthetic", True),
+        ("True", "fingerprint", "efficientnet-lite0:native:rot8", True),
+        ("false", "fingerprint", "efficientnet-lite0:native:stages:zoom3:rot4", False),
         (False, "fingerprint", "efficientnet-lite0:native:stages:zoom3:rot4", False),
     ],
 )

@@ -50,6 +50,7 @@ __all__ = [
     "PCAResult",
     "PixelFeatures",
     "ReduceSettings",
+    "feature_scale",
     "load_pca",
     "reduce",
     "reduce_settings",
@@ -86,6 +87,15 @@ def _moments(block: np.ndarray, shift: np.ndarray, sub_rows: int):
         s1 += x.sum(axis=0, dtype=np.float64)
         s2 += x.T @ x
     return np.int64(len(block)), s1, s2
+
+
+def feature_scale(variances: np.ndarray) -> np.ndarray:
+    """What a standardised PCA divides each feature by: its standard deviation, or 1 where
+    the feature does not vary (below 1e-6 of the widest feature's spread, float32 rounding
+    rather than signal)."""
+    sd = np.sqrt(np.clip(np.asarray(variances, np.float64), 0.0, None))
+    widest = sd.max() if len(sd) else 0.0
+    return np.where((sd > 1e-6 * widest) & (widest > 0), sd, 1.0)
 
 
 def _as_dask(X, block_rows: int = 65536):
@@ -217,12 +227,8 @@ class ExactPCA(TransformerMixin, BaseEstimator):
         m = self.sum_ / n
         cov = (self.cross_ - n * np.outer(m, m)) / (n - 1)
         cov = (cov + cov.T) / 2
-        scale = np.ones(len(cov))
+        scale = feature_scale(np.diag(cov)) if self.scale else np.ones(len(cov))
         if self.scale:
-            sd = np.sqrt(np.clip(np.diag(cov), 0.0, None))
-            # Below this a feature's spread is float32 rounding, not signal: left as it is.
-            varies = sd > 1e-6 * sd.max() if sd.max() > 0 else np.zeros(len(sd), bool)
-            scale[varies] = sd[varies]
             cov = cov / np.outer(scale, scale)
         w, v = np.linalg.eigh(cov)
         w = np.clip(w[::-1], 0.0, None)
@@ -355,6 +361,8 @@ def scales_features(setting: Any, *, features: str, model: str | None) -> bool:
     (both score lower standardised on ``benchmarks/bench_quality.py``; figures in
     docs/fingerprints.md).
     """
+    if isinstance(setting, str) and setting.strip().lower() in ("true", "false"):
+        setting = setting.strip().lower() == "true"  # as a flag or a variable may spell it
     if isinstance(setting, bool):
         return setting
     if setting != "auto":
@@ -493,11 +501,12 @@ def reduce(
     Notes
     -----
     Writes ``pca(cutout, component)`` float32 (NaN in empty slots), ``pca_mean(feature)``,
-    ``pca_scale(feature)`` (ones when not standardised), ``pca_components(component, feature)``, ``pca_explained_variance(component)``,
-    ``pca_explained_variance_ratio(component)`` and the accumulators (``pca_accum_*``) of the
-    store segments that were complete; the pixel baseline writes the same under ``pca_pixels``
-    with dims ``pixel`` and ``pixel_component``. A new ``pca`` removes the variables computed
-    from the old one (``cluster``, ``embedding``, ``outlier_score`` ...).
+    ``pca_scale(feature)`` (ones when not standardised), ``pca_components(component, feature)``,
+    ``pca_explained_variance(component)``, ``pca_explained_variance_ratio(component)`` and the
+    accumulators (``pca_accum_*``) of the store segments that were complete; the pixel baseline
+    writes the same under ``pca_pixels`` with dims ``pixel`` and ``pixel_component``. A new
+    ``pca`` removes the variables computed from the old one (``cluster``, ``embedding``,
+    ``outlier_score`` ...).
     """
     st = _base.open_store(store, mode="r+")
     settings = reduce_settings(
