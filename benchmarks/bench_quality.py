@@ -306,7 +306,8 @@ def scores(
 
     x = np.asarray(feats, np.float64)
     if scale:
-        x = (x - x.mean(axis=0)) / feature_scale(x.var(axis=0, ddof=1))
+        mean = x.mean(axis=0)
+        x = (x - mean) / feature_scale(x.var(axis=0, ddof=1), mean, len(x))
     x = PCA(min(PCA_COMPONENTS, *feats.shape), random_state=seed).fit_transform(x)
     folds = StratifiedKFold(5, shuffle=True, random_state=seed)
     knn = KNeighborsClassifier(min(KNN_K, len(x) * 4 // 5 - 1))

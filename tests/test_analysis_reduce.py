@@ -142,7 +142,8 @@ def test_scaled_pca_is_sklearn_on_standardised_rows_and_stays_updatable(tmp_path
         ("auto", "fingerprint", "efficientnet-lite0:native:stages:zoom3:rot4", True),
         ("auto", "fingerprint", "efficientnet-lite0:native:stages:zoom3:rot4@fp16", True),
         ("auto", "fingerprint", "efficientnet-lite0:native:multi:rot8", True),
-        ("auto", "fingerprint", "efficientnet-lite2:native:zoom2", True),
+        ("auto", "fingerprint", "efficientnet-lite2:native:stages", True),
+        ("auto", "fingerprint", "efficientnet-lite0:native:zoom3:rot4", False),  # the head alone
         ("auto", "fingerprint", "efficientnet-lite0:native:rot8", False),
         ("auto", "fingerprint", "efficientnet-lite0", False),
         ("auto", "pixels", "efficientnet-lite0:native:stages:zoom3:rot4", False),
@@ -150,14 +151,29 @@ def test_scaled_pca_is_sklearn_on_standardised_rows_and_stays_updatable(tmp_path
         ("auto", "fingerprint", None, False),
         (True, "pixels", "synthetic", True),
         ("True", "fingerprint", "efficientnet-lite0:native:rot8", True),
+        ("Auto", "fingerprint", "efficientnet-lite0:native:stages:zoom3:rot4", True),
+        (None, "fingerprint", "efficientnet-lite0:native:stages:zoom3:rot4", True),
         ("false", "fingerprint", "efficientnet-lite0:native:stages:zoom3:rot4", False),
         (False, "fingerprint", "efficientnet-lite0:native:stages:zoom3:rot4", False),
     ],
 )
-def test_auto_scale_standardises_features_of_several_blocks(setting, features, model, scaled):
+def test_auto_scale_standardises_features_of_several_depths(setting, features, model, scaled):
     from pipeline.analysis.reduce import scales_features
 
     assert scales_features(setting, features=features, model=model) is scaled
+
+
+def test_a_store_reduced_before_scales_loads_unscaled(tmp_path, rng):
+    """Stores reduced before ``pca_scale`` existed were not standardised: ``load_pca`` projects
+    new rows exactly as their ``pca`` was projected."""
+    X = structured(rng, 300)
+    st, rows = build_store(tmp_path / "old.zarr", X, chunk_rows=32)
+    analysis.reduce(st.path, components=6, scale=False)
+    del Store.zarr(st.path, mode="r+")["pca_scale"]
+    pca = analysis.load_pca(Store.open(st.path))
+    assert (pca.scale_ == 1).all() and pca.scale is False
+    stored = Store.open(st.path).dataset().pca.values[rows]
+    np.testing.assert_allclose(pca.transform(X), stored, atol=1e-4)
 
 
 def test_reduce_standardises_the_default_models_fingerprints_by_default(tmp_path, rng):
@@ -204,6 +220,7 @@ def test_new_pca_drops_results_of_the_old_one(tmp_path, rng):
         ({"variance": 1.5}, ConfigError, "(0, 1]"),
         ({"features": "pixel"}, ConfigError, "unknown PCA features 'pixel'"),
         ({"scale": "often"}, ConfigError, "reduce.scale: expected auto, true or false"),
+        ({"features": "pixels", "pixel_side": 2}, ConfigError, "pixel-side: must be >= 4"),
     ],
 )
 def test_bad_input_one_line_and_store_unchanged(tmp_path, rng, kwargs, error, words):

@@ -4,7 +4,7 @@ Algorithm
 ---------
 PCA needs only the mean and the covariance of the rows. Each block task (on the Dask workers
 when there are any) reads one block of rows, drops empty slots, and returns its row count, its
-column sums and its cross-product matrix ``X^T X`` (1280 x 1280 for EfficientNet-Lite0), taken
+column sums and its cross-product matrix ``X^T X`` (D x D: 2304 x 2304 for the default model), taken
 about a fixed shift vector so that the later subtraction of the mean loses no precision; the
 sums are added in a tree and the client solves one symmetric eigenproblem
 (``numpy.linalg.eigh``). This is:
@@ -18,10 +18,13 @@ sums are added in a tree and the client solves one symmetric eigenproblem
 - *updatable*: the sums of finished store segments are kept in the store
   (``pca_accum_sum``, ``pca_accum_cross``, ``pca_accum_shift``), so after new images are
   fingerprinted ``elodin reduce`` reads only the new segments and adds their sums; the result
-  equals a fit on all rows.
+  equals a fit on all rows;
+- *standardised or not*: the covariance's diagonal gives each feature's spread, so the PCA of
+  the standardised features (the correlation matrix, ``scale=True``; ``analysis.reduce.scale``)
+  comes from the same sums, as exact and as updatable. :func:`scales_features` says when.
 
 The cost is ``O(N D^2)`` flops for the cross products (``D = 1280``: about 3.3 TFLOP per 10^6
-rows, float32 BLAS) and ``O(D^3)`` once on the client, cheap next to the pass. The
+rows, float32 BLAS; 10.6 at the default model's 2304) and ``O(D^3)`` once on the client, cheap next to the pass. The
 ``features="pixels"`` baseline (PCA of the stretched cutout pixels, resampled to a small side,
 as sdss_clustering did) re-reads each valid row's window from its source image and goes through
 the same estimator.
@@ -89,13 +92,15 @@ def _moments(block: np.ndarray, shift: np.ndarray, sub_rows: int):
     return np.int64(len(block)), s1, s2
 
 
-def feature_scale(variances: np.ndarray) -> np.ndarray:
-    """What a standardised PCA divides each feature by: its standard deviation, or 1 where
-    the feature does not vary (below 1e-6 of the widest feature's spread, float32 rounding
-    rather than signal)."""
-    sd = np.sqrt(np.clip(np.asarray(variances, np.float64), 0.0, None))
-    widest = sd.max() if len(sd) else 0.0
-    return np.where((sd > 1e-6 * widest) & (widest > 0), sd, 1.0)
+def feature_scale(variances: np.ndarray, means: np.ndarray, n: int) -> np.ndarray:
+    """What a standardised PCA divides each feature by: its standard deviation, or 1 where the
+    feature does not vary. "Does not vary" is scikit-learn's ``StandardScaler`` rule: a variance
+    within the rounding of summing ``n`` values of its mean and spread (float64 epsilon)."""
+    var = np.clip(np.asarray(variances, np.float64), 0.0, None)
+    mean = np.asarray(means, np.float64)
+    eps = np.finfo(np.float64).eps
+    constant = var <= n * eps * var + (n * mean * eps) ** 2
+    return np.where(constant, 1.0, np.sqrt(var))
 
 
 def _as_dask(X, block_rows: int = 65536):
@@ -227,7 +232,7 @@ class ExactPCA(TransformerMixin, BaseEstimator):
         m = self.sum_ / n
         cov = (self.cross_ - n * np.outer(m, m)) / (n - 1)
         cov = (cov + cov.T) / 2
-        scale = feature_scale(np.diag(cov)) if self.scale else np.ones(len(cov))
+        scale = feature_scale(np.diag(cov), self.shift_ + m, n) if self.scale else np.ones(len(cov))
         if self.scale:
             cov = cov / np.outer(scale, scale)
         w, v = np.linalg.eigh(cov)
@@ -309,6 +314,8 @@ class ReduceSettings:
         ``components`` was given, not configured (more than the store has is then an error).
     scale : bool or "auto"
         Resolved against a store's model by :func:`scales_features`.
+    pixel_side : int or None
+        The side the pixel baseline resamples to (``features="pixels"`` only).
     """
 
     features: str
@@ -316,6 +323,7 @@ class ReduceSettings:
     variance: float | None
     explicit: bool
     scale: bool | str
+    pixel_side: int | None = None
 
 
 def reduce_settings(
@@ -324,6 +332,7 @@ def reduce_settings(
     variance: float | None = None,
     features: str | None = None,
     scale: bool | str | None = None,
+    pixel_side: int | None = None,
 ) -> ReduceSettings:
     """The settings :func:`reduce` runs with; a bad one is a one-line :class:`ConfigError`
     (``elodin run`` checks them before it writes anything)."""
@@ -344,31 +353,44 @@ def reduce_settings(
         components = None
     elif int(components) < 1:
         raise ConfigError(f"--components must be >= 1, got {components}")
-    setting = config.get("analysis.reduce.scale", override=scale)
-    scales_features(setting, features="pixels", model=None)  # checks the value
-    return ReduceSettings(kind, components, variance, explicit, setting)
+    side = (
+        config.get_int("analysis.reduce.pixel-side", override=pixel_side, minimum=4)
+        if kind == "pixels"
+        else None
+    )
+    setting = _scale_setting(config.get("analysis.reduce.scale", override=scale))
+    return ReduceSettings(kind, components, variance, explicit, setting, side)
+
+
+def _scale_setting(value: Any) -> bool | str:
+    """``analysis.reduce.scale`` as True, False or ``"auto"`` (null: auto; any case)."""
+    if value is None:
+        return "auto"
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower() if isinstance(value, str) else None
+    if text in ("auto", "true", "false"):
+        return {"true": True, "false": False}.get(text, "auto")
+    raise ConfigError(
+        f"config elodin.analysis.reduce.scale: expected auto, true or false, got {value!r}"
+    )
 
 
 def scales_features(setting: Any, *, features: str, model: str | None) -> bool:
     """Whether :func:`reduce` standardises the features before its PCA.
 
     ``setting`` is ``analysis.reduce.scale``: true, false or ``auto``. ``auto`` standardises
-    the fingerprints of a model whose features lay several pooled blocks side by side
-    (:attr:`pipeline.models.ModelCard.blocks` > 1: ``:multi``, ``:stages``, ``:zoomN``, the
-    default model among them), whose spreads differ tenfold, so that a plain PCA would see little
-    but the widest block; and nothing else: the head's features share one scale, and
-    standardising the pixel baseline lifts the sky noise of its corners to the centre's weight
-    (both score lower standardised on ``benchmarks/bench_quality.py``; figures in
-    docs/fingerprints.md).
+    the fingerprints of a built-in model whose features are pooled from several depths of the
+    network (:attr:`pipeline.models.ModelCard.pooled_stages`: ``:multi``, ``:stages``, the
+    default model among them): their spreads differ tenfold from one depth to another
+    (variances a hundredfold), so a plain PCA draws little on the early stages. Nothing else:
+    the head's features share one scale (zoomed or not), and standardising the pixel baseline
+    lifts the sky noise of its corners to the centre's weight (both score the same or lower
+    standardised on ``benchmarks/bench_quality.py``; figures in docs/fingerprints.md).
     """
-    if isinstance(setting, str) and setting.strip().lower() in ("true", "false"):
-        setting = setting.strip().lower() == "true"  # as a flag or a variable may spell it
-    if isinstance(setting, bool):
-        return setting
+    setting = _scale_setting(setting)
     if setting != "auto":
-        raise ConfigError(
-            f"config elodin.analysis.reduce.scale: expected auto, true or false, got {setting!r}"
-        )
+        return setting
     if features != "fingerprint" or not model:
         return False
     from ..errors import ModelError
@@ -376,8 +398,8 @@ def scales_features(setting: Any, *, features: str, model: str | None) -> bool:
     from ..models.recorded import parse_record
 
     try:
-        return resolve(parse_record(model)[0]).blocks > 1
-    except ModelError:  # a user model this machine has no card of: one block, as every user model
+        return resolve(parse_record(model)[0]).pooled_stages
+    except ModelError:  # a user model this machine has no card of (user cards never pool stages)
         return False
 
 
@@ -510,7 +532,11 @@ def reduce(
     """
     st = _base.open_store(store, mode="r+")
     settings = reduce_settings(
-        components=components, variance=variance, features=features, scale=scale
+        components=components,
+        variance=variance,
+        features=features,
+        scale=scale,
+        pixel_side=pixel_side,
     )
     kind, components, variance = settings.features, settings.components, settings.variance
     explicit = settings.explicit
@@ -525,7 +551,7 @@ def reduce(
             X = _base.rows(st, "fingerprint", block=block)
             signature = {"features": "fingerprint", "model_sha256": st.attrs.get("model_sha256")}
         else:
-            side = config.get_int("analysis.reduce.pixel-side", override=pixel_side, minimum=4)
+            side = settings.pixel_side
             reader = PixelFeatures.from_store(st, side=side)
             X = reader.array(block=block, n_rows=st.n_rows)
             signature = {

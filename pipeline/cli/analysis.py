@@ -46,7 +46,7 @@ def _add_reduce(sub: argparse._SubParsersAction) -> None:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="standardise each feature before the PCA (default: analysis.reduce.scale, auto: "
-        "yes for fingerprints made of several pooled blocks, as the default model's)",
+        "yes for the fingerprints of a :multi or :stages model, as the default model's)",
     )
     _add_block_rows(p)
     _add_compute_flags(p)

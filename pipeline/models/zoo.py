@@ -127,16 +127,11 @@ class ModelCard:
         return not (self.multi or self.stages) and self.orientations == 1 and self.zooms == 1
 
     @property
-    def blocks(self) -> int:
-        """How many separately pooled blocks the features lay side by side: a block per pooled
-        stage (``:multi``: 7, ``:stages``: 6) per zoom; 1 for the head of one view (and any user
-        model). The blocks' spreads differ tenfold, which is why ``elodin reduce`` standardises
-        such features by default (``analysis.reduce.scale: auto``)."""
-        if self.arch not in _STAGE_WIDTHS:
-            return 1
-        stages = len(_STAGE_WIDTHS[self.arch])
-        per_view = stages if self.multi else stages - 1 if self.stages else 1
-        return per_view * self.zooms
+    def pooled_stages(self) -> bool:
+        """``:multi`` or ``:stages``: features pooled from six or seven depths of the network,
+        whose spreads differ tenfold from one depth to another (``elodin reduce`` standardises
+        them by default, ``analysis.reduce.scale: auto``)."""
+        return self.multi or self.stages
 
     @property
     def cache_stem(self) -> str:

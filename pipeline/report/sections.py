@@ -161,11 +161,13 @@ class _Sections:
             return
         ratio = np.asarray(self.st.array("pca_explained_variance_ratio")[...], dtype=np.float64)
         figures.explained_variance_chart(self.out / "pca-variance.png", ratio)
+        standardised = (self.st.attrs.get("pca") or {}).get("scale")
+        scaled = ", each feature standardised" if standardised else ""
         self.page["pca"] = {
             "file": "pca-variance.png",
             "caption": (
-                f"Explained variance of the {len(ratio)} PCA components of the fingerprints "
-                f"(bars) and cumulative (line): {np.sum(ratio):.1%} kept."
+                f"Explained variance of the {len(ratio)} PCA components of the fingerprints"
+                f"{scaled} (bars) and cumulative (line): {np.sum(ratio):.1%} kept."
             ),
         }
         self.manifest["pca"] = {"file": "pca-variance.png", "n_components": len(ratio)}
