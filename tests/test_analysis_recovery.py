@@ -60,6 +60,10 @@ def test_pixel_baseline_reads_each_window_from_its_image(labelled):
     attrs = Store.open(store).attrs["pca_pixels"]
     assert attrs["channels"] == 1 and attrs["pixel_side"] == 32
     assert ds.pca_pixels_components.shape == (10, 32 * 32)
+    # `auto` leaves the pixels unscaled (standardised, their sky corners weigh as much as the
+    # source at the centre); the scale is still recorded, on the pixel dimension.
+    assert attrs["scale"] is False and ds.pca_pixels_scale.dims == ("pixel",)
+    assert (ds.pca_pixels_scale.values == 1).all()
     assert np.isfinite(ds.pca_pixels.values[ds.valid.values]).all()
     assert np.isnan(ds.pca_pixels.values[~ds.valid.values]).all()
 
