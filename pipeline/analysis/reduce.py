@@ -4,9 +4,9 @@ Algorithm
 ---------
 PCA needs only the mean and the covariance of the rows. Each block task (on the Dask workers
 when there are any) reads one block of rows, drops empty slots, and returns its row count, its
-column sums and its cross-product matrix ``X^T X`` (D x D: 2304 x 2304 for the default model), taken
-about a fixed shift vector so that the later subtraction of the mean loses no precision; the
-sums are added in a tree and the client solves one symmetric eigenproblem
+column sums and its cross-product matrix ``X^T X`` (D x D: 2304 x 2304 for the default model),
+taken about a fixed shift vector so that the later subtraction of the mean loses no precision;
+the sums are added in a tree and the client solves one symmetric eigenproblem
 (``numpy.linalg.eigh``). This is:
 
 - *exact*: the same components as :class:`sklearn.decomposition.PCA` on all rows (up to the
@@ -24,10 +24,10 @@ sums are added in a tree and the client solves one symmetric eigenproblem
   comes from the same sums, as exact and as updatable. :func:`scales_features` says when.
 
 The cost is ``O(N D^2)`` flops for the cross products (``D = 1280``: about 3.3 TFLOP per 10^6
-rows, float32 BLAS; 10.6 at the default model's 2304) and ``O(D^3)`` once on the client, cheap next to the pass. The
-``features="pixels"`` baseline (PCA of the stretched cutout pixels, resampled to a small side,
-as sdss_clustering did) re-reads each valid row's window from its source image and goes through
-the same estimator.
+rows, float32 BLAS; 10.6 at the default model's 2304) and ``O(D^3)`` once on the client, cheap
+next to the pass. The ``features="pixels"`` baseline (PCA of the stretched cutout pixels,
+resampled to a small side, as sdss_clustering did) re-reads each valid row's window from its
+source image and goes through the same estimator.
 """
 
 from __future__ import annotations
@@ -426,7 +426,8 @@ class PCAResult:
         )
         scaled = " (standardised)" if self.scaled else ""
         return (
-            f"{self.store}: PCA of {self.features}{scaled} on {self.n_rows} rows -> {self.variable}: "
+            f"{self.store}: PCA of {self.features}{scaled} on {self.n_rows} rows -> "
+            f"{self.variable}: "
             f"{self.n_components} components explain {100 * total:.2f} % of the variance "
             f"(first: {', '.join(f'{100 * r:.1f}' for r in self.explained_variance_ratio[:5])} %){reuse}"
         )
