@@ -10,7 +10,7 @@ angles and sub-pixel offsets. Two class sets (``--classes``):
 - ``hard``: seven, adding ``edge-on`` and ``merger``; discs are then 0-78 degrees. Two of its
   classes overlap physically (a disc at 78 degrees and an edge-on one at 80 look alike through
   the PSF; a merger 0.6" apart at flux ratio 4 looks like one galaxy), so its ceiling is low:
-  the ``probe`` column (a supervised linear classifier) stays near 0.75 for every recipe.
+  the ``probe`` column (a supervised linear classifier) stays at 0.70-0.80 for every recipe.
 
 The classes:
 
