@@ -232,9 +232,11 @@ class ExactPCA(TransformerMixin, BaseEstimator):
         m = self.sum_ / n
         cov = (self.cross_ - n * np.outer(m, m)) / (n - 1)
         cov = (cov + cov.T) / 2
-        scale = feature_scale(np.diag(cov), self.shift_ + m, n) if self.scale else np.ones(len(cov))
         if self.scale:
+            scale = feature_scale(np.diag(cov), self.shift_ + m, n)
             cov = cov / np.outer(scale, scale)
+        else:
+            scale = np.ones(len(cov))
         w, v = np.linalg.eigh(cov)
         w = np.clip(w[::-1], 0.0, None)
         v = v[:, ::-1]
@@ -685,12 +687,14 @@ def load_pca(store: Store, *, features: str = "fingerprint") -> ExactPCA:
         "reduce" if features == "fingerprint" else "reduce --features pixels",
     )
     group = Store.zarr(store.path)
-    pca = ExactPCA(n_components=int(group[f"{prefix}_components"].shape[0]))
+    pca = ExactPCA(
+        n_components=int(group[f"{prefix}_components"].shape[0]),
+        scale=bool((store.attrs.get(prefix) or {}).get("scale", False)),
+    )
     pca.mean_ = group[f"{prefix}_mean"][...]
     # Stores reduced before 2026-12-06 have no scale: they were not standardised.
-    has_scale = f"{prefix}_scale" in _base.names(store)
+    has_scale = f"{prefix}_scale" in group
     pca.scale_ = group[f"{prefix}_scale"][...] if has_scale else np.ones(len(pca.mean_))
-    pca.scale = bool((store.attrs.get(prefix) or {}).get("scale", False))
     pca.components_ = group[f"{prefix}_components"][...]
     pca.explained_variance_ = group[f"{prefix}_explained_variance"][...]
     pca.explained_variance_ratio_ = group[f"{prefix}_explained_variance_ratio"][...]
